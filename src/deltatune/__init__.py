@@ -1,0 +1,20 @@
+"""deltatune: parameter-efficient fine-tuning for PyTorch and Hugging Face transformers."""
+
+from deltatune import methods  # noqa: F401  (registers every method)
+from deltatune.config import PeftConfig, PeftType, TaskType, register_method, registered_methods
+from deltatune.methods.lora import LoraConfig
+from deltatune.model import PeftModel, get_peft_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "PeftConfig",
+    "PeftModel",
+    "PeftType",
+    "TaskType",
+    "__version__",
+    "get_peft_model",
+    "register_method",
+    "registered_methods",
+]

@@ -1,0 +1,187 @@
+"""Configs, task types and the method registry.
+
+A method registers itself with :func:`register_method`, naming its config class and its
+tuner (the object that injects, saves and loads it). The wrapper model looks methods up
+here by ``peft_type`` and never learns their names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from deltatune.methods.base import Tuner
+
+CONFIG_NAME = "adapter_config.json"
+
+
+class TaskType(str, enum.Enum):
+    """What the wrapped model is for; decides the default trainable head and forward."""
+
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    SEQ_CLS = "SEQ_CLS"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PeftType(str, enum.Enum):
+    """Method names as written in ``adapter_config.json`` (the ecosystem's spelling)."""
+
+    LORA = "LORA"
+    IA3 = "IA3"
+    BOTTLENECK = "BOTTLENECK"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Heads that a task type adds freshly initialised on top of a pretrained body; they are
+# trained and saved with the adapter.
+TASK_HEADS: dict[str, list[str]] = {
+    "SEQ_CLS": ["classifier", "score"],
+    "TOKEN_CLS": ["classifier", "score"],
+    "QUESTION_ANS": ["qa_outputs"],
+}
+
+
+@dataclass
+class PeftConfig:
+    """Fields shared by every method's config."""
+
+    task_type: str | None = None
+    peft_type: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+    # Written for readers (e.g. PEFT) that check which version produced a file.
+    peft_version: str | None = None
+    auto_mapping: dict | None = None
+
+    # Methods that act on the forward (prompt/prefix tuning) rather than on layers set this.
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value
+        if self.task_type is not None and self.task_type not in TaskType._value2member_map_:
+            raise ValueError(
+                f"task_type={self.task_type!r} is not a task type deltatune knows; "
+                f"use one of {[t.value for t in TaskType]}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, set):
+                value = sorted(value)
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                value = dataclasses.asdict(value)
+            elif isinstance(value, enum.Enum):
+                value = value.value
+            out[f.name] = value
+        return out
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+        from deltatune.io import atomic_write_text
+
+        os.makedirs(directory, exist_ok=True)
+        atomic_write_text(
+            os.path.join(directory, CONFIG_NAME), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        )
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Build a config, warning about (and dropping) keys this version does not know."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        # Fields other libraries write at an inert value (None, False, empty) change nothing:
+        # drop them quietly, and warn only about settings that would have had an effect.
+        unknown = sorted(k for k in data if k not in known and not _inert(k, data[k]))
+        if unknown:
+            warnings.warn(
+                f"{cls.__name__}: ignoring config keys this version of deltatune does not know: "
+                f"{unknown}. They come from a newer or different library; the adapter is loaded without them.",
+                stacklevel=2,
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str]) -> PeftConfig:
+        """Read ``adapter_config.json`` and return the config class its ``peft_type`` names."""
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"No {CONFIG_NAME} in {os.fspath(directory)!r}: this folder holds no saved adapter. "
+                "Pass the folder that save_pretrained() wrote."
+            )
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); the adapter config is corrupt.") from exc
+        return config_from_dict(data)
+
+
+C = TypeVar("C", bound=PeftConfig)
+
+# Keys whose value is irrelevant while the feature they configure is off.
+_INERT_KEYS = {"qalora_group_size", "ensure_weight_tying"}
+
+
+def _inert(key: str, value: Any) -> bool:
+    return key in _INERT_KEYS or value is None or value is False or value in ({}, [], "")
+
+
+@dataclass
+class MethodSpec:
+    peft_type: str
+    config_cls: type[PeftConfig]
+    tuner_cls: type[Tuner]
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(peft_type: str, config_cls: type[PeftConfig], tuner_cls: type[Tuner]) -> None:
+    """Make a method known to the wrapper: ``peft_type`` is the name used in config files."""
+    _REGISTRY[str(peft_type)] = MethodSpec(str(peft_type), config_cls, tuner_cls)
+
+
+def method_for(config_or_type: PeftConfig | str) -> MethodSpec:
+    key = config_or_type if isinstance(config_or_type, str) else config_or_type.peft_type
+    if key is None or str(key) not in _REGISTRY:
+        raise ValueError(
+            f"Unknown PEFT method {key!r}. deltatune knows: {sorted(_REGISTRY)}. "
+            "Check the 'peft_type' field of the adapter config, or upgrade deltatune if the "
+            "adapter was made with a method added later."
+        )
+    return _REGISTRY[str(key)]
+
+
+def registered_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def config_from_dict(data: dict[str, Any]) -> PeftConfig:
+    spec = method_for(str(data.get("peft_type")))
+    return spec.config_cls.from_dict(data)
+
+
+def field_list(default: list[str] | None = None) -> Any:
+    """A dataclass field holding a fresh list (or None) per instance."""
+    return field(default_factory=lambda: None if default is None else list(default))

@@ -1,0 +1,102 @@
+"""Adapter files: safetensors weights, JSON configs, atomic writes.
+
+Writes go to a temporary file in the target folder, are flushed to disk and then renamed
+over the destination, so a crash mid-save leaves either the old file or none, never a
+half-written one that would load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str) -> Iterator[str]:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with _atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Save tensors as safetensors, atomically. Shared storage is copied (safetensors refuses it)."""
+    clean = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(clean, metadata={"format": "pt", **(metadata or {})}))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str) -> Iterator[str]:
+    """Build a folder under a temporary name next to ``path`` and move it into place at the end.
+
+    An existing folder at ``path`` is replaced only once the new one is complete; files in it
+    that the new save does not write (e.g. other adapters' sub-folders) are kept.
+    """
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(path)) + "-", dir=parent)
+    try:
+        yield tmp
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tensors(directory: str, allow_pickle: bool = False, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Load an adapter's weights from a folder; only safetensors unless pickle is asked for."""
+    st_path = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(st_path):
+        try:
+            return load_file(st_path, device=device)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(
+                f"{st_path} is corrupt or truncated and cannot be read ({exc}). "
+                "Save the adapter again, or copy the file again from its source."
+            ) from exc
+    bin_path = os.path.join(directory, PICKLE_WEIGHTS_NAME)
+    if os.path.isfile(bin_path):
+        if not allow_pickle:
+            raise ValueError(
+                f"{directory!r} holds only {PICKLE_WEIGHTS_NAME}, a pickle file, which can run code when "
+                "loaded. deltatune loads safetensors only. If you trust this file, pass "
+                "allow_pickle=True (it is then loaded with torch.load(weights_only=True)), or convert it "
+                "to safetensors."
+            )
+        try:
+            state = torch.load(bin_path, map_location=device, weights_only=True)
+        except Exception as exc:  # torch raises several types for bad pickles
+            raise ValueError(f"{bin_path} could not be loaded with weights_only=True: {exc}") from exc
+        return dict(state)
+    raise FileNotFoundError(
+        f"No {WEIGHTS_NAME} in {directory!r}: the adapter's weights are missing. "
+        "Pass the folder that save_pretrained() wrote."
+    )

@@ -1,0 +1,358 @@
+"""What every method shares: the adapter-layer protocol and the tuner interface.
+
+A *layer-based* method (LoRA, IA3, ...) wraps some modules of the base model in an
+:class:`AdapterLayer`, which keeps the frozen base module as ``base_layer`` and a bank of
+named adapters in per-adapter containers (``ModuleDict`` / ``ParameterDict``), e.g.::
+
+    q_proj                       AdapterLayer (e.g. lora.Linear)
+    ├── base_layer               the original nn.Linear, frozen
+    ├── lora_A  {name: Linear}   one entry per adapter
+    └── lora_B  {name: Linear}
+
+Module paths therefore equal the reference library's, which makes saved keys the
+ecosystem's keys with no per-method translation table.
+
+A :class:`Tuner` says how a method is injected, saved and loaded. The wrapper model only
+calls the tuner of an adapter's config and the generic :class:`AdapterLayer` protocol.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from deltatune.config import TASK_HEADS, PeftConfig
+from deltatune.targeting import name_matches
+
+BASE_ADAPTER = "__base__"  # row tag for "no adapter" in a mixed batch
+
+
+class AdapterLayer(nn.Module):
+    """A frozen base module plus named adapters. Subclasses implement the maths."""
+
+    # Attribute names of the per-adapter containers; their entries are keyed by adapter name.
+    adapter_containers: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        # Set only during a mixed-batch forward: (adapter name, row indices) per group.
+        self.row_groups: list[tuple[str, torch.Tensor]] | None = None
+
+    # -- bank of adapters -------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        names: list[str] = []
+        for c in self.adapter_containers:
+            for k in getattr(self, c, {}):
+                if k not in names:
+                    names.append(k)
+        return names
+
+    def add_adapter(self, adapter_name: str, config: Any, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
+        for c in self.adapter_containers:
+            container = getattr(self, c, None)
+            if container is None or adapter_name not in container:
+                continue
+            entry = container[adapter_name]
+            if isinstance(entry, nn.Parameter):
+                yield entry
+            else:
+                yield from entry.parameters()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"Adapter {adapter_name!r} is merged into the base weights; unmerge it first.")
+        for c in self.adapter_containers:
+            container = getattr(self, c, None)
+            if container is not None and adapter_name in container:
+                del container[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def set_adapter(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+
+    # -- merging ----------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        for name in adapter_names if adapter_names is not None else self.active_adapters:
+            if name in self.merged_adapters or name not in self.adapter_names:
+                continue
+            self.merge_one(name, safe_merge)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            self.unmerge_one(self.merged_adapters.pop())
+
+    def merge_one(self, adapter_name: str, safe_merge: bool) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base layer.")
+
+    def unmerge_one(self, adapter_name: str) -> None:
+        raise NotImplementedError
+
+    def unload(self) -> nn.Module:
+        """The base module to put back in the model when the adapters are removed."""
+        return self.base_layer
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, child = _parent(model, path)
+    setattr(parent, child, new)
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps the original module frozen and a trainable full copy per adapter.
+
+    Used for task heads that are newly initialised (``classifier``, ``score``) and for any
+    module in ``modules_to_save``: the whole module is trained and saved with the adapter.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.row_groups: list[tuple[str, torch.Tensor]] | None = None
+
+    def add_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.modules_to_save:
+            clone = copy.deepcopy(self.original_module)
+            for p in clone.parameters():
+                p.requires_grad_(True)
+            self.modules_to_save[adapter_name] = clone
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def set_adapter(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.modules_to_save]
+
+    def adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
+        if adapter_name in self.modules_to_save:
+            yield from self.modules_to_save[adapter_name].parameters()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disabled or not self.active_adapters:
+            return self.original_module(*args, **kwargs)
+        if self.row_groups is None:
+            return self.modules_to_save[self.active_adapters[-1]](*args, **kwargs)
+        # Mixed batch: each group of rows through its own copy (or the original).
+        x = args[0]
+        out = None
+        for name, rows in self.row_groups:
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            y = module(x[rows], *args[1:], **kwargs)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out[rows] = y
+        return out
+
+
+# Containers whose (container, adapter) pair is dropped from saved keys as a whole.
+_TRANSPARENT = {"modules_to_save"}
+
+
+def saved_key(param_path: str, adapter_name: str, containers: set[str]) -> str | None:
+    """Module path of a parameter → its key in the ecosystem's files (adapter name stripped).
+
+    ``q_proj.lora_A.default.weight`` → ``q_proj.lora_A.weight``;
+    ``score.modules_to_save.default.weight`` → ``score.weight``. ``None`` when the parameter
+    does not belong to ``adapter_name``.
+    """
+    parts = param_path.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i] in _TRANSPARENT and parts[i + 1] == adapter_name:
+            return ".".join(parts[:i] + parts[i + 2 :])
+        if parts[i] in containers and parts[i + 1] == adapter_name:
+            return ".".join(parts[: i + 1] + parts[i + 2 :])
+    return None
+
+
+class Tuner:
+    """How one method injects itself into a model and moves its weights in and out of files.
+
+    Layer-based methods subclass this and set ``layer_types`` and ``prefix``; the defaults
+    below then do injection, trainability and (de)serialisation. Methods that act on the
+    forward instead (prompt learning) override ``inject`` / ``forward`` / ``generate`` / the
+    state-dict methods.
+    """
+
+    prefix: ClassVar[str] = ""  # parameters of this method contain this (e.g. "lora_")
+    layer_base: ClassVar[type[AdapterLayer]] = AdapterLayer
+    default_targets: ClassVar[dict[str, list[str]] | None] = None
+
+    # -- injection --------------------------------------------------------------------
+    def check_config(self, model: nn.Module, config: PeftConfig) -> None:
+        """Validate a config against a model before anything is changed."""
+
+    def target_paths(self, model: nn.Module, config: PeftConfig) -> list[str]:
+        raise NotImplementedError
+
+    def create_layer(self, path: str, module: nn.Module, config: PeftConfig, adapter_name: str) -> AdapterLayer:
+        raise NotImplementedError
+
+    def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        self.check_config(model, config)
+        for path in self.target_paths(model, config):
+            module = model.get_submodule(path)
+            if isinstance(module, self.layer_base):
+                module.add_adapter(adapter_name, config, path=path)
+            else:
+                replace_module(model, path, self.create_layer(path, module, config, adapter_name))
+
+    def inject_modules_to_save(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        names = list(getattr(config, "modules_to_save", None) or [])
+        names += TASK_HEADS.get(str(config.task_type), [])
+        if not names:
+            return
+        for path, module in list(model.named_modules()):
+            if not path or isinstance(module, ModulesToSaveWrapper) or not name_matches(path, names):
+                continue
+            if any(isinstance(m, ModulesToSaveWrapper) for m in _ancestors(model, path)):
+                continue
+            replace_module(model, path, ModulesToSaveWrapper(module))
+        for module in model.modules():
+            if isinstance(module, ModulesToSaveWrapper) and name_matches(
+                _path_of(model, module), names
+            ):
+                module.add_adapter(adapter_name)
+
+    # -- trainability -----------------------------------------------------------------
+    def mark_trainable(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        """Make the adapter's own parameters (and the biases its config asks for) trainable."""
+        for module in model.modules():
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                for p in module.adapter_parameters(adapter_name):
+                    p.requires_grad_(True)
+        bias = getattr(config, "bias", "none")
+        if bias == "all":
+            for name, p in model.named_parameters():
+                if name.endswith("bias") and ".modules_to_save." not in name:
+                    p.requires_grad_(True)
+        elif bias.endswith("_only"):
+            for module in model.modules():
+                if isinstance(module, self.layer_base):
+                    b = getattr(module.base_layer, "bias", None)
+                    if isinstance(b, nn.Parameter):
+                        b.requires_grad_(True)
+
+    # -- files ------------------------------------------------------------------------
+    def adapter_containers(self) -> set[str]:
+        return set(self.layer_base.adapter_containers)
+
+    def key_map(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> dict[str, str]:
+        """Saved key (without ``base_model.model.``) → parameter path in the base ``model``."""
+        containers = self.adapter_containers()
+        out: dict[str, str] = {}
+        bias = getattr(config, "bias", "none")
+        own_bias = set()
+        if bias.endswith("_only"):
+            for path, module in model.named_modules():
+                if isinstance(module, self.layer_base) and adapter_name in module.adapter_names:
+                    own_bias.add(f"{path}.base_layer.bias")
+        for name, _ in model.named_parameters():
+            key = saved_key(name, adapter_name, containers)
+            if key is not None:
+                out[key] = name
+            elif (bias == "all" and name.endswith("bias") and ".modules_to_save." not in name) or name in own_bias:
+                out[name] = name
+        return out
+
+    def state_dict(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors, keyed as in the ecosystem's files (minus ``base_model.model.``)."""
+        model = peft_model.base_model
+        params = dict(model.named_parameters())
+        return {k: params[p] for k, p in self.key_map(model, config, adapter_name).items()}
+
+    def load_state_dict(
+        self, peft_model: Any, config: PeftConfig, adapter_name: str, state: dict[str, torch.Tensor]
+    ) -> None:
+        """Copy saved tensors into the adapter's parameters, with errors that name the problem."""
+        model = peft_model.base_model
+        kmap = self.key_map(model, config, adapter_name)
+        copy_checked(kmap, dict(model.named_parameters()), state)
+
+    # -- lifecycle hooks (no-ops for layer-based methods) -------------------------------
+    def extra_parameters(self, peft_model: Any, adapter_name: str) -> Iterator[nn.Parameter]:
+        """Adapter parameters that live outside AdapterLayers (e.g. a prompt encoder)."""
+        return iter(())
+
+    def delete(self, peft_model: Any, adapter_name: str | None) -> None:
+        """Drop what the method keeps outside layers (``None``: everything)."""
+
+    def check_mergeable(self, config: PeftConfig) -> None:
+        """Raise a clear error if this method's adapters cannot be merged into the weights."""
+
+    # -- forward (prompt-learning methods override; layer-based ones run the base model) --
+    @property
+    def is_layer_based(self) -> bool:
+        return True
+
+    def forward(self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any) -> Any:
+        return peft_model.base_model(*args, **kwargs)
+
+    def generate(self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any) -> Any:
+        return peft_model.base_model.generate(*args, **kwargs)
+
+
+def copy_checked(kmap: dict[str, str], params: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state[key]`` into ``params[kmap[key]]`` for every key, or explain what does not fit."""
+    missing = [k for k in kmap if k not in state]
+    unexpected = [k for k in state if k not in kmap]
+    if unexpected:
+        raise ValueError(
+            f"The adapter file has {len(unexpected)} tensor(s) that fit no module of this model, "
+            f"e.g. {unexpected[:3]}. The adapter was probably trained on a different architecture "
+            "(or with other target modules) than the model it is being loaded into."
+        )
+    if missing:
+        raise ValueError(
+            f"The adapter file lacks {len(missing)} tensor(s) that its config implies, e.g. {missing[:3]}. "
+            "The file is incomplete or does not belong to this adapter_config.json."
+        )
+    with torch.no_grad():
+        for key, path in kmap.items():
+            dst, src = params[path], state[key]
+            if tuple(dst.shape) != tuple(src.shape):
+                raise ValueError(
+                    f"Shape mismatch loading {key!r} into module {path.rsplit('.', 2)[0]!r}: the file has "
+                    f"{tuple(src.shape)}, the model expects {tuple(dst.shape)}. The adapter was trained on a "
+                    "model with other dimensions (or another rank pattern)."
+                )
+            if not dst.is_meta:
+                dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
+
+
+def _path_of(model: nn.Module, target: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    return ""
+
+
+def _ancestors(model: nn.Module, path: str) -> Iterator[nn.Module]:
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        yield model.get_submodule(".".join(parts[:i]))

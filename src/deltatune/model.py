@@ -1,0 +1,412 @@
+"""The wrapper model: named adapters over one frozen base model.
+
+``PeftModel`` never learns a method's name: it looks the method up in the registry by the
+config's ``peft_type`` and talks to it through :class:`~deltatune.methods.base.Tuner` and
+the :class:`~deltatune.methods.base.AdapterLayer` protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.config import TASK_HEADS, PeftConfig, method_for
+from deltatune.io import WEIGHTS_NAME, atomic_directory, atomic_write_text, load_tensors, save_tensors
+from deltatune.methods.base import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper, Tuner
+
+SAVED_PREFIX = "base_model.model."  # the ecosystem's key prefix for adapter tensors
+
+
+def _tuner(config: PeftConfig) -> Tuner:
+    return method_for(config).tuner_cls()
+
+
+def _logical_numel(module: nn.Module) -> int:
+    """Parameters a module stores in packed form (4-bit codes), counted at their logical size."""
+    fn = getattr(module, "logical_param_count", None)
+    return int(fn()) if callable(fn) else 0
+
+
+class PeftModel(nn.Module):
+    """A base model with one or more named adapters, all of one method.
+
+    Calls that are not defined here (``config``, ``generate`` of the base, ...) pass
+    through to the base model.
+    """
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter: str | None = None
+        self._disabled = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, peft_config)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # -- adapters -----------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        if self.active_adapter is None:
+            raise ValueError("No adapter is active; call set_adapter(name) first.")
+        return self.peft_config[self.active_adapter]
+
+    def _adapter_modules(self) -> Iterator[AdapterLayer | ModulesToSaveWrapper]:
+        for m in self.base_model.modules():
+            if isinstance(m, (AdapterLayer, ModulesToSaveWrapper)):
+                yield m
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new adapter (frozen unless it becomes the trainable active one)."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"Adapter name {adapter_name!r} must be a non-empty string without '.'.")
+        if adapter_name == BASE_ADAPTER:
+            raise ValueError(f"{BASE_ADAPTER!r} is reserved for 'no adapter' rows in mixed batches.")
+        if adapter_name in self.peft_config:
+            raise ValueError(
+                f"An adapter named {adapter_name!r} already exists. Pick another name, or call "
+                f"delete_adapter({adapter_name!r}) first."
+            )
+        existing = {c.peft_type for c in self.peft_config.values()}
+        if existing and peft_config.peft_type not in existing:
+            raise ValueError(
+                f"This model holds {sorted(str(e) for e in existing)} adapters; adding a "
+                f"{peft_config.peft_type} adapter to the same wrapper is not supported. Wrap a separate "
+                "copy of the base model for another method."
+            )
+        tuner = _tuner(peft_config)
+        if hasattr(peft_config, "modules_to_save"):
+            heads = TASK_HEADS.get(str(peft_config.task_type), [])
+            if heads:
+                current = list(peft_config.modules_to_save or [])  # type: ignore[attr-defined]
+                peft_config.modules_to_save = current + [h for h in heads if h not in current]  # type: ignore[attr-defined]
+        if peft_config.base_model_name_or_path is None:
+            cfg = getattr(self.base_model, "config", None)
+            peft_config.base_model_name_or_path = getattr(cfg, "name_or_path", None) or None
+        tuner.inject(self.base_model, peft_config, adapter_name)
+        if tuner.is_layer_based:
+            tuner.inject_modules_to_save(self.base_model, peft_config, adapter_name)
+        self.peft_config[adapter_name] = peft_config
+        if self.active_adapter is None:
+            self.set_adapter(adapter_name)
+        else:  # a new adapter is inactive and frozen until set_adapter() picks it
+            for m in self._adapter_modules():
+                m.set_adapter(self.active_adapters)
+            self._refresh_trainable()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active (and, unless in inference mode, trainable) adapter."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No adapter named {adapter_name!r}; this model has {list(self.peft_config)}.")
+        self.active_adapter = adapter_name
+        for m in self._adapter_modules():
+            m.set_adapter([adapter_name])
+        self._refresh_trainable()
+
+    def _refresh_trainable(self) -> None:
+        for name, config in self.peft_config.items():
+            tuner = _tuner(config)
+            trainable = name == self.active_adapter and not config.inference_mode
+            for p in self._adapter_params(name, tuner):
+                p.requires_grad_(False)
+            if trainable:
+                tuner.mark_trainable(self.base_model, config, name)
+
+    def _adapter_params(self, adapter_name: str, tuner: Tuner) -> Iterator[nn.Parameter]:
+        for m in self._adapter_modules():
+            yield from m.adapter_parameters(adapter_name)
+        yield from tuner.extra_parameters(self, adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No adapter named {adapter_name!r}; this model has {list(self.peft_config)}.")
+        config = self.peft_config[adapter_name]
+        for m in self._adapter_modules():
+            m.delete_adapter(adapter_name)
+        _tuner(config).delete(self, adapter_name)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+            remaining = list(self.peft_config)
+            if remaining:
+                self.set_adapter(remaining[-1])
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside this block (merged adapters are unmerged)."""
+        modules = list(self._adapter_modules())
+        previous = [m.disabled for m in modules]
+        for m in modules:
+            m.disabled = True
+        was, self._disabled = self._disabled, True
+        try:
+            yield
+        finally:
+            self._disabled = was
+            for m, p in zip(modules, previous):
+                m.disabled = p
+
+    # -- merging ----------------------------------------------------------------------
+    def _layers(self) -> list[AdapterLayer]:
+        return [m for m in self.base_model.modules() if isinstance(m, AdapterLayer)]
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters' deltas into the base weights (reversible with unmerge_adapter)."""
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        for name in names:
+            _tuner(self.peft_config[name]).check_mergeable(self.peft_config[name])
+        for layer in self._layers():
+            layer.merge(names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for layer in self._layers():
+            layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge the active (or given) adapters into the base and return the plain model."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unload(keep_trained_heads=True)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original base model."""
+        self.unmerge_adapter()
+        return self._unload(keep_trained_heads=False)
+
+    def _unload(self, keep_trained_heads: bool) -> nn.Module:
+        from deltatune.methods.base import replace_module
+
+        for path, module in list(self.base_model.named_modules()):
+            if isinstance(module, AdapterLayer):
+                replace_module(self.base_model, path, module.unload())
+            elif isinstance(module, ModulesToSaveWrapper):
+                active = module.active_adapters[-1] if module.active_adapters else None
+                keep = module.modules_to_save[active] if keep_trained_heads and active else module.original_module
+                replace_module(self.base_model, path, keep)
+        for config in self.peft_config.values():
+            _tuner(config).delete(self, None)
+        self.peft_config = {}
+        self.active_adapter = None
+        return self.base_model
+
+    # -- parameters ---------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts; 4-bit weights count at their logical size."""
+        trainable = total = 0
+        for _, p in self.named_parameters():
+            n = p.numel()
+            if type(p).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte
+                n *= 2 * getattr(getattr(p, "quant_storage", None), "itemsize", 1)
+            total += n
+            if p.requires_grad:
+                trainable += n
+        total += sum(_logical_numel(m) for m in self.modules())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- forward ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: list[str], batch_size: int, device: torch.device) -> Iterator[None]:
+        if len(adapter_names) != batch_size:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} rows; "
+                "give one adapter name (or '__base__') per row."
+            )
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"adapter_names mentions unknown adapters {unknown}; this model has {list(self.peft_config)}.")
+        if any(layer.merged for layer in self._layers()):
+            raise ValueError("A mixed-batch forward needs unmerged adapters; call unmerge_adapter() first.")
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            groups.setdefault(name, []).append(row)
+        row_groups = [(n, torch.tensor(rows, dtype=torch.long, device=device)) for n, rows in groups.items()]
+        modules = list(self._adapter_modules())
+        for m in modules:
+            m.row_groups = row_groups
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.row_groups = None
+
+    @staticmethod
+    def _batch_info(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, torch.device]:
+        for value in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *kwargs.values()):
+            if isinstance(value, torch.Tensor):
+                return value.shape[0], value.device
+        raise ValueError("adapter_names needs a tensor input to know the batch size.")
+
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is not None:
+            batch, device = self._batch_info(args, kwargs)
+            with self._mixed_batch(adapter_names, batch, device):
+                return self._forward(args, kwargs, adapter_names)
+        return self._forward(args, kwargs, None)
+
+    def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: list[str] | None) -> Any:
+        if not self._disabled and self.active_adapter is not None:
+            tuner = _tuner(self.active_peft_config)
+            if not tuner.is_layer_based:
+                return tuner.forward(self, args, kwargs, adapter_names)
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is not None:
+            batch, device = self._batch_info(args, kwargs)
+            with self._mixed_batch(adapter_names, batch, device):
+                return self._generate(args, kwargs, adapter_names)
+        return self._generate(args, kwargs, None)
+
+    def _generate(self, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: list[str] | None) -> Any:
+        if not self._disabled and self.active_adapter is not None:
+            tuner = _tuner(self.active_peft_config)
+            if not tuner.is_layer_based:
+                return tuner.generate(self, args, kwargs, adapter_names)
+        return self.base_model.generate(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Checkpointing that works with a frozen base: inputs are made to require grad."""
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable = getattr(self.base_model, "enable_input_require_grads", None)
+        if callable(enable):
+            enable()
+
+    # -- files ------------------------------------------------------------------------
+    def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under the ecosystem's key names."""
+        name = adapter_name or self.active_adapter
+        if name is None or name not in self.peft_config:
+            raise ValueError(f"No adapter named {name!r}; this model has {list(self.peft_config)}.")
+        config = self.peft_config[name]
+        state = _tuner(config).state_dict(self, config, name)
+        return {SAVED_PREFIX + k if not k.startswith(SAVED_PREFIX) else k: v for k, v in state.items()}
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        selected_adapters: list[str] | None = None,
+        safe_serialization: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` + README.
+
+        The default adapter goes in ``save_directory``; others in sub-folders named after them.
+        """
+        if not safe_serialization:
+            raise ValueError("deltatune writes safetensors only; drop safe_serialization=False.")
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a folder path.")
+        names = selected_adapters or list(self.peft_config)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"No adapter named {name!r}; this model has {list(self.peft_config)}.")
+        for name in names:
+            target = save_directory if name == "default" else os.path.join(save_directory, name)
+            config = copy.copy(self.peft_config[name])
+            config.inference_mode = True
+            state = self.get_adapter_state_dict(name)
+            with atomic_directory(target) as tmp:
+                save_tensors(state, os.path.join(tmp, WEIGHTS_NAME))
+                config.save_pretrained(tmp)
+                atomic_write_text(os.path.join(tmp, "README.md"), _model_card(config, state))
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Load a saved adapter folder into this model under ``adapter_name``."""
+        config = PeftConfig.from_pretrained(model_id)
+        config.inference_mode = not is_trainable
+        state = load_tensors(os.fspath(model_id), allow_pickle=allow_pickle)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_state(adapter_name, state)
+        except Exception:
+            self.delete_adapter(adapter_name)  # leave the model as it was before the call
+            raise
+
+    def _load_state(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+        config = self.peft_config[adapter_name]
+        state = {k.removeprefix(SAVED_PREFIX): v for k, v in state.items()}
+        _tuner(config).load_state_dict(self, config, adapter_name, state)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        allow_pickle: bool = False,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Wrap ``model`` with the adapter saved in folder ``model_id``."""
+        config = config or PeftConfig.from_pretrained(model_id)
+        config.inference_mode = not is_trainable
+        state = load_tensors(os.fspath(model_id), allow_pickle=allow_pickle)
+        peft_model = cls(model, config, adapter_name)
+        peft_model._load_state(adapter_name, state)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+
+def _model_card(config: PeftConfig, state: dict[str, torch.Tensor]) -> str:
+    n = sum(t.numel() for t in state.values())
+    targets = getattr(config, "target_modules", None)
+    return (
+        "---\nlibrary_name: peft\ntags:\n- deltatune\n"
+        + (f"base_model: {config.base_model_name_or_path}\n" if config.base_model_name_or_path else "")
+        + "---\n\n"
+        + f"# {config.peft_type} adapter\n\n"
+        + f"- method: {config.peft_type}\n- task type: {config.task_type}\n"
+        + f"- base model: {config.base_model_name_or_path or 'unknown'}\n"
+        + (f"- target modules: {targets}\n" if targets is not None else "")
+        + f"- adapter parameters: {n:,d}\n\n"
+        + "Saved by deltatune in the Hugging Face PEFT file format: load it with "
+        + "`deltatune.PeftModel.from_pretrained(base, path)` or `peft.PeftModel.from_pretrained(base, path)`.\n"
+    )
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    **kwargs: Any,
+) -> PeftModel:
+    """Freeze ``model`` and inject the method ``peft_config`` describes; returns the wrapper."""
+    if isinstance(model, PeftModel):
+        raise ValueError("This model is already wrapped; use model.add_adapter(name, config) to add another adapter.")
+    return PeftModel(model, peft_config, adapter_name)
