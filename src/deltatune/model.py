@@ -101,9 +101,8 @@ class PeftModel(nn.Module):
         if peft_config.base_model_name_or_path is None:
             cfg = getattr(self.base_model, "config", None)
             peft_config.base_model_name_or_path = getattr(cfg, "name_or_path", None) or None
-        tuner.inject(self.base_model, peft_config, adapter_name)
-        if tuner.is_layer_based:
-            tuner.inject_modules_to_save(self.base_model, peft_config, adapter_name)
+        tuner.inject(self, peft_config, adapter_name)
+        tuner.inject_modules_to_save(self.base_model, peft_config, adapter_name)
         self.peft_config[adapter_name] = peft_config
         if self.active_adapter is None:
             self.set_adapter(adapter_name)
@@ -175,6 +174,19 @@ class PeftModel(nn.Module):
             _tuner(self.peft_config[name]).check_mergeable(self.peft_config[name])
         for layer in self._layers():
             layer.merge(names, safe_merge=safe_merge)
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any
+    ) -> None:
+        """Make ``adapter_name`` a weighted combination of existing adapters (method-specific maths)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name.")
+        missing = [a for a in adapters if a not in self.peft_config]
+        if missing:
+            raise ValueError(f"Unknown adapters {missing}; this model has {list(self.peft_config)}.")
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError(f"Give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights.")
+        _tuner(self.peft_config[adapters[0]]).add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
 
     def unmerge_adapter(self) -> None:
         for layer in self._layers():

@@ -179,6 +179,19 @@ def find_targets(
     return matched
 
 
+def resolved_targets(model: nn.Module, asked: str | list[str] | None, paths: list[str]) -> str | list[str]:
+    """What to write as ``target_modules`` in a saved config so that any reader hits ``paths``.
+
+    A regex or an explicit list is kept as the user wrote it; defaults and ``all-linear`` are
+    written out: as leaf names when those hit exactly ``paths``, else as full module paths.
+    """
+    if isinstance(asked, list) or (isinstance(asked, str) and asked != "all-linear"):
+        return asked
+    leaves = sorted({p.split(".")[-1] for p in paths})
+    hit = [n for n, _ in model.named_modules() if n and name_matches(n, leaves)]
+    return leaves if sorted(hit) == sorted(paths) else sorted(paths)
+
+
 def _show(targets: object) -> str:
     if isinstance(targets, list) and len(targets) > 8:
         return repr(targets[:8])[:-1] + ", ...]"

@@ -213,7 +213,9 @@ class Tuner:
     def create_layer(self, path: str, module: nn.Module, config: PeftConfig, adapter_name: str) -> AdapterLayer:
         raise NotImplementedError
 
-    def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+    def inject(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> None:
+        """Add adapter ``adapter_name`` to ``peft_model.base_model`` (wrapping targeted modules)."""
+        model = peft_model.base_model
         self.check_config(model, config)
         for path in self.target_paths(model, config):
             module = model.get_submodule(path)
@@ -304,6 +306,10 @@ class Tuner:
 
     def check_mergeable(self, config: PeftConfig) -> None:
         """Raise a clear error if this method's adapters cannot be merged into the weights."""
+
+    def add_weighted_adapter(self, peft_model: Any, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
+        """Create ``adapter_name`` as a weighted combination of existing adapters."""
+        raise NotImplementedError(f"{type(self).__name__} has no weighted combination of adapters.")
 
     # -- forward (prompt-learning methods override; layer-based ones run the base model) --
     @property

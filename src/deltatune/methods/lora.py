@@ -24,7 +24,7 @@ from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, register_method
 from deltatune.methods.base import AdapterLayer, Tuner
-from deltatune.targeting import LORA_DEFAULT_TARGETS, find_targets, linear_types
+from deltatune.targeting import LORA_DEFAULT_TARGETS, find_targets, linear_types, resolved_targets
 
 
 @dataclass
@@ -321,7 +321,7 @@ class LoraTuner(Tuner):
 
     def target_paths(self, model: nn.Module, config: PeftConfig) -> list[str]:
         assert isinstance(config, LoraConfig)
-        return find_targets(
+        paths = find_targets(
             model,
             config.target_modules,
             exclude_modules=config.exclude_modules,
@@ -331,6 +331,8 @@ class LoraTuner(Tuner):
             accept=lambda _, m: isinstance(m, LoraLayer) or _layer_class(m) is not None,
             method="LoRA",
         )
+        config.target_modules = resolved_targets(model, config.target_modules, paths)
+        return paths
 
     def create_layer(self, path: str, module: nn.Module, config: PeftConfig, adapter_name: str) -> AdapterLayer:
         assert isinstance(config, LoraConfig)

@@ -1,0 +1,5 @@
+import sys
+
+from deltatune.cli import main
+
+sys.exit(main())
