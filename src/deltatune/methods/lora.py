@@ -7,10 +7,21 @@ A frozen weight W (out × in) gets a low-rank update::
 
 A starts Kaiming-uniform and B at zero, so a fresh adapter changes nothing. Merging adds
 s · B A into W (exactly); unmerging subtracts it again.
+
+DoRA (Liu et al. 2024, ``use_dora=True``) adds a magnitude vector m (one value per output
+row, initialised to the row norms of W + s·BA) and normalises the direction::
+
+    y = m / ‖W + s·BA‖_row ⊙ (W x + s · B A x) + bias
+
+The row norm is a constant for backprop (paper §4.3) and is computed from factors, never
+from a dense W + s·BA: ‖W_i + s(BA)_i‖² = ‖W_i‖² + 2s (W Aᵀ)_i·B_i + s² B_i (A Aᵀ) B_iᵀ.
+The base output W x is reused, so DoRA costs one (out × in × r) product per step on top of
+LoRA, plus an element-wise scale of the output.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import warnings
@@ -58,7 +69,9 @@ class LoraConfig(PeftConfig):
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got r={self.r!r}. Typical values: 8, 16, 32.")
+            raise ValueError(
+                f"LoRA rank r must be a positive integer, got r={self.r!r}. Typical values: 8, 16, 32."
+            )
         for key, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
                 raise ValueError(f"rank_pattern[{key!r}]={rank!r}: ranks must be positive integers.")
@@ -69,7 +82,9 @@ class LoraConfig(PeftConfig):
         if self.init_lora_weights not in (True, False, "gaussian", "loftq") and not isinstance(
             self.init_lora_weights, str
         ):
-            raise ValueError(f"init_lora_weights={self.init_lora_weights!r}: use True, False, 'gaussian' or 'loftq'.")
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r}: use True, False, 'gaussian' or 'loftq'."
+            )
         if self.lora_bias:
             raise ValueError("lora_bias=True (a trainable bias on lora_B) is not supported by deltatune yet.")
 
@@ -100,32 +115,63 @@ def _adapter_dtype(dtype: torch.dtype) -> torch.dtype:
 class LoraLayer(AdapterLayer):
     """Common bookkeeping: ranks, scalings, dropout per adapter."""
 
-    adapter_containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    adapter_containers: ClassVar[tuple[str, ...]] = (
+        "lora_A",
+        "lora_B",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+    )
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
         self.lora_dropout = nn.ModuleDict()
 
     def _register(self, adapter_name: str, config: LoraConfig, path: str) -> tuple[int, float]:
         r = config.rank_for(path)
+        if config.use_dora and not self.supports_dora():
+            raise ValueError(dora_unsupported_message(path, self.base_layer))
         self.r[adapter_name] = r
         self.scaling[adapter_name] = config.scaling_for(path)
-        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.use_dora[adapter_name] = bool(config.use_dora)
+        self.lora_dropout[adapter_name] = (
+            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        )
         if adapter_name not in self.active_adapters:
             self.active_adapters.append(adapter_name)
         return r, self.scaling[adapter_name]
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        for d in (self.r, self.scaling):
+        for d in (self.r, self.scaling, self.use_dora):
             d.pop(adapter_name, None)
         if adapter_name in self.lora_dropout:
             del self.lora_dropout[adapter_name]
 
     def set_scale(self, adapter_name: str, scale: float) -> None:
         self.scaling[adapter_name] = scale
+
+    def supports_dora(self) -> bool:
+        """Whether DoRA can run on this layer's base module (a dense linear weight is needed)."""
+        return False
+
+
+def dora_supported(module: nn.Module) -> bool:
+    """DoRA needs the dense weight of an ``nn.Linear`` or GPT-2 ``Conv1D``."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def dora_unsupported_message(path: str, module: nn.Module) -> str:
+    return (
+        f"use_dora=True: DoRA works on nn.Linear and GPT-2 Conv1D layers, but target {path!r} is a "
+        f"{type(module).__name__}. Leave it out (exclude_modules=[{path.split('.')[-1]!r}] or a narrower "
+        "target_modules), or use plain LoRA (use_dora=False) for it."
+    )
 
 
 def _base_shape(base: nn.Module) -> tuple[int, int, bool]:
@@ -151,7 +197,16 @@ class Linear(LoraLayer):
         self.in_features, self.out_features, self.fan_in_fan_out = _base_shape(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA: m, (out,) per adapter
+        # DoRA bookkeeping outside the state dict: row norms used by merge (for an exact
+        # unmerge) and the eval-time factors, keyed by the versions of the tensors they used.
+        self._dora_merge_norm: dict[str, torch.Tensor] = {}
+        self._dora_cache: dict[str, tuple[tuple[Any, ...], Any]] = {}
+        self._wsq_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
         self.add_adapter(adapter_name, config, path=path)
+
+    def supports_dora(self) -> bool:
+        return dora_supported(self.base_layer)
 
     def add_adapter(self, adapter_name: str, config: Any, **kwargs: Any) -> None:
         if adapter_name in self.lora_A:
@@ -162,9 +217,17 @@ class Linear(LoraLayer):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)
         self.reset_parameters(adapter_name, config.init_lora_weights)
+        if self.use_dora[adapter_name]:
+            # m starts at ‖W + s·BA‖_row, so a fresh DoRA adapter equals its LoRA part exactly.
+            self.lora_magnitude_vector[adapter_name] = nn.Parameter(self._dora_norm(adapter_name))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._dora_merge_norm.pop(adapter_name, None)
+        self._dora_cache.pop(adapter_name, None)
 
     def reset_parameters(self, adapter_name: str, init: bool | str) -> None:
-        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        a, b = self.factors(adapter_name)
         if init is False:
             return  # nn.Linear's default init for both: a random, non-zero delta (for tests)
         with torch.no_grad():
@@ -175,18 +238,89 @@ class Linear(LoraLayer):
             nn.init.zeros_(b)
 
     # -- maths ------------------------------------------------------------------------
+    def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) weights of an adapter: (r, in) and (out, r)."""
+        a: torch.Tensor = self.lora_A[adapter_name].weight  # type: ignore[assignment]
+        b: torch.Tensor = self.lora_B[adapter_name].weight  # type: ignore[assignment]
+        return a, b
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """s · B A in the base weight's layout: (out, in), or (in, out) for Conv1D."""
-        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        a, b = self.factors(adapter_name)
         delta = (b @ a) * self.scaling[adapter_name]
         return delta.T if self.fan_in_fan_out else delta
 
     def lora_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """s · B A x for input x (..., in) → (..., out), in the adapter's dtype."""
-        a = self.lora_A[adapter_name].weight
+        a, _ = self.factors(adapter_name)
         x = self.lora_dropout[adapter_name](x.to(a.dtype))
-        return F.linear(F.linear(x, a), self.lora_B[adapter_name].weight) * self.scaling[adapter_name]
+        return F.linear(F.linear(x, a), self.factors(adapter_name)[1]) * self.scaling[adapter_name]
 
+    # -- DoRA ---------------------------------------------------------------------------
+    def _weight_sq(self, w: torch.Tensor) -> torch.Tensor:
+        """‖W_i‖² per output row (out,); W is frozen, so this is cached per weight version."""
+        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+        if self._wsq_cache is not None and self._wsq_cache[0] == key and not w.is_meta:
+            return self._wsq_cache[1]
+        wsq = w.float().square().sum(dim=0 if self.fan_in_fan_out else 1)
+        self._wsq_cache = (key, wsq)
+        return wsq
+
+    def _dora_norm(self, adapter_name: str) -> torch.Tensor:
+        """‖W + s·BA‖ per output row, (out,), detached, from the factors (no dense ΔW)."""
+        a, b = self.factors(adapter_name)  # (r, in), (out, r)
+        s = self.scaling[adapter_name]
+        with torch.no_grad():
+            w = _base_weight(self.base_layer)
+            wsq = self._weight_sq(w).to(a.dtype)
+            w = w.to(a.dtype)
+            wa = (a @ w).T if self.fan_in_fan_out else w @ a.T  # W Aᵀ: (out, r)
+            cross = (wa * b).sum(dim=1)
+            lora_sq = ((b @ (a @ a.T)) * b).sum(dim=1)  # ‖(BA)_i‖² = B_i (A Aᵀ) B_iᵀ
+            return (wsq + 2 * s * cross + (s * s) * lora_sq).clamp_min(0).sqrt()
+
+    def _dora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """f = m / ‖W + s·BA‖ (out,), B scaled by f·s (out, r), and (1 - f)·bias (out,) or None.
+
+        With those, one DoRA adapter alone gives ``y = f ⊙ base(x) + (f·s·B) (A x) + (1 - f) ⊙ bias``.
+        Under no_grad they are cached until any tensor they depend on changes (exact).
+        """
+        a, b = self.factors(adapter_name)
+        m = self.lora_magnitude_vector[adapter_name]
+        bias = getattr(self.base_layer, "bias", None)
+        w = _base_weight(self.base_layer)
+        cacheable = not torch.is_grad_enabled()
+        if cacheable:
+            tensors = (a, b, m, w) if bias is None else (a, b, m, w, bias)
+            key = (self.scaling[adapter_name], *((t.data_ptr(), t._version) for t in tensors))
+            hit = self._dora_cache.get(adapter_name)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        f = m / self._dora_norm(adapter_name)
+        b_scaled = b * (f * self.scaling[adapter_name]).unsqueeze(1)
+        c = (1 - f) * bias.to(f.dtype) if bias is not None else None
+        if cacheable:
+            self._dora_cache[adapter_name] = (key, (f, b_scaled, c))
+        return f, b_scaled, c
+
+    def _dropout_active(self, adapter_name: str) -> bool:
+        return self.training and not isinstance(self.lora_dropout[adapter_name], nn.Identity)
+
+    def _dora_contribution(self, adapter_name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to the base output: (f - 1) ⊙ (W x) + f·s · B A x, shape (..., out)."""
+        a, _ = self.factors(adapter_name)
+        f, b_scaled, c = self._dora_factors(adapter_name)
+        xd = self.lora_dropout[adapter_name](x.to(a.dtype))
+        lora = F.linear(F.linear(xd, a), b_scaled, c)
+        if self._dropout_active(adapter_name):
+            # With dropout, the direction sees the dropped input (as the reference does), so W x
+            # is recomputed on it instead of reusing the base output.
+            w = _base_weight(self.base_layer).to(a.dtype)
+            wx = F.linear(xd, w.T if self.fan_in_fan_out else w)
+            return (wx * (f - 1) + lora).to(base_out.dtype)
+        return (base_out.to(f.dtype) * (f - 1) + lora).to(base_out.dtype)
+
+    # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled:
             if self.merged:
@@ -195,8 +329,13 @@ class Linear(LoraLayer):
         if self.row_groups is not None:
             return self._forward_mixed(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name in self.merged_adapters:
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if len(pending) == 1 and self.use_dora.get(pending[0]) and not self._dropout_active(pending[0]):
+            return self._forward_dora_alone(pending[0], x, result)
+        base_out = result
+        for name in pending:
+            if self.use_dora.get(name):
+                result = result + self._dora_contribution(name, x, base_out)
                 continue
             delta = self.lora_delta(name, x)
             if torch.is_grad_enabled():
@@ -205,40 +344,75 @@ class Linear(LoraLayer):
                 result.add_(delta.to(result.dtype))
         return result
 
+    def _forward_dora_alone(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """y = f ⊙ base_out + (f·s·B)(A x) + (1 - f) ⊙ bias: base output reused, one scale."""
+        a, _ = self.factors(name)
+        f, b_scaled, c = self._dora_factors(name)
+        lora = F.linear(F.linear(x.to(a.dtype), a), b_scaled, c).to(base_out.dtype)
+        if torch.is_grad_enabled():
+            return base_out * f.to(base_out.dtype) + lora
+        return base_out.mul_(f.to(base_out.dtype)).add_(lora)
+
     def _forward_mixed(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.merged:
             raise ValueError("A mixed-batch forward needs unmerged adapters; call unmerge_adapter() first.")
         result = self.base_layer(x, *args, **kwargs)
         assert self.row_groups is not None
+        base_out = result
         for name, rows in self.row_groups:
             if name not in self.lora_A:
                 continue  # "__base__" rows, or an adapter this layer does not have
-            delta = self.lora_delta(name, x.index_select(0, rows)).to(result.dtype)
+            xs = x.index_select(0, rows)
+            if self.use_dora.get(name):
+                delta = self._dora_contribution(name, xs, base_out.index_select(0, rows))
+            else:
+                delta = self.lora_delta(name, xs).to(result.dtype)
             result = result.index_add(0, rows, delta)
         return result
 
+    # -- merging ------------------------------------------------------------------------
+    def _row_dim(self) -> int:
+        return 0 if self.fan_in_fan_out else 1  # dimension summed over for a per-output-row norm
+
+    def _row_view(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-output vector (out,) shaped to broadcast against the stored weight."""
+        return v.unsqueeze(0) if self.fan_in_fan_out else v.unsqueeze(1)
+
     def merge_one(self, adapter_name: str, safe_merge: bool) -> None:
-        weight = self.base_layer.weight
-        delta = self.delta_weight(adapter_name).to(weight.dtype)
+        weight = _base_weight(self.base_layer)
+        delta = self.delta_weight(adapter_name)
         with torch.no_grad():
-            if safe_merge:
-                merged = weight + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"Merging adapter {adapter_name!r} produces NaN/inf weights; not merged.")
-                weight.copy_(merged)
+            if self.use_dora.get(adapter_name):
+                # W' = m ⊙ (W + s·BA) / ‖W + s·BA‖_row; the norm is kept for an exact unmerge.
+                dense = weight.to(delta.dtype) + delta
+                norm = torch.linalg.vector_norm(dense, dim=self._row_dim())
+                merged = dense * self._row_view(self.lora_magnitude_vector[adapter_name] / norm)
             else:
-                weight.add_(delta)
+                merged = weight + delta.to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"Merging adapter {adapter_name!r} produces NaN/inf weights; not merged.")
+            weight.copy_(merged.to(weight.dtype))
+            if self.use_dora.get(adapter_name):
+                self._dora_merge_norm[adapter_name] = norm
 
     def unmerge_one(self, adapter_name: str) -> None:
-        weight = self.base_layer.weight
+        weight = _base_weight(self.base_layer)
+        delta = self.delta_weight(adapter_name)
         with torch.no_grad():
-            weight.sub_(self.delta_weight(adapter_name).to(weight.dtype))
+            if self.use_dora.get(adapter_name):
+                norm = self._dora_merge_norm.pop(adapter_name)
+                factor = self._row_view(self.lora_magnitude_vector[adapter_name] / norm)
+                weight.copy_((weight.to(delta.dtype) / factor - delta).to(weight.dtype))
+            else:
+                weight.sub_(delta.to(weight.dtype))
 
 
 class Embedding(LoraLayer):
     """LoRA on an ``nn.Embedding``: a low-rank table A (r, vocab) and B (dim, r)."""
 
-    def __init__(self, base_layer: nn.Embedding, adapter_name: str, config: LoraConfig, path: str = "") -> None:
+    def __init__(
+        self, base_layer: nn.Embedding, adapter_name: str, config: LoraConfig, path: str = ""
+    ) -> None:
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
@@ -319,6 +493,17 @@ class LoraTuner(Tuner):
     prefix: ClassVar[str] = "lora_"
     layer_base: ClassVar[type[AdapterLayer]] = LoraLayer
 
+    def check_config(self, model: nn.Module, config: PeftConfig) -> None:
+        assert isinstance(config, LoraConfig)
+        if not config.use_dora:
+            return
+        # Check every target before any module is replaced, so a bad target leaves the model as it was.
+        for path in self.target_paths(model, copy.deepcopy(config)):
+            module = model.get_submodule(path)
+            base = module.base_layer if isinstance(module, LoraLayer) else module
+            if not dora_supported(base):
+                raise ValueError(dora_unsupported_message(path, base))
+
     def target_paths(self, model: nn.Module, config: PeftConfig) -> list[str]:
         assert isinstance(config, LoraConfig)
         paths = find_targets(
@@ -334,7 +519,9 @@ class LoraTuner(Tuner):
         config.target_modules = resolved_targets(model, config.target_modules, paths)
         return paths
 
-    def create_layer(self, path: str, module: nn.Module, config: PeftConfig, adapter_name: str) -> AdapterLayer:
+    def create_layer(
+        self, path: str, module: nn.Module, config: PeftConfig, adapter_name: str
+    ) -> AdapterLayer:
         assert isinstance(config, LoraConfig)
         cls = _layer_class(module)
         assert cls is not None

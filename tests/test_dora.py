@@ -1,0 +1,239 @@
+"""DoRA (``LoraConfig(use_dora=True)``): maths, merge, files, PEFT interop both ways."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from deltatune import LoraConfig, PeftModel, get_peft_model
+
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
+
+
+def tiny(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
+        return LlamaForCausalLM(cfg).eval()
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def ids(batch: int = 2, seq: int = 7) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def dora_config(kind: str, **kw: object) -> LoraConfig:
+    return LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS[kind], use_dora=True, init_lora_weights=False, **kw
+    )
+
+
+def perturb_magnitudes(model: torch.nn.Module, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
+
+
+def logits(model: torch.nn.Module, x: torch.Tensor, **kw: object) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=x, **kw).logits
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_fresh_dora_changes_nothing_and_magnitude_is_row_norm(kind: str) -> None:
+    base = tiny(kind)
+    ref = logits(base, ids())
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=TARGETS[kind], use_dora=True))
+    torch.testing.assert_close(logits(model, ids()), ref, rtol=0, atol=1e-5)
+    layer = model.base_model.get_submodule(
+        "model.layers.0.mlp.down_proj" if kind == "llama" else "transformer.h.0.attn.c_attn"
+    )
+    w = layer.base_layer.weight
+    rows = w.norm(dim=0) if kind == "gpt2" else w.norm(dim=1)  # GPT-2 Conv1D stores W transposed
+    torch.testing.assert_close(layer.lora_magnitude_vector["default"].detach(), rows)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_forward_matches_formula(kind: str) -> None:
+    """y = m / ‖W + sBA‖_row ⊙ (W + sBA) x + b, checked on one layer against a dense computation."""
+    model = get_peft_model(tiny(kind), dora_config(kind))
+    perturb_magnitudes(model)
+    layer = model.base_model.get_submodule(
+        "model.layers.1.self_attn.q_proj" if kind == "llama" else "transformer.h.1.attn.c_attn"
+    )
+    w = layer.base_layer.weight.detach()
+    w = w.T if kind == "gpt2" else w  # (out, in)
+    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    dense = w + layer.scaling["default"] * (b @ a)
+    m = layer.lora_magnitude_vector["default"].detach()
+    merged = (m / dense.norm(dim=1)).unsqueeze(1) * dense
+    bias = layer.base_layer.bias
+    x = torch.randn(3, 5, w.shape[1])
+    expected = torch.nn.functional.linear(x, merged, None if bias is None else bias.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)  # grad-enabled path too
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_merge_and_unmerge_exact(kind: str) -> None:
+    base = tiny(kind)
+    originals = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, dora_config(kind))
+    perturb_magnitudes(model)
+    unmerged = logits(model, ids())
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, ids()), unmerged, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(logits(model, ids()), unmerged, rtol=1e-5, atol=1e-5)
+    for path, module in model.base_model.named_modules():
+        if hasattr(module, "lora_magnitude_vector"):
+            key = path + (".weight")
+            torch.testing.assert_close(module.base_layer.weight, originals[key], rtol=0, atol=1e-6)
+    plain = model.merge_and_unload()
+    torch.testing.assert_close(logits(plain, ids()), unmerged, rtol=1e-5, atol=1e-5)
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_peft_loads_our_dora(kind: str, tmp_path) -> None:
+    model = get_peft_model(tiny(kind), dora_config(kind))
+    perturb_magnitudes(model)
+    ours = logits(model, ids())
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "adapter_model.safetensors"))
+    mags = [k for k in keys if "lora_magnitude_vector" in k]
+    assert mags and all(k.endswith("lora_magnitude_vector") and keys[k].ndim == 1 for k in mags)
+    theirs = peft.PeftModel.from_pretrained(tiny(kind), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs, ids()), ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_we_load_peft_dora(kind: str, tmp_path) -> None:
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS[kind], use_dora=True, init_lora_weights=False
+    )
+    theirs = peft.get_peft_model(tiny(kind), cfg)
+    perturb_magnitudes(theirs)
+    theirs.eval()
+    expected = logits(theirs, ids())
+    theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(tiny(kind), tmp_path)
+    torch.testing.assert_close(logits(ours, ids()), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_match_peft_norm_detached() -> None:
+    """Same loss gradient as PEFT, which treats ‖W + sBA‖ as a constant (DoRA §4.3)."""
+    cfg = dict(r=4, lora_alpha=8, target_modules=TARGETS["llama"], use_dora=True, init_lora_weights=False)
+    ours = get_peft_model(tiny("llama"), LoraConfig(**cfg))  # type: ignore[arg-type]
+    perturb_magnitudes(ours)
+    theirs = peft.get_peft_model(tiny("llama"), peft.LoraConfig(**cfg))
+    peft.set_peft_model_state_dict(theirs, ours.get_adapter_state_dict())
+    x = ids()
+    for m in (ours, theirs):
+        m.train()
+        m(input_ids=x, labels=x).loss.backward()
+
+    def their_name(n: str) -> str:  # PEFT keeps m in a module: ...lora_magnitude_vector.default.weight
+        n = n.replace("base_model.model.", "", 1)
+        return n.removesuffix(".weight") if "lora_magnitude_vector" in n else n
+
+    g_ours = {n.replace("base_model.", "", 1): p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    g_theirs = {their_name(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    assert set(g_ours) == set(g_theirs) and any("magnitude" in k for k in g_ours)
+    for k in g_ours:
+        torch.testing.assert_close(g_ours[k], g_theirs[k], rtol=1e-4, atol=1e-6)
+
+
+def test_only_adapter_parameters_train() -> None:
+    model = get_peft_model(tiny("llama"), dora_config("llama"))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".lora_A." in n or ".lora_B." in n or ".lora_magnitude_vector." in n for n in names)
+    trainable, _ = model.get_nb_trainable_parameters()
+    # per layer: r*(in + out) + out; q: 64->64, v: 64->32, down: 128->64
+    per_layer = 4 * (64 + 64) + 64 + 4 * (64 + 32) + 32 + 4 * (128 + 64) + 64
+    assert trainable == 2 * per_layer
+
+
+def test_round_trip_and_disable(tmp_path) -> None:
+    model = get_peft_model(tiny("llama"), dora_config("llama"))
+    perturb_magnitudes(model)
+    out = logits(model, ids())
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, ids()), logits(tiny("llama"), ids()))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny("llama"), tmp_path)
+    assert loaded.peft_config["default"].use_dora is True
+    torch.testing.assert_close(logits(loaded, ids()), out, rtol=0, atol=1e-6)
+
+
+def test_mixed_batch_rows_match_single_adapter_runs() -> None:
+    model = get_peft_model(tiny("llama"), dora_config("llama"))
+    perturb_magnitudes(model, seed=5)
+    model.add_adapter("other", dora_config("llama"))
+    perturb_magnitudes(model, seed=6)
+    model.add_adapter("plain", LoraConfig(r=4, target_modules=TARGETS["llama"], init_lora_weights=False))
+    x = ids(batch=4)
+    names = ["default", "__base__", "other", "plain"]
+    mixed = logits(model, x, adapter_names=names)
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                expected = logits(model, x[row : row + 1])
+        else:
+            model.set_adapter(name)
+            expected = logits(model, x[row : row + 1])
+        torch.testing.assert_close(mixed[row : row + 1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_cache_follows_weight_changes() -> None:
+    """Cached eval factors must be recomputed as soon as m, A or B change (exactness)."""
+    model = get_peft_model(tiny("llama"), dora_config("llama"))
+    before = logits(model, ids())
+    assert torch.equal(logits(model, ids()), before)  # cached path gives the same numbers
+    perturb_magnitudes(model)
+    after = logits(model, ids())
+    assert not torch.allclose(after, before)
+    fresh = copy.deepcopy(model)
+    for module in fresh.modules():
+        if hasattr(module, "_dora_cache"):
+            module._dora_cache.clear()
+    torch.testing.assert_close(logits(fresh, ids()), after, rtol=0, atol=0)
+
+
+def test_training_step_changes_output_and_uses_detached_norm() -> None:
+    model = get_peft_model(tiny("llama"), LoraConfig(r=4, target_modules=TARGETS["llama"], use_dora=True))
+    before = logits(model, ids())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    x = ids()
+    model(input_ids=x, labels=x).loss.backward()
+    mags = [p for n, p in model.named_parameters() if "magnitude" in n]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mags)
+    opt.step()
+    model.eval()
+    assert not torch.allclose(logits(model, ids()), before)
+
+
+def test_dora_on_embedding_is_a_clear_error() -> None:
+    base = tiny("llama")
+    before = [n for n, _ in base.named_modules()]
+    with pytest.raises(ValueError, match="DoRA works on nn.Linear and GPT-2 Conv1D.*Embedding"):
+        get_peft_model(base, LoraConfig(target_modules=["q_proj", "embed_tokens"], use_dora=True))
+    assert [n for n, _ in base.named_modules()] == before  # nothing was injected
