@@ -2,12 +2,14 @@
 
 from deltatune import methods  # noqa: F401  (registers every method)
 from deltatune.config import PeftConfig, PeftType, TaskType, register_method, registered_methods
+from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.lora import LoraConfig
 from deltatune.model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IA3Config",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

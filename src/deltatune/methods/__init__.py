@@ -1,3 +1,6 @@
 """One module per method family; importing this package registers them all."""
 
-from deltatune.methods import lora  # noqa: F401  (registers LoRA)
+from deltatune.methods import (
+    ia3,  # noqa: F401  (registers (IA)³)
+    lora,  # noqa: F401  (registers LoRA)
+)
