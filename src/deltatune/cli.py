@@ -17,9 +17,13 @@ def _demo(args: argparse.Namespace) -> int:
 
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    batch = tokenizer(["deltatune trains a small delta.", "The base model stays frozen."], return_tensors="pt", padding=True)
+    batch = tokenizer(
+        ["deltatune trains a small delta.", "The base model stays frozen."], return_tensors="pt", padding=True
+    )
     model = AutoModel.from_pretrained(path).eval()
-    config = LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, r=args.r, lora_alpha=2 * args.r, init_lora_weights="gaussian")
+    config = LoraConfig(
+        task_type=TaskType.FEATURE_EXTRACTION, r=args.r, lora_alpha=2 * args.r, init_lora_weights="gaussian"
+    )
     peft_model = get_peft_model(model, config)
     print(f"all-MiniLM-L6-v2 + LoRA r={args.r} on {sorted(config.target_modules or [])}:")
     peft_model.print_trainable_parameters()
@@ -39,9 +43,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning for transformers.")
+    parser = argparse.ArgumentParser(
+        prog="deltatune", description="Parameter-efficient fine-tuning for transformers."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="LoRA on the bundled all-MiniLM-L6-v2: parameter report, save, reload.")
+    demo = sub.add_parser(
+        "demo", help="LoRA on the bundled all-MiniLM-L6-v2: parameter report, save, reload."
+    )
     demo.add_argument("--r", type=int, default=8, help="LoRA rank (default: 8)")
     demo.set_defaults(func=_demo)
     return parser

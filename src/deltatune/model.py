@@ -74,7 +74,9 @@ class PeftModel(nn.Module):
             if isinstance(m, (AdapterLayer, ModulesToSaveWrapper)):
                 yield m
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(
+        self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False
+    ) -> None:
         """Add a new adapter (frozen unless it becomes the trainable active one)."""
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"Adapter name {adapter_name!r} must be a non-empty string without '.'.")
@@ -185,8 +187,12 @@ class PeftModel(nn.Module):
         if missing:
             raise ValueError(f"Unknown adapters {missing}; this model has {list(self.peft_config)}.")
         if len(adapters) != len(weights) or not adapters:
-            raise ValueError(f"Give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights.")
-        _tuner(self.peft_config[adapters[0]]).add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
+            raise ValueError(
+                f"Give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights."
+            )
+        _tuner(self.peft_config[adapters[0]]).add_weighted_adapter(
+            self, adapters, weights, adapter_name, **kwargs
+        )
 
     def unmerge_adapter(self) -> None:
         for layer in self._layers():
@@ -212,7 +218,11 @@ class PeftModel(nn.Module):
                 replace_module(self.base_model, path, module.unload())
             elif isinstance(module, ModulesToSaveWrapper):
                 active = module.active_adapters[-1] if module.active_adapters else None
-                keep = module.modules_to_save[active] if keep_trained_heads and active else module.original_module
+                keep = (
+                    module.modules_to_save[active]
+                    if keep_trained_heads and active
+                    else module.original_module
+                )
                 replace_module(self.base_model, path, keep)
         for config in self.peft_config.values():
             _tuner(config).delete(self, None)
@@ -236,7 +246,9 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # -- forward ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -248,7 +260,9 @@ class PeftModel(nn.Module):
             )
         unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
         if unknown:
-            raise ValueError(f"adapter_names mentions unknown adapters {unknown}; this model has {list(self.peft_config)}.")
+            raise ValueError(
+                f"adapter_names mentions unknown adapters {unknown}; this model has {list(self.peft_config)}."
+            )
         if any(layer.merged for layer in self._layers()):
             raise ValueError("A mixed-batch forward needs unmerged adapters; call unmerge_adapter() first.")
         groups: dict[str, list[int]] = {}
@@ -292,17 +306,23 @@ class PeftModel(nn.Module):
                 return self._generate(args, kwargs, adapter_names)
         return self._generate(args, kwargs, None)
 
-    def _generate(self, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: list[str] | None) -> Any:
+    def _generate(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: list[str] | None
+    ) -> Any:
         if not self._disabled and self.active_adapter is not None:
             tuner = _tuner(self.active_peft_config)
             if not tuner.is_layer_based:
                 return tuner.generate(self, args, kwargs, adapter_names)
-        return self.base_model.generate(*args, **kwargs)
+        base: Any = self.base_model
+        return base.generate(*args, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
         """Checkpointing that works with a frozen base: inputs are made to require grad."""
         kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        base: Any = self.base_model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         enable = getattr(self.base_model, "enable_input_require_grads", None)
         if callable(enable):
             enable()
@@ -420,5 +440,7 @@ def get_peft_model(
 ) -> PeftModel:
     """Freeze ``model`` and inject the method ``peft_config`` describes; returns the wrapper."""
     if isinstance(model, PeftModel):
-        raise ValueError("This model is already wrapped; use model.add_adapter(name, config) to add another adapter.")
+        raise ValueError(
+            "This model is already wrapped; use model.add_adapter(name, config) to add another adapter."
+        )
     return PeftModel(model, peft_config, adapter_name)

@@ -149,7 +149,11 @@ def find_targets(
 
     if isinstance(layers_to_transform, int):
         layers_to_transform = [layers_to_transform]
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or DEFAULT_LAYERS_PATTERNS)
+    patterns = (
+        [layers_pattern]
+        if isinstance(layers_pattern, str)
+        else list(layers_pattern or DEFAULT_LAYERS_PATTERNS)
+    )
 
     matched: list[str] = []
     rejected: list[tuple[str, str]] = []
@@ -199,11 +203,15 @@ def _show(targets: object) -> str:
 
 
 def no_match_message(model: nn.Module, targets: object, layers: object = None) -> str:
-    leaf_names = sorted({n.split(".")[-1] for n, m in model.named_modules() if n and isinstance(m, linear_types())})
+    leaf_names = sorted(
+        {n.split(".")[-1] for n, m in model.named_modules() if n and isinstance(m, linear_types())}
+    )
     asked = [targets] if isinstance(targets, str) else list(targets or [])  # type: ignore[call-overload]
     close: list[str] = []
     for t in asked:
-        close += difflib.get_close_matches(str(t).split(".")[-1], leaf_names, n=4, cutoff=0.3)
+        leaf = str(t).split(".")[-1]
+        close += [n for n in leaf_names if n.startswith(leaf) or leaf.startswith(n)]
+        close += difflib.get_close_matches(leaf, leaf_names, n=4, cutoff=0.5)
     hint = f" Modules that look close: {sorted(set(close))}." if close else ""
     layer_hint = f" (restricted to layers {layers})" if layers is not None else ""
     return (

@@ -46,6 +46,15 @@ class AdapterLayer(nn.Module):
         # Set only during a mixed-batch forward: (adapter name, row indices) per group.
         self.row_groups: list[tuple[str, torch.Tensor]] | None = None
 
+    # Model code reads these off the layer it called (e.g. T5 checks ``wo.weight.dtype``).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight  # type: ignore[return-value]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     # -- bank of adapters -------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
@@ -162,7 +171,7 @@ class ModulesToSaveWrapper(nn.Module):
         x = args[0]
         out = None
         for name, rows in self.row_groups:
-            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module  # noqa: SIM401
             y = module(x[rows], *args[1:], **kwargs)
             if out is None:
                 out = y.new_empty((x.shape[0], *y.shape[1:]))
@@ -210,7 +219,9 @@ class Tuner:
     def target_paths(self, model: nn.Module, config: PeftConfig) -> list[str]:
         raise NotImplementedError
 
-    def create_layer(self, path: str, module: nn.Module, config: PeftConfig, adapter_name: str) -> AdapterLayer:
+    def create_layer(
+        self, path: str, module: nn.Module, config: PeftConfig, adapter_name: str
+    ) -> AdapterLayer:
         raise NotImplementedError
 
     def inject(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> None:
@@ -236,9 +247,7 @@ class Tuner:
                 continue
             replace_module(model, path, ModulesToSaveWrapper(module))
         for module in model.modules():
-            if isinstance(module, ModulesToSaveWrapper) and name_matches(
-                _path_of(model, module), names
-            ):
+            if isinstance(module, ModulesToSaveWrapper) and name_matches(_path_of(model, module), names):
                 module.add_adapter(adapter_name)
 
     # -- trainability -----------------------------------------------------------------
@@ -278,7 +287,9 @@ class Tuner:
             key = saved_key(name, adapter_name, containers)
             if key is not None:
                 out[key] = name
-            elif (bias == "all" and name.endswith("bias") and ".modules_to_save." not in name) or name in own_bias:
+            elif (
+                bias == "all" and name.endswith("bias") and ".modules_to_save." not in name
+            ) or name in own_bias:
                 out[name] = name
         return out
 
@@ -294,7 +305,11 @@ class Tuner:
         """Copy saved tensors into the adapter's parameters, with errors that name the problem."""
         model = peft_model.base_model
         kmap = self.key_map(model, config, adapter_name)
-        copy_checked(kmap, dict(model.named_parameters()), state)
+        params = dict(model.named_parameters())
+        # Files from the reference library may also carry full base weights (e.g. a resized
+        # ``embed_tokens.base_layer.weight`` when embeddings are targeted): load those too.
+        kmap.update({k: k for k in state if k not in kmap and k in params})
+        copy_checked(kmap, params, state)
 
     # -- lifecycle hooks (no-ops for layer-based methods) -------------------------------
     def extra_parameters(self, peft_model: Any, adapter_name: str) -> Iterator[nn.Parameter]:
@@ -307,7 +322,9 @@ class Tuner:
     def check_mergeable(self, config: PeftConfig) -> None:
         """Raise a clear error if this method's adapters cannot be merged into the weights."""
 
-    def add_weighted_adapter(self, peft_model: Any, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
+    def add_weighted_adapter(
+        self, peft_model: Any, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any
+    ) -> None:
         """Create ``adapter_name`` as a weighted combination of existing adapters."""
         raise NotImplementedError(f"{type(self).__name__} has no weighted combination of adapters.")
 
@@ -316,14 +333,20 @@ class Tuner:
     def is_layer_based(self) -> bool:
         return True
 
-    def forward(self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any) -> Any:
+    def forward(
+        self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
+    ) -> Any:
         return peft_model.base_model(*args, **kwargs)
 
-    def generate(self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any) -> Any:
+    def generate(
+        self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
+    ) -> Any:
         return peft_model.base_model.generate(*args, **kwargs)
 
 
-def copy_checked(kmap: dict[str, str], params: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+def copy_checked(
+    kmap: dict[str, str], params: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> None:
     """Copy ``state[key]`` into ``params[kmap[key]]`` for every key, or explain what does not fit."""
     missing = [k for k in kmap if k not in state]
     unexpected = [k for k in state if k not in kmap]

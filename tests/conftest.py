@@ -1,0 +1,156 @@
+"""Tiny models with random weights, built from transformers configs (no hub download)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+torch.set_num_threads(1)  # pytest-xdist runs one worker per core
+
+
+def tiny_llama(task: str = "causal", seed: int = 0, **kw: object) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    settings: dict[str, object] = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 96,
+        "max_position_embeddings": 64,
+        "pad_token_id": 0,
+    }
+    cfg = LlamaConfig(**{**settings, **kw})
+    cls = LlamaForSequenceClassification if task == "seq_cls" else LlamaForCausalLM
+    return cls(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=64)).eval()
+
+
+def tiny_bert(task: str = "seq_cls", seed: int = 0) -> nn.Module:
+    from transformers import (
+        BertConfig,
+        BertForQuestionAnswering,
+        BertForSequenceClassification,
+        BertForTokenClassification,
+        BertModel,
+    )
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=96,
+        num_labels=2 if task == "qa" else 3,
+    )
+    cls = {
+        "seq_cls": BertForSequenceClassification,
+        "token_cls": BertForTokenClassification,
+        "qa": BertForQuestionAnswering,
+        "feature": BertModel,
+    }[task]
+    return cls(cfg).eval()
+
+
+def tiny_t5(seed: int = 0) -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        d_model=32,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        d_kv=8,
+        vocab_size=96,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+class MLP(nn.Module):
+    """A user's own torch model: no transformers config at all."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin0 = nn.Linear(10, 20)
+        self.relu = nn.ReLU()
+        self.lin1 = nn.Linear(20, 20)
+        self.out = nn.Linear(20, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.relu(self.lin1(self.relu(self.lin0(x)))))
+
+
+def tiny_mlp(seed: int = 0) -> nn.Module:
+    return MLP(seed).eval()
+
+
+# name -> (factory, LoRA targets, input builder)
+def _ids(batch: int = 3, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1, 96, (batch, length), generator=g)}
+
+
+def _t5_inputs(batch: int = 3, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    out = _ids(batch, length, seed)
+    out["decoder_input_ids"] = _ids(batch, 5, seed + 1)["input_ids"]
+    return out
+
+
+def _mlp_inputs(batch: int = 3, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(batch, 10, generator=g)}
+
+
+MODELS: dict[str, tuple[Callable[..., nn.Module], list[str], Callable[..., dict[str, torch.Tensor]]]] = {
+    "llama": (tiny_llama, ["q_proj", "v_proj", "up_proj", "down_proj"], _ids),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], _ids),
+    "bert": (tiny_bert, ["query", "value", "dense"], _ids),
+    "t5": (tiny_t5, ["q", "v", "wo"], _t5_inputs),
+    "mlp": (tiny_mlp, ["lin0", "lin1"], _mlp_inputs),
+}
+
+
+def model_output(out: object) -> torch.Tensor:
+    """The main tensor of a model's output (logits, or the tensor itself)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for name in ("logits", "last_hidden_state", "start_logits"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    raise TypeError(type(out))
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def randomize_lora(model: nn.Module, std: float = 0.5, seed: int = 3) -> None:
+    """Give every LoRA B a non-zero value so that adapters visibly change outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)

@@ -1,0 +1,199 @@
+"""The public interface: the mission's snippet, task types, parameter report, errors that teach."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import MODELS, model_output, tiny_bert, tiny_gpt2, tiny_llama, tiny_mlp, tiny_t5
+from deltatune import LoraConfig, PeftModel, TaskType, get_peft_model
+from deltatune.methods.base import ModulesToSaveWrapper
+from deltatune.methods.lora import Linear
+
+LLAMA3_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama3_8b_on_meta() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
+def test_mission_snippet_on_llama3_8b_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    model = llama3_8b_on_meta()
+    lora_config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=LLAMA3_TARGETS,
+        bias="none",
+    )
+    model = get_peft_model(model, lora_config)
+    model.print_trainable_parameters()
+    assert capsys.readouterr().out.strip() == (
+        "trainable params: 41,943,040 || all params: 8,072,204,288 || trainable%: 0.5196"
+    )
+    # r=32 gives the mission text's 83,886,080: twice as many, since the count is linear in r.
+    model32 = get_peft_model(llama3_8b_on_meta(), LoraConfig(r=32, target_modules=LLAMA3_TARGETS))
+    assert model32.get_nb_trainable_parameters()[0] == 83_886_080
+
+
+def test_report_format_and_counts() -> None:
+    model = get_peft_model(tiny_mlp(), LoraConfig(r=2, target_modules=["lin0"]))
+    # lin0: A (2, 10) + B (20, 2) = 60; base: 10*20+20 + 20*20+20 + 20*2+2 = 682
+    assert model.get_nb_trainable_parameters() == (60, 742)
+
+
+def test_default_targets_per_architecture() -> None:
+    def targets(model: nn.Module) -> set[str]:
+        wrapped = get_peft_model(model, LoraConfig())
+        return {n.split(".")[-1] for n, m in wrapped.named_modules() if isinstance(m, Linear)}
+
+    assert targets(tiny_llama()) == {"q_proj", "v_proj"}
+    assert targets(tiny_gpt2()) == {"c_attn"}
+    assert targets(tiny_bert()) == {"query", "value"}
+    assert targets(tiny_t5()) == {"q", "v"}
+
+
+def test_fallback_for_unlisted_architecture_never_hits_the_head() -> None:
+    model = tiny_llama()
+    model.config.model_type = "my-new-arch"
+    wrapped = get_peft_model(model, LoraConfig())
+    names = {n.split(".")[-1] for n, m in wrapped.named_modules() if isinstance(m, Linear)}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    mlp = get_peft_model(tiny_mlp(), LoraConfig())
+    assert [n for n, m in mlp.named_modules() if isinstance(m, Linear)] == [
+        "base_model.lin0",
+        "base_model.lin1",
+    ]
+
+
+def test_get_peft_model_on_meta_device_small() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2))
+    wrapped = get_peft_model(model, LoraConfig(r=4))
+    a = wrapped.base_model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert a.is_meta and a.shape == (4, 64)
+
+
+@pytest.mark.parametrize(
+    ("factory", "task", "head"),
+    [
+        (lambda: tiny_bert("seq_cls"), TaskType.SEQ_CLS, "classifier"),
+        (lambda: tiny_bert("token_cls"), TaskType.TOKEN_CLS, "classifier"),
+        (lambda: tiny_bert("qa"), TaskType.QUESTION_ANS, "qa_outputs"),
+        (lambda: tiny_llama("seq_cls"), TaskType.SEQ_CLS, "score"),
+    ],
+)
+def test_task_heads_are_trained_and_saved(factory, task: TaskType, head: str) -> None:  # type: ignore[no-untyped-def]
+    model = get_peft_model(
+        factory(), LoraConfig(task_type=task, r=2, target_modules=["query", "value", "q_proj"])
+    )
+    wrapper = model.base_model.get_submodule(head)
+    assert isinstance(wrapper, ModulesToSaveWrapper)
+    assert all(p.requires_grad for p in wrapper.modules_to_save["default"].parameters())
+    assert not any(p.requires_grad for p in wrapper.original_module.parameters())
+    state = model.get_adapter_state_dict()
+    assert f"base_model.model.{head}.weight" in state
+    merged = model.merge_and_unload()
+    assert not isinstance(merged.get_submodule(head), ModulesToSaveWrapper)
+
+
+def test_feature_extraction_and_seq2seq_forward() -> None:
+    model = get_peft_model(tiny_bert("feature"), LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, r=2))
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).last_hidden_state.shape == (1, 3, 32)
+    t5 = get_peft_model(tiny_t5(), LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=2))
+    inputs = MODELS["t5"][2]()
+    labels = inputs.pop("decoder_input_ids")
+    loss = t5(**inputs, labels=labels).loss
+    loss.backward()
+    assert all(p.grad is not None for p in t5.parameters() if p.requires_grad)
+    generated = t5.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape[0] == 3
+
+
+def test_attribute_passthrough() -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig())
+    assert model.config.model_type == "llama"
+    assert model.get_input_embeddings() is model.base_model.model.embed_tokens
+
+
+def test_gradient_checkpointing_with_lora() -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2))
+    model.train()
+    for reentrant in (True, False):
+        model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        out = model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]]))
+        out.loss.backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None and torch.count_nonzero(g) > 0 for g in grads[1::2])  # B gets gradient
+        model.zero_grad()
+
+
+# -- errors that teach --------------------------------------------------------------------
+def test_target_matching_nothing_lists_candidates() -> None:
+    with pytest.raises(ValueError, match=r"matched no module.*look close: \['q_proj'\]"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q"]))
+
+
+def test_unsupported_module_type_is_named() -> None:
+    with pytest.raises(ValueError, match="LayerNorm"):
+        get_peft_model(tiny_bert(), LoraConfig(target_modules=["LayerNorm"]))
+
+
+@pytest.mark.parametrize("r", [0, -4])
+def test_rank_must_be_positive(r: int) -> None:
+    with pytest.raises(ValueError, match="positive integer"):
+        LoraConfig(r=r)
+
+
+def test_duplicate_adapter_name() -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig())
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_adapter("default", LoraConfig())
+
+
+def test_already_wrapped_and_unknown_adapter() -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig())
+    with pytest.raises(ValueError, match="already wrapped"):
+        get_peft_model(model, LoraConfig())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="No adapter named 'x'"):
+        model.set_adapter("x")
+
+
+def test_bad_task_type() -> None:
+    with pytest.raises(ValueError, match="task type"):
+        LoraConfig(task_type="IMAGE_MAGIC")
+
+
+def test_model_output_helper_is_not_vacuous() -> None:
+    out = tiny_llama()(input_ids=torch.tensor([[1, 2]]))
+    assert model_output(out).shape == (1, 2, 96)
+
+
+def test_cli_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "deltatune", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "demo" in result.stdout
+
+
+def test_peft_model_class_exported() -> None:
+    assert PeftModel.from_pretrained.__doc__

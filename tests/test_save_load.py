@@ -1,0 +1,169 @@
+"""Adapter files: layout, round trip, atomicity, corrupt / foreign / pickle files, config keys."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import MODELS, model_output, tiny_llama
+from deltatune import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from deltatune.io import WEIGHTS_NAME
+
+
+def trained(name: str = "llama", **kw: object) -> tuple[PeftModel, dict[str, torch.Tensor]]:
+    factory, targets, inputs = MODELS[name]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **kw)  # type: ignore[arg-type]
+    return get_peft_model(factory(), config), inputs()
+
+
+def out(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model_output(model(**inputs))
+
+
+def test_round_trip_every_model(model_name: str, tmp_path: Path) -> None:
+    model, inputs = trained(model_name)
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", WEIGHTS_NAME]
+    factory = MODELS[model_name][0]
+    loaded = PeftModel.from_pretrained(factory(), tmp_path)
+    torch.testing.assert_close(out(loaded, inputs), out(model, inputs), atol=0, rtol=0)
+    assert loaded.get_nb_trainable_parameters()[0] == 0  # inference mode by default
+    trainable = PeftModel.from_pretrained(factory(), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] == model.get_nb_trainable_parameters()[0]
+
+
+def test_file_layout_matches_the_ecosystem(tmp_path: Path) -> None:
+    model, _ = trained("llama", use_rslora=True)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / WEIGHTS_NAME))
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert tensors[f"{key}.lora_A.weight"].shape == (4, 32)
+    assert tensors[f"{key}.lora_B.weight"].shape == (32, 4)
+    assert len(tensors) == 2 * 4 * 2  # A and B, 4 targets, 2 layers
+    assert not any(".default" in k for k in tensors)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["use_rslora"] is True and config["inference_mode"] is True
+    assert sorted(config["target_modules"]) == ["down_proj", "q_proj", "up_proj", "v_proj"]
+    assert "LORA adapter" in (tmp_path / "README.md").read_text()
+
+
+def test_non_default_adapters_go_in_subfolders(tmp_path: Path) -> None:
+    model, inputs = trained("llama")
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "other" / WEIGHTS_NAME).is_file() and (tmp_path / WEIGHTS_NAME).is_file()
+    model.set_adapter("other")
+    expected = out(model, inputs)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    loaded.load_adapter(tmp_path / "other", adapter_name="other")
+    loaded.set_adapter("other")
+    torch.testing.assert_close(out(loaded, inputs), expected, atol=0, rtol=0)
+
+
+def test_default_targets_are_written_out(tmp_path: Path) -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig())
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == [
+        "q_proj",
+        "v_proj",
+    ]
+
+
+def test_crash_mid_save_leaves_previous_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, inputs = trained("llama")
+    model.save_pretrained(tmp_path)
+    first = (tmp_path / WEIGHTS_NAME).read_bytes()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("deltatune.config.PeftConfig.save_pretrained", boom)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path)
+    assert (tmp_path / WEIGHTS_NAME).read_bytes() == first
+    assert not [p for p in os.listdir(tmp_path.parent) if p.startswith(".tmp-")]
+
+
+def test_corrupt_safetensors_is_a_clear_error(tmp_path: Path) -> None:
+    model, _ = trained("llama")
+    model.save_pretrained(tmp_path)
+    data = (tmp_path / WEIGHTS_NAME).read_bytes()
+    (tmp_path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_pickle_refused_unless_asked(tmp_path: Path) -> None:
+    model, inputs = trained("llama")
+    model.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / WEIGHTS_NAME))
+    (tmp_path / WEIGHTS_NAME).unlink()
+    torch.save(state, tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match="pickle"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, allow_pickle=True)
+    torch.testing.assert_close(out(loaded, inputs), out(model, inputs))
+
+
+def test_shape_mismatch_names_module_and_shapes(tmp_path: Path) -> None:
+    model, _ = trained("llama")
+    model.save_pretrained(tmp_path)
+    bigger = tiny_llama(hidden_size=64, head_dim=8)
+    with pytest.raises(ValueError, match=r"q_proj.*file has \(4, 32\).*expects \(4, 64\)"):
+        PeftModel.from_pretrained(bigger, tmp_path)
+
+
+def test_failed_load_adapter_leaves_model_unchanged(tmp_path: Path) -> None:
+    model, _ = trained("llama")
+    model.save_pretrained(tmp_path)
+    target = get_peft_model(tiny_llama(hidden_size=64, head_dim=8), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="Shape mismatch"):
+        target.load_adapter(tmp_path, adapter_name="x")
+    assert list(target.peft_config) == ["default"]
+    assert not any(".x." in n for n, _ in target.named_parameters())
+
+
+def test_unknown_config_keys_warn_and_missing_keys_default(tmp_path: Path) -> None:
+    model, inputs = trained("llama")
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["some_future_option"] = {"enabled": True}
+    config["target_parameters"] = None  # inert: dropped quietly
+    del config["lora_dropout"], config["rank_pattern"]
+    path.write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="some_future_option") as record:
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert not any("target_parameters" in str(w.message) for w in record)
+    assert loaded.peft_config["default"].lora_dropout == 0.0  # type: ignore[attr-defined]
+    torch.testing.assert_close(out(loaded, inputs), out(model, inputs))
+
+
+def test_unknown_method_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "FANCY_NEW", "r": 2}))
+    with pytest.raises(ValueError, match="Unknown PEFT method 'FANCY_NEW'"):
+        PeftConfig.from_pretrained(tmp_path)
+
+
+def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no saved adapter"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path / "nope")
+
+
+def test_foreign_tensors_rejected(tmp_path: Path) -> None:
+    model, _ = trained("llama")
+    model.save_pretrained(tmp_path)
+    other = get_peft_model(tiny_llama(), LoraConfig(target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match="fit no module"):
+        other._load_state("default", load_file(str(tmp_path / WEIGHTS_NAME)))
