@@ -130,6 +130,9 @@ class PeftModel(nn.Module):
                 p.requires_grad_(False)
             if trainable:
                 tuner.mark_trainable(self.base_model, config, name)
+                # Parameters a method keeps outside the base model (e.g. soft prompts) train too.
+                for p in tuner.extra_parameters(self, name):
+                    p.requires_grad_(True)
 
     def _adapter_params(self, adapter_name: str, tuner: Tuner) -> Iterator[nn.Parameter]:
         for m in self._adapter_modules():
@@ -334,8 +337,10 @@ class PeftModel(nn.Module):
         if name is None or name not in self.peft_config:
             raise ValueError(f"No adapter named {name!r}; this model has {list(self.peft_config)}.")
         config = self.peft_config[name]
-        state = _tuner(config).state_dict(self, config, name)
-        return {SAVED_PREFIX + k if not k.startswith(SAVED_PREFIX) else k: v for k, v in state.items()}
+        tuner = _tuner(config)
+        state = tuner.state_dict(self, config, name)
+        prefix = tuner.saved_prefix
+        return {prefix + k if not k.startswith(prefix) else k: v for k, v in state.items()}
 
     def save_pretrained(
         self,
@@ -388,8 +393,9 @@ class PeftModel(nn.Module):
 
     def _load_state(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
         config = self.peft_config[adapter_name]
-        state = {k.removeprefix(SAVED_PREFIX): v for k, v in state.items()}
-        _tuner(config).load_state_dict(self, config, adapter_name, state)
+        tuner = _tuner(config)
+        state = {k.removeprefix(tuner.saved_prefix): v for k, v in state.items()}
+        tuner.load_state_dict(self, config, adapter_name, state)
 
     @classmethod
     def from_pretrained(

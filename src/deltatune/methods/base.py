@@ -209,6 +209,9 @@ class Tuner:
     """
 
     prefix: ClassVar[str] = ""  # parameters of this method contain this (e.g. "lora_")
+    # Prefix the wrapper adds to (and strips from) this tuner's state-dict keys in adapter
+    # files. Prompt-learning methods write complete keys themselves ("prompt_embeddings").
+    saved_prefix: ClassVar[str] = "base_model.model."
     layer_base: ClassVar[type[AdapterLayer]] = AdapterLayer
     default_targets: ClassVar[dict[str, list[str]] | None] = None
 
