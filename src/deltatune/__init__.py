@@ -2,6 +2,7 @@
 
 from deltatune import methods  # noqa: F401  (registers every method)
 from deltatune.config import PeftConfig, PeftType, TaskType, register_method, registered_methods
+from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.lora import LoraConfig
 from deltatune.model import PeftModel, get_peft_model
@@ -9,6 +10,7 @@ from deltatune.model import PeftModel, get_peft_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "BottleneckConfig",
     "IA3Config",
     "LoraConfig",
     "PeftConfig",

@@ -1,0 +1,304 @@
+"""Bottleneck adapters (Houlsby / Pfeiffer / parallel): placement, counts, files, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    RobertaConfig,
+    RobertaModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from deltatune import BottleneckConfig, PeftModel, get_peft_model
+from deltatune.methods.bottleneck import BottleneckLayer
+
+DEC = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+)
+
+
+def tiny(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**DEC)).eval()
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(**DEC)).eval()
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**DEC)).eval()
+    if kind == "gpt2":
+        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, bos_token_id=0, eos_token_id=0)
+        return GPT2LMHeadModel(cfg).eval()
+    if kind == "bert":
+        return BertModel(
+            BertConfig(
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                vocab_size=128,
+            )
+        ).eval()
+    if kind == "roberta":
+        cfg = RobertaConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            vocab_size=128,
+            pad_token_id=1,
+        )
+        return RobertaModel(cfg).eval()
+    cfg = T5Config(
+        d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=128, decoder_start_token_id=0
+    )
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def ids(batch: int = 2, seq: int = 7) -> torch.Tensor:
+    return torch.randint(2, 128, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def run(model: nn.Module, x: torch.Tensor, **kw: object) -> torch.Tensor:
+    inner = getattr(model, "base_model", model)
+    extra = {"decoder_input_ids": x} if isinstance(inner, T5ForConditionalGeneration) else {}
+    with torch.no_grad():
+        out = model(input_ids=x, **extra, **kw)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+KINDS = ["llama", "mistral", "qwen2", "gpt2", "bert", "roberta", "t5"]
+SITES = {  # (attention sub-layer, FFN sub-layer) leaf names per architecture
+    "llama": ("self_attn", "mlp"),
+    "mistral": ("self_attn", "mlp"),
+    "qwen2": ("self_attn", "mlp"),
+    "gpt2": ("attn", "mlp"),
+    "bert": ("attention.output.dense", "output.dense"),
+    "roberta": ("attention.output.dense", "output.dense"),
+    "t5": ("SelfAttention", "DenseReluDense"),
+}
+
+
+def sites(model: PeftModel) -> list[str]:
+    return [p for p, m in model.base_model.named_modules() if isinstance(m, BottleneckLayer)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer", "parallel"])
+def test_fresh_adapter_leaves_outputs_unchanged(kind: str, placement: str) -> None:
+    ref = run(tiny(kind), ids())
+    model = get_peft_model(tiny(kind), BottleneckConfig(bottleneck_size=8, placement=placement))
+    torch.testing.assert_close(run(model, ids()), ref, rtol=0, atol=0)
+    blocks = 2 if kind != "t5" else 4  # T5: encoder and decoder blocks
+    per_block = 2 if placement == "houlsby" else 1
+    if kind == "t5" and placement == "houlsby":
+        per_block = 2  # self-attention of encoder and decoder blocks, and every FFN
+    assert len(sites(model)) == blocks * per_block
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_houlsby_sites_are_the_sublayers(kind: str) -> None:
+    model = get_peft_model(tiny(kind), BottleneckConfig(bottleneck_size=8))
+    attn, ffn = SITES[kind]
+    found = sites(model)
+    assert any(p.endswith("." + attn) for p in found) and any(p.endswith("." + ffn) for p in found)
+    if kind in ("bert", "roberta"):  # the FFN site is the block's output.dense, not the attention's
+        assert sum(p.endswith(".attention.output.dense") for p in found) == 2
+        assert sum(not p.endswith(".attention.output.dense") for p in found) == 2
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "t5"])
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer", "parallel"])
+def test_trained_adapter_changes_outputs_and_round_trips(kind: str, placement: str, tmp_path) -> None:
+    model = get_peft_model(
+        tiny(kind), BottleneckConfig(bottleneck_size=8, placement=placement, init="normal")
+    )
+    out = run(model, ids())
+    assert not torch.allclose(out, run(tiny(kind), ids()), atol=1e-6)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "BOTTLENECK" and saved["placement"] == placement
+    loaded = PeftModel.from_pretrained(tiny(kind), tmp_path)
+    torch.testing.assert_close(run(loaded, ids()), out, rtol=0, atol=0)
+
+
+def test_sequential_formula_on_one_sublayer() -> None:
+    model = get_peft_model(tiny("llama"), BottleneckConfig(bottleneck_size=8, init="normal", scaling=0.5))
+    layer = model.base_model.get_submodule("model.layers.0.mlp")
+    block = layer.bottleneck["default"]
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        h = layer.base_layer(x)
+        expected = h + 0.5 * block.up(torch.relu(block.down(block.layer_norm(h))))
+        torch.testing.assert_close(layer(x), expected)
+
+
+def test_parallel_formula_on_llama_ffn() -> None:
+    model = get_peft_model(
+        tiny("llama"), BottleneckConfig(bottleneck_size=8, init="normal", placement="parallel")
+    )
+    layer = model.base_model.get_submodule("model.layers.1.mlp")
+    block = layer.bottleneck["default"]
+    assert block.scaling == 4.0  # He et al.'s scaling for parallel adapters
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        expected = layer.base_layer(x) + 4.0 * block.up(torch.relu(block.down(block.layer_norm(x))))
+        torch.testing.assert_close(layer(x), expected)
+
+
+def test_houlsby_parameter_count_d768_m64_12_layers() -> None:
+    with torch.device("meta"):
+        base = BertModel(
+            BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+        )
+    model = get_peft_model(base, BottleneckConfig(bottleneck_size=64, placement="houlsby"))
+    d, m, layers = 768, 64, 12
+    assert model.get_nb_trainable_parameters()[0] == (2 * d * m + m + d + 2 * d) * 2 * layers == 2_416_128
+    pfeiffer = get_peft_model(
+        BertModel(
+            BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+        ),
+        BottleneckConfig(bottleneck_size=8, placement="pfeiffer", layer_norm=False),
+    )
+    assert pfeiffer.get_nb_trainable_parameters()[0] == (2 * 64 * 8 + 8 + 64) * 2
+
+
+def test_reduction_factor() -> None:
+    model = get_peft_model(tiny("llama"), BottleneckConfig(reduction_factor=16))
+    assert model.base_model.get_submodule("model.layers.0.mlp").bottleneck["default"].down.out_features == 4
+
+
+def test_only_adapter_parameters_train_and_gradients_flow() -> None:
+    model = get_peft_model(tiny("llama"), BottleneckConfig(bottleneck_size=8))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".bottleneck." in n for n in names)
+    model.train()
+    x = ids()
+    model(input_ids=x, labels=x).loss.backward()
+    ups = [p for n, p in model.named_parameters() if n.endswith("up.weight")]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ups)  # zero init still learns
+    assert all(p.grad is None for n, p in model.named_parameters() if ".bottleneck." not in n)
+
+
+def test_disable_and_unload() -> None:
+    model = get_peft_model(tiny("gpt2"), BottleneckConfig(bottleneck_size=8, init="normal"))
+    ref = run(tiny("gpt2"), ids())
+    with model.disable_adapter():
+        torch.testing.assert_close(run(model, ids()), ref, rtol=0, atol=0)
+    assert not torch.allclose(run(model, ids()), ref)
+    plain = model.unload()
+    assert not any(isinstance(m, BottleneckLayer) for m in plain.modules())
+    torch.testing.assert_close(run(plain, ids()), ref, rtol=0, atol=0)
+
+
+def test_merge_is_a_clear_error() -> None:
+    model = get_peft_model(tiny("llama"), BottleneckConfig(bottleneck_size=8))
+    with pytest.raises(ValueError, match="cannot be merged.*sequential non-linear.*unload\\(\\)"):
+        model.merge_and_unload()
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_adapter()
+    assert len(sites(model)) == 4  # still intact
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_mixed_batch(kind: str) -> None:
+    model = get_peft_model(tiny(kind), BottleneckConfig(bottleneck_size=8, init="normal"))
+    model.add_adapter("b", BottleneckConfig(bottleneck_size=4, init="normal"))
+    x = ids(batch=3)
+    names = ["b", "__base__", "default"]
+    mixed = run(model, x, adapter_names=names)
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                expected = run(model, x[row : row + 1])
+        else:
+            model.set_adapter(name)
+            expected = run(model, x[row : row + 1])
+        torch.testing.assert_close(mixed[row : row + 1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_parallel() -> None:
+    model = get_peft_model(
+        tiny("llama"), BottleneckConfig(bottleneck_size=8, init="normal", placement="parallel")
+    )
+    x = ids(batch=2)
+    mixed = run(model, x, adapter_names=["__base__", "default"])
+    torch.testing.assert_close(mixed[1:], run(model, x[1:]), rtol=1e-5, atol=1e-5)
+    with model.disable_adapter():
+        torch.testing.assert_close(mixed[:1], run(model, x[:1]), rtol=1e-5, atol=1e-5)
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mixer = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+        self.ff = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(x)
+        return x + self.ff(x)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def test_user_named_sublayers_on_plain_torch_model(tmp_path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    ref = Net()(x)
+    torch.manual_seed(0)
+    cfg = BottleneckConfig(bottleneck_size=4, attention_modules=["mixer"], ffn_modules=["ff"], init="normal")
+    model = get_peft_model(Net(), cfg)
+    assert sites(model) == ["blocks.0.mixer", "blocks.0.ff", "blocks.1.mixer", "blocks.1.ff"]
+    out = model(x)
+    assert out.shape == ref.shape and not torch.allclose(out, ref)
+    assert model.get_nb_trainable_parameters()[0] == (2 * 16 * 4 + 4 + 16 + 2 * 16) * 4
+
+
+def test_unknown_architecture_says_which_names_to_pass() -> None:
+    with pytest.raises(ValueError, match=r"attention_modules=.*ffn_modules=.*e.g. among \['ff', 'mixer'\]"):
+        get_peft_model(Net(), BottleneckConfig(bottleneck_size=4))
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="placement='sideways'"):
+        BottleneckConfig(placement="sideways")
+    with pytest.raises(ValueError, match="not both"):
+        BottleneckConfig(bottleneck_size=8, reduction_factor=16)
+    with pytest.raises(ValueError, match="non_linearity='tanhh'"):
+        BottleneckConfig(non_linearity="tanhh")
+    with pytest.raises(ValueError, match="ffn_modules=\\['nope'\\] matched no module"):
+        get_peft_model(Net(), BottleneckConfig(attention_modules=["mixer"], ffn_modules=["nope"]))
+
+
+def test_layers_to_transform() -> None:
+    model = get_peft_model(tiny("llama"), BottleneckConfig(bottleneck_size=8, layers_to_transform=[1]))
+    assert sites(model) == ["model.layers.1.self_attn", "model.layers.1.mlp"]
