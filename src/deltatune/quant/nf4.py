@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -85,13 +85,13 @@ _CHUNK_VALUES = 1 << 18
 # -- codebooks and lookup tables (built once per device) -------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def nf4_codebook(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 16 NF4 levels as an fp32 tensor (16,) on ``device``."""
     return torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=device)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _nf4_thresholds(device: torch.device) -> tuple[float, ...]:
     # Decision thresholds = fp32 midpoints of neighbouring levels; a value equal to a
     # threshold takes the lower level (as torch.bucketize does in bitsandbytes).
@@ -99,7 +99,7 @@ def _nf4_thresholds(device: torch.device) -> tuple[float, ...]:
     return tuple(((code[:-1] + code[1:]) / 2).tolist())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _nf4_pair_table(device: torch.device) -> torch.Tensor:
     """byte → its two levels (high nibble first), as float64 (256,) so one gather fetches both."""
     code = nf4_codebook(device)
@@ -107,7 +107,7 @@ def _nf4_pair_table(device: torch.device) -> torch.Tensor:
     return pairs.contiguous().view(torch.float64).view(256)
 
 
-@lru_cache(maxsize=None)
+@cache
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
     """bitsandbytes' signed dynamic 8-bit map (256,) fp32, sorted, in [-0.993, 1].
 
@@ -124,7 +124,7 @@ def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32, device=device)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dynamic_lut(device: torch.device) -> torch.Tensor:
     """(65536,) int64: index of the dynamic-map level for each of 65536 even bins of [-1, 1].
 
@@ -452,6 +452,10 @@ class Linear4bit(nn.Module):
     """
 
     _FP32_STATS = ("weight_absmax", "weight_absmax_scale", "weight_absmax_offset")
+    weight_packed: torch.Tensor
+    weight_absmax: torch.Tensor
+    weight_absmax_scale: torch.Tensor | None
+    weight_absmax_offset: torch.Tensor | None
 
     def __init__(
         self,
@@ -605,8 +609,8 @@ def _matches(name: str, patterns: str | Iterable[str]) -> bool:
 
 
 def _in_skip_set(name: str, skip: Iterable[str]) -> bool:
-    parts = name.split(".")
-    return any(s in parts or name == s or name.endswith("." + s) for s in skip)
+    # "lm_head" or "layers.1" skip a module when they are whole components of its path.
+    return any(f".{s}." in f".{name}." for s in skip)
 
 
 @torch.no_grad()
@@ -697,35 +701,26 @@ def memory_footprint(model: nn.Module) -> dict[str, float]:
     }
 
 
-def _is_norm(module: nn.Module) -> bool:
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
-        return True
-    rms = getattr(nn, "RMSNorm", None)
-    if rms is not None and isinstance(module, rms):
-        return True
-    name = type(module).__name__
-    return name.endswith(("RMSNorm", "LayerNorm", "LayerNormalization"))  # LlamaRMSNorm, T5LayerNorm, ...
-
-
 def prepare_model_for_kbit_training(
     model: nn.Module,
     use_gradient_checkpointing: bool = True,
     gradient_checkpointing_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """Get a quantised model ready for adapter training, in place.
+    """Get a quantised model ready for adapter training, in place (as PEFT's function of this name).
 
-    Freezes every parameter, casts the parameters of normalisation layers (LayerNorm,
-    RMSNorm, ...) to fp32 for stable statistics, makes the input embeddings' output
-    require grad (so gradients reach adapters through frozen embeddings and through
-    checkpointed blocks), and turns on gradient checkpointing if asked and supported.
+    Freezes every parameter; casts the fp16/bf16 parameters that are not 4-bit (norms,
+    embeddings, output head, biases) to fp32: norms for stable statistics, and the rest
+    because a norm's output takes its weight's dtype, which the dense head must then
+    accept. Makes the input embeddings' output require grad (so gradients reach adapters
+    through frozen embeddings and checkpointed blocks) and turns on gradient
+    checkpointing (non-reentrant unless ``gradient_checkpointing_kwargs`` say otherwise).
+    Set ``compute_dtype=torch.bfloat16`` in :func:`quantize_model` to keep the 4-bit
+    matmuls in bf16.
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    for m in model.modules():
-        if _is_norm(m):
-            for p in m.parameters(recurse=False):
-                if p.dtype != torch.float32:
-                    p.data = p.data.float()
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
     enable = getattr(model, "enable_input_require_grads", None)
     if callable(enable):
         enable()
@@ -736,6 +731,10 @@ def prepare_model_for_kbit_training(
                 f"{type(model).__name__} has no gradient_checkpointing_enable(); "
                 "pass use_gradient_checkpointing=False."
             )
-        kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
+        kwargs = (
+            {"use_reentrant": False}
+            if gradient_checkpointing_kwargs is None
+            else gradient_checkpointing_kwargs
+        )
         gc_enable(gradient_checkpointing_kwargs=kwargs)
     return model
