@@ -5,6 +5,8 @@ from deltatune.config import PeftConfig, PeftType, TaskType, register_method, re
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.prefix import PrefixTuningConfig
+from deltatune.methods.prompt import PromptTuningConfig, PromptTuningInit
 from deltatune.model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
@@ -16,6 +18,9 @@ __all__ = [
     "PeftConfig",
     "PeftModel",
     "PeftType",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TaskType",
     "__version__",
     "get_peft_model",
