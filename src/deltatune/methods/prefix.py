@@ -131,6 +131,20 @@ def _has_prefix(cache: Any) -> bool:
     return bool(callable(get) and get() > 0)
 
 
+def _refuse_checkpointing(model: nn.Module) -> None:
+    """transformers' gradient checkpointing sets ``cache=None`` in every checkpointed layer, which
+    would silently drop the prefix (no gradient, base outputs): refuse instead."""
+    if not (model.training and torch.is_grad_enabled()):
+        return
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        raise ValueError(
+            "Prefix tuning cannot train with gradient checkpointing: the prefix reaches attention as the key/value "
+            "cache, and transformers' checkpointed layers discard the cache (cache=None), so the prefix would get "
+            "no gradient. Call model.gradient_checkpointing_disable(), or use prompt tuning or LoRA, which work "
+            "with checkpointing."
+        )
+
+
 class PrefixTuningTuner(PromptLearningTuner):
     def check_config(self, model: nn.Module, config: PeftConfig) -> None:
         super().check_config(model, config)
@@ -236,6 +250,7 @@ class PrefixTuningTuner(PromptLearningTuner):
             return inputs[name]
         if not encoder_decoder:
             check_length(model, length, n, "prefix tuning")
+        _refuse_checkpointing(model)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         cache = self.build_cache(peft_model, plan, dtype)
         self._extend_masks(inputs, plan, n, length, encoder_decoder, for_generate)

@@ -31,6 +31,7 @@ from deltatune.methods.prompt_learning import (
     copy_into,
     encoders,
     extend_mask,
+    is_causal,
 )
 
 
@@ -185,11 +186,13 @@ class PromptTuningTuner(PromptLearningTuner):
             return None
         check_length(model, length, n, "prompt tuning")
         encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-        inputs["inputs_embeds"] = torch.cat([self._prompts(peft_model, plan, n, embeds.dtype), embeds], dim=1)
+        at_end = not is_causal(model)  # where base rows of a mixed batch keep their masked slots
+        device = embeds.device
+        inputs["inputs_embeds"] = plan.join(self._prompts(peft_model, plan, n, embeds.dtype), embeds, at_end)
         mask = inputs.get("attention_mask")
         if for_generate and mask is None:
-            mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
-        inputs["attention_mask"] = extend_mask(mask, plan, n, length)
+            mask = torch.ones(batch, length, dtype=torch.long, device=device)
+        inputs["attention_mask"] = extend_mask(mask, plan, n, length, at_end)
         if for_generate and not encoder_decoder:
             # generate() needs the token ids to return them in front of the new tokens.
             inputs["input_ids"] = ids
@@ -198,21 +201,20 @@ class PromptTuningTuner(PromptLearningTuner):
             return inputs  # decoder inputs and labels are untouched
         labels = inputs.get("labels")
         if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == length:
-            ignore = labels.new_full((batch, n, *labels.shape[2:]), -100)
-            inputs["labels"] = torch.cat([ignore, labels], dim=1)
+            inputs["labels"] = plan.join(labels.new_full((batch, n, *labels.shape[2:]), -100), labels, at_end)
         token_types = inputs.get("token_type_ids")
         if isinstance(token_types, torch.Tensor):
-            inputs["token_type_ids"] = torch.cat([token_types.new_zeros(batch, n), token_types], dim=1)
+            inputs["token_type_ids"] = plan.join(token_types.new_zeros(batch, n), token_types, at_end)
         positions = inputs.get("position_ids")
-        if positions is None and plan.has_base_rows and accepts(model.forward, "position_ids"):
-            positions = torch.arange(length, device=embeds.device).unsqueeze(0).expand(batch, -1)
+        if positions is None and plan.has_base_rows and not at_end and accepts(model.forward, "position_ids"):
+            positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
         if positions is not None:
             # Adapter rows: prompt at 0..n-1, text shifted by n; base rows: text where it was alone.
-            shift = plan.adapter_rows.to(positions.dtype).unsqueeze(1) * n
+            rows = plan.adapter_rows.to(positions.device).unsqueeze(1)
             virtual = (
                 torch.arange(n, device=positions.device).unsqueeze(0).expand(batch, -1).to(positions.dtype)
             )
-            inputs["position_ids"] = torch.cat([virtual * (shift > 0), positions + shift], dim=1)
+            inputs["position_ids"] = plan.join(virtual * rows, positions + rows * n, at_end)
         return inputs
 
     def forward(

@@ -199,13 +199,34 @@ class RowPlan:
         zeros = first.new_zeros(first.shape)
         return torch.stack([per_adapter[n] if n != BASE_ADAPTER else zeros for n in self.names])
 
+    def join(self, virtual: torch.Tensor, real: torch.Tensor, base_at_end: bool) -> torch.Tensor:
+        """(B, n, ...) virtual part and (B, L, ...) real part → (B, n + L, ...).
+
+        Adapter rows are always [virtual; real]. Base rows put their masked slots at the end
+        when ``base_at_end`` (encoders, whose pooler reads position 0), else at the start
+        (causal models, whose heads read the last position).
+        """
+        front = torch.cat([virtual, real], dim=1)
+        if not (base_at_end and self.has_base_rows):
+            return front
+        back = torch.cat([real, virtual], dim=1)
+        rows = self.adapter_rows.to(real.device).view(-1, *([1] * (real.dim() - 1)))
+        return torch.where(rows, front, back)
+
     def prefix_mask(self, n: int, like: torch.Tensor | None) -> torch.Tensor:
         """Attention mask (B, n) for the virtual positions: 1 for adapter rows, 0 for base rows."""
         dtype = like.dtype if like is not None else torch.long
         return self.adapter_rows.to(dtype).unsqueeze(1).expand(-1, n)
 
 
-def extend_mask(mask: torch.Tensor | None, plan: RowPlan, n: int, length: int) -> torch.Tensor | None:
+def is_causal(model: nn.Module) -> bool:
+    """True when the model's attention is causal (decoder-only LMs); False for encoders."""
+    return any(getattr(m, "is_causal", False) is True for m in model.modules())
+
+
+def extend_mask(
+    mask: torch.Tensor | None, plan: RowPlan, n: int, length: int, base_at_end: bool = False
+) -> torch.Tensor | None:
     """Attention mask (B, L) → (B, n + L); ``None`` stays ``None`` unless base rows need masking."""
     if mask is None:
         if not plan.has_base_rows:
@@ -216,7 +237,7 @@ def extend_mask(mask: torch.Tensor | None, plan: RowPlan, n: int, length: int) -
             f"Prompt learning extends 2-D attention masks (batch, length); got a {mask.dim()}-D mask. "
             "Pass the usual padding mask."
         )
-    return torch.cat([plan.prefix_mask(n, mask).to(mask.device), mask], dim=1)
+    return plan.join(plan.prefix_mask(n, mask).to(mask.device), mask, base_at_end)
 
 
 class PromptLearningTuner(Tuner):
