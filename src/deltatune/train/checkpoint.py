@@ -1,0 +1,156 @@
+"""Training checkpoints: trainable weights, optimizer, scheduler, RNG and loop position.
+
+A checkpoint is a folder ``<run>/checkpoints/step-<N>`` built under a temporary name and
+renamed into place in one step when complete, so a run killed
+mid-save leaves the previous checkpoint intact and never a half-written one. Only the
+trainable parameters are stored (for an adapter: a few MB), under their names in the
+wrapped model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from deltatune.io import atomic_write_text, save_tensors
+
+STATE_NAME = "trainer_state.json"
+WEIGHTS = "trainable.safetensors"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: optimizer steps done, micro-batches consumed, early-stopping record."""
+
+    step: int = 0
+    micro: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy ships with torch in practice
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoints in a run folder, oldest first."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(root, name, STATE_NAME)):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def save_checkpoint(
+    run_dir: str,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: LoopState,
+    keep: int = 2,
+    best: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+) -> str:
+    """Write ``step-<N>`` atomically and delete all but the newest ``keep`` checkpoints."""
+    path = os.path.join(run_dir, "checkpoints", f"step-{state.step}")
+    with _new_directory(path) as tmp:
+        save_tensors(trainable, os.path.join(tmp, WEIGHTS))
+        if best is not None:
+            save_tensors(best, os.path.join(tmp, "best.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+            },
+            os.path.join(tmp, "optimizer.pt"),
+        )
+        atomic_write_text(os.path.join(tmp, STATE_NAME), json.dumps(state.__dict__, indent=2) + "\n")
+    if keep > 0:
+        for _, old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+@contextlib.contextmanager
+def _new_directory(path: str) -> Iterator[str]:
+    """Fill a temporary folder, then rename it to ``path`` in one step (one rename is atomic)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(path):  # re-saving the same step (after a resume): replace it
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    state: LoopState
+    trainable: dict[str, torch.Tensor]
+    best: dict[str, torch.Tensor] | None
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+
+
+def load_checkpoint(path: str) -> Checkpoint:
+    with open(os.path.join(path, STATE_NAME), encoding="utf-8") as fh:
+        state = LoopState(**json.load(fh))
+    trainable = _load(os.path.join(path, WEIGHTS))
+    best_path = os.path.join(path, "best.safetensors")
+    best = _load(best_path) if os.path.isfile(best_path) else None
+    blob = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)  # our own file: trusted
+    return Checkpoint(path, state, trainable, best, blob["optimizer"], blob["scheduler"], blob["rng"])
+
+
+def _load(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    found = checkpoint_dirs(run_dir)
+    return found[-1][1] if found else None
