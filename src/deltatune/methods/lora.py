@@ -424,9 +424,13 @@ class Embedding(LoraLayer):
         r, _ = self._register(adapter_name, config, kwargs.get("path", ""))
         base: nn.Embedding = self.base_layer  # type: ignore[assignment]
         w = base.weight
-        factory = {"device": w.device, "dtype": _adapter_dtype(w.dtype)}
-        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, base.num_embeddings, **factory))
-        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(base.embedding_dim, r, **factory))
+        dtype = _adapter_dtype(w.dtype)
+        self.lora_embedding_A[adapter_name] = nn.Parameter(
+            torch.empty(r, base.num_embeddings, device=w.device, dtype=dtype)
+        )
+        self.lora_embedding_B[adapter_name] = nn.Parameter(
+            torch.empty(base.embedding_dim, r, device=w.device, dtype=dtype)
+        )
         with torch.no_grad():
             a, b = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
             if config.init_lora_weights is False:
@@ -464,12 +468,12 @@ class Embedding(LoraLayer):
         return result
 
     def merge_one(self, adapter_name: str, safe_merge: bool) -> None:
-        w = self.base_layer.weight
+        w = _base_weight(self.base_layer)
         with torch.no_grad():
             w.add_(self.delta_weight(adapter_name).to(w.dtype))
 
     def unmerge_one(self, adapter_name: str) -> None:
-        w = self.base_layer.weight
+        w = _base_weight(self.base_layer)
         with torch.no_grad():
             w.sub_(self.delta_weight(adapter_name).to(w.dtype))
 
