@@ -316,3 +316,15 @@ def test_gradient_checkpointing_is_refused_clearly() -> None:
 def test_merge_is_refused() -> None:
     with pytest.raises(ValueError, match="cannot be merged"):
         wrap("gpt2").merge_adapter()
+
+
+def test_trainable_load_of_projected_adapter_trains_the_prefixes(tmp_path: Any) -> None:
+    model = wrap("llama", prefix_projection=True)
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="reparameterisation MLP"):
+        again = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    trainable = [n for n, p in again.named_parameters() if p.requires_grad]
+    assert trainable == ["prompt_encoder.default.embedding.weight"]
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=1e-6)
