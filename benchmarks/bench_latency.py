@@ -1,0 +1,172 @@
+"""Inference latency overhead per method, as ratios vs the base model and vs merged LoRA.
+
+Model: Llama-shaped, built from a config with random weights (hidden 512, 4 layers,
+intermediate 1408, 8 heads, vocab 4096), fp32 on CPU, eval mode, no_grad. One forward pass
+over batch 1 x 128 and batch 16 x 256 tokens. Every method row is timed interleaved with the
+others (median of rounds), so the ratios compare like with like.
+
+Expected shape (the mission's claim): bottleneck adapters add latency, because they are
+sequential modules after sub-layers; merged LoRA adds none, because it is the base model with
+other weights.
+
+Adding a method: write ``def build_x(base) -> nn.Module`` returning a ready, eval-mode model
+and register it with ``@method("row name")``; nothing else changes. (Prompt / prefix tuning
+rows can be added that way, e.g. by another file calling ``method(...)`` before ``main()``.)
+
+Run: python benchmarks/bench_latency.py [--rounds N] [--threads K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import interleaved_medians, print_table  # noqa: E402
+
+SHAPES = [(1, 128), (16, 256)]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Row name → builder. The order is the table's order; "base" and "LoRA merged" are the references.
+METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {}
+
+
+def method(name: str) -> Callable[[Callable[[nn.Module], nn.Module]], Callable[[nn.Module], nn.Module]]:
+    """Register a row: ``builder(base)`` gets a private copy of the base model."""
+
+    def register(builder: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.Module]:
+        METHODS[name] = builder
+        return builder
+
+    return register
+
+
+def build_base() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=4096,
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _trained_like(model: nn.Module, marker: str) -> nn.Module:
+    with torch.no_grad():  # non-zero adapter weights, as after training
+        for name, p in model.named_parameters():
+            if marker in name:
+                p.normal_(std=0.01)
+    return model.eval()
+
+
+@method("base")
+def build_plain(base: nn.Module) -> nn.Module:
+    return base
+
+
+@method("LoRA merged (deltatune)")
+def build_lora_merged(base: nn.Module) -> nn.Module:
+    import deltatune
+
+    model = deltatune.get_peft_model(
+        base, deltatune.LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS)
+    )
+    return _trained_like(model, "lora_B").merge_and_unload()
+
+
+@method("LoRA merged (PEFT)")
+def build_peft_lora_merged(base: nn.Module) -> nn.Module:
+    import peft
+
+    model = peft.get_peft_model(base, peft.LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+    return _trained_like(model, "lora_B").merge_and_unload()
+
+
+@method("LoRA unmerged (deltatune)")
+def build_lora_unmerged(base: nn.Module) -> nn.Module:
+    import deltatune
+
+    model = deltatune.get_peft_model(
+        base, deltatune.LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS)
+    )
+    return _trained_like(model, "lora_B")
+
+
+@method("Houlsby m=64 (deltatune)")
+def build_houlsby(base: nn.Module) -> nn.Module:
+    import deltatune
+
+    model = deltatune.get_peft_model(
+        base, deltatune.BottleneckConfig(bottleneck_size=64, placement="houlsby")
+    )
+    return _trained_like(model, "up.weight")
+
+
+@method("Pfeiffer m=64 (deltatune)")
+def build_pfeiffer(base: nn.Module) -> nn.Module:
+    import deltatune
+
+    model = deltatune.get_peft_model(
+        base, deltatune.BottleneckConfig(bottleneck_size=64, placement="pfeiffer")
+    )
+    return _trained_like(model, "up.weight")
+
+
+def forward_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    # One thread by default: on a shared machine, multi-threaded ops wait at barriers for
+    # preempted threads, which would measure the machine's load rather than the method.
+    torch.set_num_threads(args.threads)
+    base = build_base()
+    models = {name: build(copy.deepcopy(base)) for name, build in METHODS.items()}
+    results: dict[tuple[int, int], dict[str, float]] = {}
+    for batch, seq in SHAPES:
+        ids = torch.randint(0, 4096, (batch, seq), generator=torch.Generator().manual_seed(0))
+        results[(batch, seq)] = interleaved_medians(
+            {name: forward_fn(m, ids) for name, m in models.items()}, rounds=args.rounds
+        )
+    header = ["method"]
+    for batch, seq in SHAPES:
+        header += [f"{batch}x{seq} / base", f"{batch}x{seq} / LoRA merged"]
+    rows = []
+    for name in METHODS:
+        row = [name]
+        for shape in SHAPES:
+            r = results[shape]
+            row += [f"{r[name] / r['base']:.3f}", f"{r[name] / r['LoRA merged (deltatune)']:.3f}"]
+        rows.append(tuple(row))
+    print_table(
+        f"Inference latency ratios (lower is better), Llama-shaped h512 x 4 layers, fp32 CPU, "
+        f"{args.threads} thread(s), median of {args.rounds} interleaved rounds",
+        rows,
+        tuple(header),
+    )
+
+
+if __name__ == "__main__":
+    main()
