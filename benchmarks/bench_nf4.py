@@ -58,13 +58,67 @@ def bnb_layer(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     return layer.to("cpu")  # quantises
 
 
+def bench_shape(
+    out_f: int, in_f: int, tokens: int, repeats: int
+) -> tuple[list[tuple[str, float]], float, float]:
+    """Ratios (ours / bnb) for one weight shape, and bytes per parameter (ours, bnb)."""
+    import bitsandbytes.functional as bnbf
+
+    linear = nn.Linear(in_f, out_f, bias=False)
+    w = linear.weight.detach()
+    rows: list[tuple[str, float]] = []
+
+    t = best_of(
+        {
+            "ours": lambda: quantize_nf4(w, 64, double_quant=True),
+            "bnb": lambda: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True),
+        },
+        repeats,
+    )
+    rows.append(("quantise", t["ours"] / t["bnb"]))
+
+    ours = Linear4bit.from_linear(linear)
+    for dtype, name in [(torch.float32, "forward fp32"), (torch.bfloat16, "forward bf16")]:
+        ref = bnb_layer(linear, dtype).train()  # training mode: dequantise + matmul
+        x = torch.randn(tokens, in_f, dtype=dtype)
+        with torch.no_grad():
+            t = best_of({"ours": lambda x=x: ours(x), "bnb": lambda x=x, ref=ref: ref(x)}, repeats)
+        rows.append((name, t["ours"] / t["bnb"]))
+
+    ref = bnb_layer(linear, torch.float32).train()
+    x = torch.randn(tokens, in_f, requires_grad=True)
+
+    def step(layer: nn.Module) -> None:
+        layer(x).sum().backward()
+        x.grad = None
+
+    t = best_of({"ours": lambda: step(ours), "bnb": lambda: step(ref)}, repeats)
+    rows.append(("fwd+bwd fp32", t["ours"] / t["bnb"]))
+
+    ref = bnb_layer(linear, torch.bfloat16).eval()
+    xb = torch.randn(tokens, in_f, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref(xb)  # converts its weight to the fused-kernel layout once
+        t = best_of({"ours": lambda: ours(xb), "bnb": lambda: ref(xb)}, repeats)
+    rows.append(("bf16 eval (bnb fused kernel)", t["ours"] / t["bnb"]))
+
+    _, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    bnb_bytes = (w.numel() + 1) // 2 + state.absmax.nbytes + state.state2.absmax.nbytes + state.offset.nbytes
+    return rows, ours.weight.nbytes / w.numel(), bnb_bytes / w.numel()
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shapes", default="4096x4096,4096x14336", help="out x in, comma-separated")
     parser.add_argument("--tokens", type=int, default=8 * 128)
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (1 is steadier when other jobs share the CPU)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (1 is steadier when other jobs share the CPU)",
     )
     args = parser.parse_args()
     if args.threads:
@@ -73,7 +127,6 @@ def main() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbf
 
     print(f"torch {torch.__version__}, bitsandbytes {bnb.__version__}, {torch.get_num_threads()} threads")
     print("ratio = ours / bitsandbytes time (lower is better; target in brackets)\n")
@@ -81,56 +134,14 @@ def main() -> None:
     worst: dict[str, float] = {}
     for spec in args.shapes.split(","):
         out_f, in_f = (int(v) for v in spec.split("x"))
-        linear = nn.Linear(in_f, out_f, bias=False)
-        w = linear.weight.detach()
-        rows: list[tuple[str, float]] = []
-
-        t = best_of(
-            {
-                "ours": lambda: quantize_nf4(w, 64, double_quant=True),
-                "bnb": lambda: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True),
-            },
-            args.repeats,
-        )
-        rows.append(("quantise", t["ours"] / t["bnb"]))
-
-        ours = Linear4bit.from_linear(linear)
-        q = ours.weight
-        for dtype, name in [(torch.float32, "forward fp32"), (torch.bfloat16, "forward bf16")]:
-            ref = bnb_layer(linear, dtype).train()  # training mode: dequantise + matmul
-            x = torch.randn(args.tokens, in_f, dtype=dtype)
-            with torch.no_grad():
-                t = best_of({"ours": lambda x=x: ours(x), "bnb": lambda x=x, ref=ref: ref(x)}, args.repeats)
-            rows.append((name, t["ours"] / t["bnb"]))
-
-        ref = bnb_layer(linear, torch.float32).train()
-        x = torch.randn(args.tokens, in_f, requires_grad=True)
-
-        def step(layer: nn.Module) -> None:
-            layer(x).sum().backward()
-            x.grad = None
-
-        t = best_of({"ours": lambda: step(ours), "bnb": lambda: step(ref)}, args.repeats)
-        rows.append(("fwd+bwd fp32", t["ours"] / t["bnb"]))
-
-        ref = bnb_layer(linear, torch.bfloat16).eval()
-        xb = torch.randn(args.tokens, in_f, dtype=torch.bfloat16)
-        with torch.no_grad():
-            ref(xb)  # converts its weight to the fused-kernel layout once
-            t = best_of({"ours": lambda: ours(xb), "bnb": lambda: ref(xb)}, args.repeats)
-        rows.append(("bf16 eval (bnb fused kernel)", t["ours"] / t["bnb"]))
-
-        _, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-        bnb_bytes = (w.numel() + 1) // 2 + state.absmax.nbytes + state.state2.absmax.nbytes + state.offset.nbytes
-
-        print(f"weight {out_f} x {in_f} ({w.numel() / 1e6:.1f} M params)")
+        rows, bytes_ours, bytes_bnb = bench_shape(out_f, in_f, args.tokens, args.repeats)
+        print(f"weight {out_f} x {in_f} ({out_f * in_f / 1e6:.1f} M params)")
         for name, ratio in rows:
             target = f"  [<= {TARGETS[name]}]" if name in TARGETS else ""
             print(f"  {name:<30} {ratio:5.2f}x{target}")
             worst[name] = max(worst.get(name, 0.0), ratio)
         print(
-            f"  {'bytes / param':<30} {q.nbytes / q.numel():.4f} ours, {bnb_bytes / q.numel():.4f} bnb"
-            f"  ({8 * q.nbytes / q.numel():.3f} bits)  [<= 0.52]\n"
+            f"  {'bytes / param':<30} {bytes_ours:.4f} ours, {bytes_bnb:.4f} bnb  ({8 * bytes_ours:.3f} bits)  [<= 0.52]\n"
         )
     verdict = ", ".join(
         f"{k} {'met' if worst[k] <= v else 'MISSED'} ({worst[k]:.2f}x)" for k, v in TARGETS.items()
