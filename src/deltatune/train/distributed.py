@@ -3,9 +3,10 @@
 ``torchrun --nproc_per_node N -m deltatune.cli train ...`` (or the ``deltatune`` script) sets
 ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``; :func:`init` then joins the process group (NCCL on
 GPUs, gloo on CPU). Each process reads its share of every global batch; gradients are averaged
-by PyTorch's DistributedDataParallel, or — with ``fsdp=True`` — the model is wrapped in
-FullyShardedDataParallel so that parameters (including the adapter's), gradients and the
-optimizer state are sharded across processes. Nothing here is a home-made process scheme.
+by PyTorch's DistributedDataParallel, or — with ``fsdp=True`` — the model is sharded with
+FSDP2 (``torch.distributed.fsdp.fully_shard``) so that parameters (including the adapter's),
+gradients and the optimizer state are split across processes; the saved adapter is gathered
+on rank 0. Nothing here is a home-made process scheme.
 """
 
 from __future__ import annotations
@@ -65,53 +66,68 @@ def wrap(model: nn.Module, device: torch.device, fsdp: bool = False) -> nn.Modul
     if world_size() == 1:
         return model
     if fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp import ShardingStrategy
+        # FSDP2 (``fully_shard``): each repeated block (every element of an nn.ModuleList, i.e.
+        # the transformer layers) becomes one shard unit, then the root. Parameters turn into
+        # DTensors sharded on dim 0 across processes: the frozen base and the adapter alike, so
+        # AdamW's state for the adapter is sharded too. Unlike FSDP1 it also runs on CPU (gloo).
+        from torch.distributed.fsdp import fully_shard
 
-        # use_orig_params lets frozen base weights and trainable adapter weights share one
-        # flat shard; the optimizer then sees (and shards) only the adapter's parameters.
-        return FSDP(
-            model,
-            use_orig_params=True,
-            sharding_strategy=ShardingStrategy.FULL_SHARD,
-            device_id=device if device.type == "cuda" else None,
-            sync_module_states=False,
-        )
+        for module in list(model.modules()):
+            if isinstance(module, nn.ModuleList):
+                for block in module:
+                    if any(True for _ in block.parameters()):
+                        fully_shard(block)
+        fully_shard(model)
+        return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (an FSDP2 model is its own module)."""
     inner = getattr(model, "module", None)
     return (
-        inner
-        if isinstance(inner, nn.Module)
-        and type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel")
-        else model
+        inner if isinstance(inner, nn.Module) and type(model).__name__ == "DistributedDataParallel" else model
     )
 
 
 def is_fsdp(model: nn.Module) -> bool:
-    return type(model).__name__ == "FullyShardedDataParallel"
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch < 2.6
+        return False
+    return isinstance(model, FSDPModule)
 
 
-@contextlib.contextmanager
-def full_params(model: nn.Module) -> Iterator[None]:
-    """Inside this block an FSDP model holds its full (gathered) parameters on every rank."""
-    if is_fsdp(model):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded DTensor gathered to a plain tensor (a collective: call on every rank)."""
+    gather = getattr(t, "full_tensor", None)
+    return gather() if callable(gather) else t
 
-        with FSDP.summon_full_params(model, writeback=False):
-            yield
-    else:
-        yield
+
+def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` (full) laid out like ``param`` (a DTensor shard, or a plain tensor)."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.dtype), mesh, param.placements).to_local()
 
 
 @contextlib.contextmanager
 def no_sync(model: nn.Module, skip: bool) -> Iterator[None]:
-    """Skip the gradient all-reduce on accumulation micro-batches (DDP / FSDP ``no_sync``)."""
-    if skip and world_size() > 1 and hasattr(model, "no_sync"):
+    """Skip the gradient reduction on accumulation micro-batches (DDP ``no_sync`` / FSDP2 flag)."""
+    if not skip or world_size() == 1:
+        yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)  # type: ignore[operator]
+    elif hasattr(model, "no_sync"):
         with model.no_sync():  # type: ignore[operator]
             yield
     else:
@@ -119,24 +135,27 @@ def no_sync(model: nn.Module, skip: bool) -> Iterator[None]:
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer state to checkpoint: FSDP's sharded state is gathered to full tensors."""
+    """The optimizer state to checkpoint; FSDP's sharded state is gathered (full on rank 0)."""
     if is_fsdp(model):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return FSDP.optim_state_dict(model, optimizer)
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     return optimizer.state_dict()
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     if is_fsdp(model):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        state = FSDP.optim_state_dict_to_load(model, optimizer, state)
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
     optimizer.load_state_dict(state)
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum floats across processes (evaluation counts)."""
+    """Sum floats across processes (evaluation counts, logged losses)."""
     if world_size() == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64)

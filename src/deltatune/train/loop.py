@@ -123,7 +123,16 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Full copies of the trainable parameters by name (FSDP shards are gathered: call on every rank)."""
+    return {
+        n: dist_utils.full_tensor(p.detach()).clone() for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full tensor into a parameter, or into this rank's shard of an FSDP parameter."""
+    local = param.to_local() if hasattr(param, "to_local") else param
+    local.copy_(dist_utils.shard_like(value, param))
 
 
 class Trainer:
@@ -168,7 +177,7 @@ class Trainer:
         if not self.params:
             raise ValueError("The model has no trainable parameters: nothing to train.")
         self.model = dist_utils.wrap(model, self.device, fsdp=config.fsdp)
-        if dist_utils.is_fsdp(self.model):  # FSDP re-registers parameters: optimise its (sharded) views
+        if dist_utils.is_fsdp(self.model):  # FSDP replaced the parameters by sharded DTensors
             self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params,
@@ -225,15 +234,19 @@ class Trainer:
         examples = self.eval_examples if examples is None else examples
         if not examples:
             return {}
-        was = self.model.training
-        self.model.eval()
+        # DDP: the plain module on this rank's share (no collectives, so shares may differ in
+        # size). FSDP: every forward is a collective, so every rank runs every batch.
+        fsdp = dist_utils.is_fsdp(self.model)
+        model = self.model if fsdp else dist_utils.unwrap(self.model)
+        was = model.training
+        model.eval()
         bs = self.config.eval_batch_size
-        shard = examples[self.rank :: self.world] if self.world > 1 else examples
+        shard = examples[self.rank :: self.world] if self.world > 1 and not fsdp else examples
         loss_sum = weight = correct = count = 0.0
         for lo in range(0, len(shard), bs):
             batch = {k: v.to(self.device) for k, v in self.collator(shard[lo : lo + bs]).items()}
             with self._autocast():
-                out = self.model(**batch, **self._extra_kwargs())
+                out = model(**batch, **self._extra_kwargs())
             labels = batch["labels"]
             if self.task == "seq_cls":
                 n = float(labels.shape[0])
@@ -243,8 +256,9 @@ class Trainer:
                 n = float((labels != -100).sum())
             loss_sum += float(out.loss) * n
             weight += n
-        loss_sum, weight, correct, count = dist_utils.all_reduce_sum([loss_sum, weight, correct, count])
-        self.model.train(was)
+        if not fsdp:
+            loss_sum, weight, correct, count = dist_utils.all_reduce_sum([loss_sum, weight, correct, count])
+        model.train(was)
         metrics = {"eval_loss": loss_sum / max(weight, 1.0)}
         if self.task == "seq_cls":
             metrics["accuracy"] = correct / max(count, 1.0)
@@ -273,8 +287,7 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
     def _named_trainable(self) -> dict[str, torch.Tensor]:
-        with dist_utils.full_params(self.model):
-            return trainable_state(dist_utils.unwrap(self.model))
+        return trainable_state(dist_utils.unwrap(self.model))
 
     def save_checkpoint(self) -> str | None:
         trainable = self._named_trainable()
@@ -305,9 +318,9 @@ class Trainer:
                 f"Checkpoint {path} holds parameters this model lacks (e.g. {missing[:3]}): it was made with "
                 "another model or method. Use a new --output-dir or the original settings."
             )
-        with torch.no_grad(), dist_utils.full_params(self.model):
+        with torch.no_grad():
             for name, value in c.trainable.items():
-                params[name].copy_(value)
+                _assign(params[name], value)
         dist_utils.load_optimizer_state(self.model, self.optimizer, c.optimizer)
         self.scheduler.load_state_dict(c.scheduler)
         ckpt.set_rng_state(c.rng)
@@ -391,10 +404,7 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if cfg.max_grad_norm > 0:
-                if dist_utils.is_fsdp(self.model):
-                    self.model.clip_grad_norm_(cfg.max_grad_norm)  # type: ignore[operator]
-                else:
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)  # DTensor-aware under FSDP
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -412,10 +422,13 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             if step % max(1, cfg.log_every) == 0 or step == self.total_steps:
                 now = time.perf_counter()
+                mean_loss = window_loss / max(1, window_n)
+                if self.world > 1:  # the logged loss is the mean over processes
+                    mean_loss = dist_utils.all_reduce_sum([mean_loss])[0] / self.world
                 row = {
                     "step": step,
                     "epoch": round(self.state.micro / self.micro_per_epoch, 3),
-                    "loss": window_loss / max(1, window_n),
+                    "loss": mean_loss,
                     "lr": lr,
                     "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                 }
@@ -500,15 +513,17 @@ class Trainer:
     def _restore_best(self) -> None:
         assert self.best is not None
         params = dict(dist_utils.unwrap(self.model).named_parameters())
-        with torch.no_grad(), dist_utils.full_params(self.model):
+        with torch.no_grad():
             for name, value in self.best.items():
-                params[name].copy_(value)
+                _assign(params[name], value)
 
     def save_model(self, path: str) -> None:
         """The final adapter (PeftModel) or model (full fine-tuning), written on rank 0 only."""
-        with dist_utils.full_params(self.model):
-            if self.main:
-                dist_utils.unwrap(self.model).save_pretrained(path)  # type: ignore[operator]
+        model = dist_utils.unwrap(self.model)
+        if dist_utils.is_fsdp(model) and hasattr(model, "peft_config"):
+            save_gathered_adapter(model, path, self.main)
+        elif self.main:
+            model.save_pretrained(path)  # type: ignore[operator]
         dist_utils.barrier()
 
 
@@ -554,3 +569,22 @@ def plot_metrics(history: list[dict[str, Any]], path: str) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def save_gathered_adapter(model: nn.Module, path: str, main: bool) -> None:
+    """Save an FSDP-sharded PeftModel's adapter: shards gathered on every rank, files written by rank 0."""
+    import copy
+
+    from deltatune.io import WEIGHTS_NAME, atomic_directory, atomic_write_text, save_tensors
+    from deltatune.model import _model_card
+
+    name = model.active_adapter  # type: ignore[attr-defined]
+    state = {k: dist_utils.full_tensor(v) for k, v in model.get_adapter_state_dict(name).items()}  # type: ignore[operator]
+    if not main:
+        return
+    config = copy.copy(model.peft_config[name])  # type: ignore[index]
+    config.inference_mode = True
+    with atomic_directory(path) as tmp:
+        save_tensors(state, os.path.join(tmp, WEIGHTS_NAME))
+        config.save_pretrained(tmp)
+        atomic_write_text(os.path.join(tmp, "README.md"), _model_card(config, state))
