@@ -113,7 +113,7 @@ def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         return value
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(value.to(param.dtype), mesh, param.placements).to_local()
+    return distribute_tensor(value.to(param.dtype), mesh, param.placements).to_local()  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager

@@ -582,7 +582,7 @@ def save_gathered_adapter(model: nn.Module, path: str, main: bool) -> None:
     state = {k: dist_utils.full_tensor(v) for k, v in model.get_adapter_state_dict(name).items()}  # type: ignore[operator]
     if not main:
         return
-    config = copy.copy(model.peft_config[name])  # type: ignore[index]
+    config: Any = copy.copy(model.peft_config[name])  # type: ignore[index]
     config.inference_mode = True
     with atomic_directory(path) as tmp:
         save_tensors(state, os.path.join(tmp, WEIGHTS_NAME))
