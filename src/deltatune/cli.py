@@ -139,10 +139,16 @@ def _options(cls: type, args: argparse.Namespace) -> Any:
 # -- subcommands ----------------------------------------------------------------------------------
 def _train(args: argparse.Namespace) -> int:
     from deltatune.train.data import DataError
-    from deltatune.train.methods import MethodUnavailable
+    from deltatune.train.methods import METHODS, MethodUnavailable
     from deltatune.train.run import RunOptions, run
 
     opts = _options(RunOptions, args)
+    if opts.method not in METHODS:
+        print(
+            f"deltatune train: unknown method {opts.method!r}; choose one of {', '.join(METHODS)}.",
+            file=sys.stderr,
+        )
+        return 2
     try:
         result = run(opts)
     except (DataError, MethodUnavailable, FileNotFoundError) as exc:
@@ -208,7 +214,7 @@ def _load_adapter_model(adapter: str, model_path: str | None, for_eval: bool = T
 
 def _eval(args: argparse.Namespace) -> int:
     from deltatune.train.data import Collator, DataSpec, encode, load_records
-    from deltatune.train.loop import TrainConfig, Trainer
+    from deltatune.train.loop import evaluate_model
     from deltatune.train.run import RunOptions
 
     opts = _options(RunOptions, args)
@@ -229,15 +235,9 @@ def _eval(args: argparse.Namespace) -> int:
     examples, report = encode(records, tokenizer, spec)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    trainer = Trainer(
-        model,
-        examples,
-        Collator(tokenizer.pad_token_id, opts.task),
-        TrainConfig(plot=False),
-        examples,
-        opts.task,
+    metrics = evaluate_model(
+        model, examples, Collator(tokenizer.pad_token_id, opts.task), opts.task, opts.eval_batch_size
     )
-    metrics = trainer.evaluate()
     print(report.summary("eval data"))
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")
@@ -321,7 +321,8 @@ def _generate(args: argparse.Namespace) -> int:
             f"deltatune generate needs a CAUSAL_LM or SEQ_2_SEQ_LM adapter; this one is {config.task_type}."
         )
     torch.manual_seed(args.seed)
-    batch = tokenizer(args.prompt, return_tensors="pt")
+    enc = tokenizer(args.prompt, return_tensors="pt")
+    batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
     if args.temperature > 0:
         kw["temperature"] = args.temperature

@@ -588,3 +588,30 @@ def save_gathered_adapter(model: nn.Module, path: str, main: bool) -> None:
         save_tensors(state, os.path.join(tmp, WEIGHTS_NAME))
         config.save_pretrained(tmp)
         atomic_write_text(os.path.join(tmp, "README.md"), _model_card(config, state))
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module, examples: list[dict[str, Any]], collator: Collator, task: str, batch_size: int = 64
+) -> dict[str, float]:
+    """Held-out loss (and accuracy for classification) of a model, one process, no training set-up."""
+    device = next(model.parameters()).device
+    model.eval()
+    loss_sum = weight = correct = 0.0
+    for lo in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collator(examples[lo : lo + batch_size]).items()}
+        out = model(**batch)
+        labels = batch["labels"]
+        if task == "seq_cls":
+            n = float(labels.shape[0])
+            correct += float((out.logits.argmax(-1) == labels).sum())
+        else:
+            n = float((labels != -100).sum())
+        loss_sum += float(out.loss) * n
+        weight += n
+    metrics = {"eval_loss": loss_sum / max(weight, 1.0)}
+    if task == "seq_cls":
+        metrics["accuracy"] = correct / max(len(examples), 1)
+    else:
+        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    return metrics

@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 from deltatune.train import distributed as dist_utils
-from deltatune.train.data import Collator, DataError, DataSpec, encode, load_records, model_max_length
+from deltatune.train.data import (
+    Collator,
+    DataError,
+    DataSpec,
+    encode,
+    load_records,
+    model_max_length,
+    require_columns,
+)
 from deltatune.train.loop import TrainConfig, Trainer, TrainResult, _opt
 from deltatune.train.methods import get_method
 
@@ -133,6 +141,7 @@ def load_model(
     kw: dict[str, Any] = {}
     if opts.task == "seq_cls":
         kw["num_labels"] = num_labels
+        kw["ignore_mismatched_sizes"] = True  # a folder with another head size gets a fresh head
         if label_names:
             kw["id2label"] = dict(enumerate(label_names))
             kw["label2id"] = {n: i for i, n in enumerate(label_names)}
@@ -186,6 +195,10 @@ def run(opts: RunOptions, log: Any = print) -> RunResult:
     )  # fmt: skip
     num_labels = None
     if opts.task == "seq_cls":
+        cols = [opts.text_column, opts.label_column] + (
+            [opts.text_pair_column] if opts.text_pair_column else []
+        )
+        require_columns(train_records, cols, "Sequence classification")
         values = {r.get(opts.label_column) for r in train_records + eval_records}
         num_labels = len(label_names) if label_names else None
         if num_labels is None:
