@@ -103,8 +103,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: stable ratios on a shared machine)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     ids = torch.randint(0, 4096, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     base = build_base().eval()
 
@@ -142,7 +145,7 @@ def main() -> None:
         )
     print_table(
         f"LoRA r=16 on 7 projections, Llama-shaped h512 x 4 layers, batch {args.batch}x{args.seq}, fp32 CPU, "
-        f"median of {args.rounds} interleaved rounds",
+        f"{args.threads} thread(s), median of {args.rounds} interleaved rounds",
         rows,
         ("library", "(a) unmerged/base", "(b) merged/base", "(c) LoRA step/full FT", "(d) LoRA step/floor"),
     )
