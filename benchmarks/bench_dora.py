@@ -18,94 +18,13 @@ Run: python benchmarks/bench_dora.py [--rounds N] [--batch B] [--seq T] [--threa
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
-import time
-from collections.abc import Callable
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import print_table  # noqa: E402
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def build_base() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=4096,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(cfg)
-
-
-def wrap(library: str, base: nn.Module, dora: bool) -> nn.Module:
-    if library == "deltatune":
-        import deltatune as lib
-    else:
-        import peft as lib  # type: ignore[no-redef]
-    config = lib.LoraConfig(
-        r=16, lora_alpha=32, target_modules=TARGETS, use_dora=dora, init_lora_weights="gaussian"
-    )
-    torch.manual_seed(1)
-    model = lib.get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():  # a non-zero delta, as after training
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.01)
-    return model
-
-
-def interleaved_minima(
-    fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2
-) -> dict[str, float]:
-    """Fastest of ``rounds`` calls per function, timed round-robin.
-
-    The minimum, not the median: the work is deterministic, so the fastest run is the one the
-    other processes on a shared machine disturbed least.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
-def forward_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
-    def run() -> object:
-        with torch.no_grad():
-            return model(input_ids=ids).logits
-
-    return run
-
-
-def train_step_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-
-    def run() -> object:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return run
+from common import build_llama, forward_fn, interleaved_minima, lora_model, print_table, train_step_fn  # noqa: E402
 
 
 def main() -> None:
@@ -121,9 +40,13 @@ def main() -> None:
     # preempted threads (milliseconds per small op), which would measure the machine's load.
     torch.set_num_threads(args.threads)
     ids = torch.randint(0, 4096, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    base = build_base().eval()
+    base = build_llama().eval()
     libs = ("deltatune", "peft")
-    models = {(lib, kind): wrap(lib, base, kind == "DoRA") for lib in libs for kind in ("LoRA", "DoRA")}
+    models = {
+        (lib, kind): lora_model(lib, base, use_dora=kind == "DoRA")
+        for lib in libs
+        for kind in ("LoRA", "DoRA")
+    }
 
     infer = interleaved_minima(
         {f"{lib} {kind}": forward_fn(m.eval(), ids) for (lib, kind), m in models.items()}, rounds=args.rounds

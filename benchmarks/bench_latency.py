@@ -22,17 +22,15 @@ import argparse
 import copy
 import os
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import print_table  # noqa: E402
+from common import build_llama, forward_fn, interleaved_minima, lora_model, print_table  # noqa: E402
 
 SHAPES = [(1, 128), (16, 256)]
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Row name → builder. The order is the table's order; "base" and "LoRA merged" are the references.
 METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {}
@@ -46,22 +44,6 @@ def method(name: str) -> Callable[[Callable[[nn.Module], nn.Module]], Callable[[
         return builder
 
     return register
-
-
-def build_base() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=4096,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _trained_like(model: nn.Module, marker: str) -> nn.Module:
@@ -79,30 +61,22 @@ def build_plain(base: nn.Module) -> nn.Module:
 
 @method("LoRA merged (deltatune)")
 def build_lora_merged(base: nn.Module) -> nn.Module:
-    import deltatune
-
-    model = deltatune.get_peft_model(
-        base, deltatune.LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS)
-    )
-    return _trained_like(model, "lora_B").merge_and_unload()
+    return lora_model("deltatune", base).merge_and_unload().eval()
 
 
 @method("LoRA merged (PEFT)")
 def build_peft_lora_merged(base: nn.Module) -> nn.Module:
-    import peft
-
-    model = peft.get_peft_model(base, peft.LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
-    return _trained_like(model, "lora_B").merge_and_unload()
+    return lora_model("peft", base).merge_and_unload().eval()
 
 
 @method("LoRA unmerged (deltatune)")
 def build_lora_unmerged(base: nn.Module) -> nn.Module:
-    import deltatune
+    return lora_model("deltatune", base).eval()
 
-    model = deltatune.get_peft_model(
-        base, deltatune.LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS)
-    )
-    return _trained_like(model, "lora_B")
+
+@method("LoRA unmerged (PEFT)")
+def build_peft_lora_unmerged(base: nn.Module) -> nn.Module:
+    return lora_model("peft", base).eval()
 
 
 @method("Houlsby m=64 (deltatune)")
@@ -125,32 +99,21 @@ def build_pfeiffer(base: nn.Module) -> nn.Module:
     return _trained_like(model, "up.weight")
 
 
-def interleaved_minima(
-    fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2
-) -> dict[str, float]:
-    """Fastest of ``rounds`` calls per function, timed round-robin.
-
-    The minimum, not the median: the work is deterministic, so the fastest run is the one the
-    other processes on a shared machine disturbed least.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+def _prompt_learning(library: str, base: nn.Module, method: str) -> nn.Module:
+    if library == "deltatune":
+        import deltatune as lib
+    else:
+        import peft as lib  # type: ignore[no-redef]
+    cls = lib.PromptTuningConfig if method == "prompt" else lib.PrefixTuningConfig
+    model = lib.get_peft_model(base, cls(task_type="CAUSAL_LM", num_virtual_tokens=20))
+    return _trained_like(model, "prompt_encoder")
 
 
-def forward_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
-    def run() -> object:
-        with torch.no_grad():
-            return model(input_ids=ids).logits
-
-    return run
+for _lib, _label in (("deltatune", "deltatune"), ("peft", "PEFT")):
+    for _method, _name in (("prompt", "prompt tuning"), ("prefix", "prefix tuning")):
+        method(f"{_name} n=20 ({_label})")(
+            lambda base, lib=_lib, m=_method: _prompt_learning(lib, base, m)  # type: ignore[misc]
+        )
 
 
 def main() -> None:
@@ -163,7 +126,7 @@ def main() -> None:
     # One thread by default: on a shared machine, multi-threaded ops wait at barriers for
     # preempted threads, which would measure the machine's load rather than the method.
     torch.set_num_threads(args.threads)
-    base = build_base()
+    base = build_llama().eval()
     models = {name: build(copy.deepcopy(base)) for name, build in METHODS.items()}
     results: dict[tuple[int, int], dict[str, float]] = {}
     for batch, seq in SHAPES:

@@ -24,47 +24,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_medians, print_table  # noqa: E402
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def build_base() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=4096,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(cfg)
-
-
-def forward_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
-    def run() -> object:
-        with torch.no_grad():
-            return model(input_ids=ids).logits
-
-    return run
-
-
-def train_step_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-
-    def run() -> object:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return run
+from common import build_llama, forward_fn, interleaved_medians, lora_model, print_table, train_step_fn  # noqa: E402
 
 
 def floor_step_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
@@ -82,20 +42,6 @@ def floor_step_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
     return run
 
 
-def wrap(library: str, base: nn.Module) -> nn.Module:
-    if library == "deltatune":
-        import deltatune as lib
-    else:
-        import peft as lib  # type: ignore[no-redef]
-    config = lib.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights="gaussian")
-    model = lib.get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():  # a non-zero delta, as after training
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.01)
-    return model
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,11 +55,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ids = torch.randint(0, 4096, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    base = build_base().eval()
+    base = build_llama().eval()
 
     # Inference: base, then each library unmerged and merged.
     fns: dict[str, Callable[[], object]] = {"base": forward_fn(base, ids)}
-    models = {lib: wrap(lib, base).eval() for lib in ("deltatune", "peft")}
+    models = {lib: lora_model(lib, base).eval() for lib in ("deltatune", "peft")}
     merged = {}
     for lib, model in models.items():
         fns[f"{lib} unmerged"] = forward_fn(model, ids)

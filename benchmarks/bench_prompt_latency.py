@@ -29,26 +29,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_medians, print_table  # noqa: E402
+from common import build_llama, interleaved_medians, print_table  # noqa: E402
 
 NUM_VIRTUAL_TOKENS = 20
 SHAPES = [(1, 128), (16, 256)]
-
-
-def build_base() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=4096,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _wrap(library: str, base: nn.Module, method: str) -> nn.Module:
@@ -120,7 +104,7 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    rows = measure_prompt_methods(build_base, SHAPES, rounds=args.rounds)
+    rows = measure_prompt_methods(build_llama, SHAPES, rounds=args.rounds)
     print_table(
         f"Forward latency, n={NUM_VIRTUAL_TOKENS} virtual tokens, Llama-shaped 512x4, fp32 CPU "
         f"({torch.get_num_threads()} threads), medians of {args.rounds} interleaved rounds",

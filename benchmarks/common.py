@@ -1,20 +1,88 @@
-"""Timing helpers shared by the benchmarks: interleaved rounds, medians, ratio tables.
+"""What the benchmarks share: the model, timing (interleaved rounds), steps, ratio tables.
 
 Variants are timed in turn within each round, so that a slow spell of the machine hits all
-of them alike; medians over rounds then give ratios that are stable on a noisy machine.
+of them alike; the median (or, for deterministic work on a shared machine, the fastest) of
+the rounds then gives ratios that are stable where absolute times are not.
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def interleaved_medians(
-    fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 2
-) -> dict[str, float]:
-    """Median seconds per call of each function, timed round-robin."""
+def build_llama(seed: int = 0) -> nn.Module:
+    """Llama-shaped model with random weights: hidden 512, 4 layers, intermediate 1408,
+    8 heads, vocab 4096 (small, so that the transformer blocks dominate the time)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=4096,
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def lora_model(library: str, base: nn.Module, **config: Any) -> nn.Module:
+    """``base`` (copied) with a LoRA adapter of ``library`` ("deltatune" or "peft") whose B is
+    non-zero, as after training; r=16 on all seven projections unless ``config`` says otherwise."""
+    if library == "deltatune":
+        import deltatune as lib
+    else:
+        import peft as lib  # type: ignore[no-redef]
+    settings: dict[str, Any] = {
+        "r": 16,
+        "lora_alpha": 32,
+        "target_modules": LLAMA_PROJECTIONS,
+        "init_lora_weights": "gaussian",
+    }
+    torch.manual_seed(1)
+    model = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(**{**settings, **config}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.01)
+    return model
+
+
+def forward_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    return run
+
+
+def train_step_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
+    """One AdamW step (forward, backward, update) on the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def run() -> object:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return run
+
+
+def _timed_rounds(fns: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -24,7 +92,22 @@ def interleaved_medians(
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 2
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin."""
+    return {name: statistics.median(s) for name, s in _timed_rounds(fns, rounds, warmup).items()}
+
+
+def interleaved_minima(
+    fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 2
+) -> dict[str, float]:
+    """Fastest call of each function, timed round-robin: the work is deterministic, so the
+    fastest run is the one other processes on a shared machine disturbed least."""
+    return {name: min(s) for name, s in _timed_rounds(fns, rounds, warmup).items()}
 
 
 def print_table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
