@@ -154,3 +154,19 @@ def randomize_lora(model: nn.Module, std: float = 0.5, seed: int = 3) -> None:
         for name, p in model.named_parameters():
             if "lora_B" in name or "lora_embedding_A" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def assert_rows_match_alone(
+    model: nn.Module, x: torch.Tensor, names: list[str], forward: Callable[..., torch.Tensor]
+) -> None:
+    """A mixed-batch forward (row i through adapter ``names[i]``, "__base__" for none) equals
+    running each row alone with that adapter active (or all adapters disabled)."""
+    mixed = forward(model, x, adapter_names=names)
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():  # type: ignore[operator]
+                expected = forward(model, x[row : row + 1])
+        else:
+            model.set_adapter(name)  # type: ignore[operator]
+            expected = forward(model, x[row : row + 1])
+        torch.testing.assert_close(mixed[row : row + 1], expected, rtol=1e-5, atol=1e-5)

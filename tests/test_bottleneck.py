@@ -24,6 +24,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from conftest import assert_rows_match_alone
 from deltatune import BottleneckConfig, PeftModel, get_peft_model
 from deltatune.methods.bottleneck import BottleneckLayer
 
@@ -225,15 +226,7 @@ def test_mixed_batch(kind: str) -> None:
     model.add_adapter("b", BottleneckConfig(bottleneck_size=4, init="normal"))
     x = ids(batch=3)
     names = ["b", "__base__", "default"]
-    mixed = run(model, x, adapter_names=names)
-    for row, name in enumerate(names):
-        if name == "__base__":
-            with model.disable_adapter():
-                expected = run(model, x[row : row + 1])
-        else:
-            model.set_adapter(name)
-            expected = run(model, x[row : row + 1])
-        torch.testing.assert_close(mixed[row : row + 1], expected, rtol=1e-5, atol=1e-5)
+    assert_rows_match_alone(model, x, names, run)
 
 
 def test_mixed_batch_parallel() -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from conftest import assert_rows_match_alone
 from deltatune import LoraConfig, PeftModel, get_peft_model
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
@@ -191,15 +192,7 @@ def test_mixed_batch_rows_match_single_adapter_runs() -> None:
     model.add_adapter("plain", LoraConfig(r=4, target_modules=TARGETS["llama"], init_lora_weights=False))
     x = ids(batch=4)
     names = ["default", "__base__", "other", "plain"]
-    mixed = logits(model, x, adapter_names=names)
-    for row, name in enumerate(names):
-        if name == "__base__":
-            with model.disable_adapter():
-                expected = logits(model, x[row : row + 1])
-        else:
-            model.set_adapter(name)
-            expected = logits(model, x[row : row + 1])
-        torch.testing.assert_close(mixed[row : row + 1], expected, rtol=1e-5, atol=1e-5)
+    assert_rows_match_alone(model, x, names, logits)
 
 
 def test_eval_cache_follows_weight_changes() -> None:
