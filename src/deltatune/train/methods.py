@@ -112,9 +112,9 @@ def build_full(model: nn.Module, task_type: str, opts: dict[str, Any]) -> nn.Mod
 METHODS: dict[str, MethodEntry] = {
     e.name: e
     for e in [
-        MethodEntry("lora", "LoRA: low-rank A, B beside each targeted linear layer", build_lora, 1e-3),
-        MethodEntry("dora", "DoRA: LoRA + a learned magnitude per output row", build_dora, 1e-3),
-        MethodEntry("qlora", "QLoRA: LoRA over an NF4 4-bit frozen base", build_qlora, 1e-3),
+        MethodEntry("lora", "LoRA: low-rank A, B beside each targeted linear layer", build_lora, 3e-3),
+        MethodEntry("dora", "DoRA: LoRA + a learned magnitude per output row", build_dora, 3e-3),
+        MethodEntry("qlora", "QLoRA: LoRA over an NF4 4-bit frozen base", build_qlora, 3e-3),
         MethodEntry(
             "loftq", "LoftQ: QLoRA with an init that absorbs the quantisation error", build_loftq, 1e-3
         ),

@@ -73,7 +73,7 @@ class RunOptions(TrainConfig):
     num_virtual_tokens: int = _opt(20, "prompt / prefix tuning: number of virtual tokens")
     method_args: dict[str, Any] = _opt({}, "more fields of the method's config, as key=value (repeatable)")
     lr: float | None = _opt(
-        None, "peak learning rate; default: the method's (lora 1e-3, ia3 5e-3, prompt 3e-2, full 5e-5, ...)"
+        None, "peak learning rate; default: the method's (lora 3e-3, ia3 1e-2, prompt 3e-2, full 5e-5, ...)"
     )  # type: ignore[assignment]
     device: str | None = _opt(None, "cpu, cuda, cuda:1 ...; default: cuda when present, else cpu")
 
