@@ -7,3 +7,6 @@ from deltatune.methods import (
     prefix,  # noqa: F401  (registers prefix tuning)
     prompt,  # noqa: F401  (registers prompt tuning)
 )
+
+# LoRA on quantised bases (QLoRA) and the LoftQ initialisation register into lora.py.
+from deltatune.quant import qlora  # noqa: E402, F401

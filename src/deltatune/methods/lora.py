@@ -159,11 +159,16 @@ class LoraLayer(AdapterLayer):
         return False
 
 
+# Predicates for further base types whose dense weight a LoRA layer can provide (e.g. the
+# 4-bit layers of deltatune.quant.qlora, which dequantise it); other files append to this.
+DORA_EXTRA_BASES: list[Callable[[nn.Module], bool]] = []
+
+
 def dora_supported(module: nn.Module) -> bool:
-    """DoRA needs the dense weight of an ``nn.Linear`` or GPT-2 ``Conv1D``."""
+    """DoRA needs the dense weight of an ``nn.Linear`` or GPT-2 ``Conv1D`` (or a registered extra base)."""
     from transformers.pytorch_utils import Conv1D
 
-    return isinstance(module, (nn.Linear, Conv1D))
+    return isinstance(module, (nn.Linear, Conv1D)) or any(ok(module) for ok in DORA_EXTRA_BASES)
 
 
 def dora_unsupported_message(path: str, module: nn.Module) -> str:
@@ -208,15 +213,27 @@ class Linear(LoraLayer):
     def supports_dora(self) -> bool:
         return dora_supported(self.base_layer)
 
+    # Quantised bases (deltatune.quant.qlora) override these two.
+    def base_weight(self) -> torch.Tensor:
+        """The base layer's dense weight in its stored layout ((out, in); (in, out) for Conv1D)."""
+        return _base_weight(self.base_layer)
+
+    def adapter_factory(self) -> dict[str, Any]:
+        """Device and dtype for new adapter tensors."""
+        w = _base_weight(self.base_layer)
+        return {"device": w.device if w.numel() or w.is_meta else None, "dtype": _adapter_dtype(w.dtype)}
+
     def add_adapter(self, adapter_name: str, config: Any, **kwargs: Any) -> None:
         if adapter_name in self.lora_A:
             raise ValueError(f"Adapter {adapter_name!r} already exists on this layer.")
         r, _ = self._register(adapter_name, config, kwargs.get("path", ""))
-        w = _base_weight(self.base_layer)
-        factory = {"device": w.device if w.numel() or w.is_meta else None, "dtype": _adapter_dtype(w.dtype)}
+        factory = self.adapter_factory()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)
         self.reset_parameters(adapter_name, config.init_lora_weights)
+        init_fn = LORA_INIT_FNS.get(str(config.init_lora_weights))
+        if init_fn is not None:  # e.g. "loftq" (deltatune.quant.loftq): may also change the base weight
+            init_fn(self, adapter_name, config, kwargs.get("path", ""))
         if self.use_dora[adapter_name]:
             # m starts at ‖W + s·BA‖_row, so a fresh DoRA adapter equals its LoRA part exactly.
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(self._dora_norm(adapter_name))
@@ -271,7 +288,7 @@ class Linear(LoraLayer):
         a, b = self.factors(adapter_name)  # (r, in), (out, r)
         s = self.scaling[adapter_name]
         with torch.no_grad():
-            w = _base_weight(self.base_layer)
+            w = self.base_weight()
             wsq = self._weight_sq(w).to(a.dtype)
             w = w.to(a.dtype)
             wa = (a @ w).T if self.fan_in_fan_out else w @ a.T  # W Aᵀ: (out, r)
@@ -315,7 +332,7 @@ class Linear(LoraLayer):
         if self._dropout_active(adapter_name):
             # With dropout, the direction sees the dropped input (as the reference does), so W x
             # is recomputed on it instead of reusing the base output.
-            w = _base_weight(self.base_layer).to(a.dtype)
+            w = self.base_weight().to(a.dtype)
             wx = F.linear(xd, w.T if self.fan_in_fan_out else w)
             return (wx * (f - 1) + lora).to(base_out.dtype)
         return (base_out.to(f.dtype) * (f - 1) + lora).to(base_out.dtype)
@@ -572,6 +589,10 @@ class Embedding(LoraLayer):
         with torch.no_grad():
             w.sub_(self.delta_weight(adapter_name).to(w.dtype))
 
+
+# Initialisations provided by other files, by ``init_lora_weights`` value (e.g. "loftq" from
+# deltatune.quant.loftq): fn(layer, adapter_name, config, path), run after the default init.
+LORA_INIT_FNS: dict[str, Callable[[Linear, str, LoraConfig, str], None]] = {}
 
 # Which LoRA layer wraps which base module type. Other files (e.g. quant/) append to this
 # list to teach LoRA about their layers; the first predicate that accepts a module wins.

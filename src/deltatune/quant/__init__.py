@@ -1,4 +1,5 @@
-"""4-bit quantisation for QLoRA: NF4 tensors, a 4-bit Linear layer and model helpers."""
+"""4-bit quantisation for QLoRA: NF4 tensors, a 4-bit Linear layer, model helpers, LoRA on
+quantised bases with an error-reporting merge."""
 
 from deltatune.quant.nf4 import (
     DEFAULT_SKIP_MODULES,
@@ -13,9 +14,25 @@ from deltatune.quant.nf4 import (
     quantize_model,
     quantize_nf4,
 )
+from deltatune.quant.qlora import (
+    LayerMergeError,
+    MergeReport,
+    QuantLinear,
+    dequantize_weight,
+    is_quantized_linear,
+    merge_quantized,
+    to_dense_linear,
+)
 
 __all__ = [
     "DEFAULT_SKIP_MODULES",
+    "LayerMergeError",
+    "MergeReport",
+    "QuantLinear",
+    "dequantize_weight",
+    "is_quantized_linear",
+    "merge_quantized",
+    "to_dense_linear",
     "NF4_CODEBOOK",
     "Linear4bit",
     "NF4Tensor",

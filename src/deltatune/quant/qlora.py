@@ -1,0 +1,416 @@
+"""QLoRA: LoRA and DoRA over a frozen quantised base, and merging with the error reported.
+
+Adapters on a 4-bit base are ordinary LoRA adapters (same modules, same saved keys), so
+an adapter trained on a 4-bit base loads on the 16/32-bit base and the other way round.
+What differs is the base weight, which is never a dense tensor at rest::
+
+    q_proj                        QuantLinear (a lora.Linear)
+    ├── base_layer                Linear4bit (deltatune) / bnb Linear4bit / bnb Linear8bitLt
+    ├── lora_A {name: Linear}     (r, in), fp32
+    └── lora_B {name: Linear}     (out, r), fp32
+
+- forward: ``base_layer(x) + s·B A x``; the base dequantises one layer at a time.
+- DoRA needs row norms of the dense weight: :meth:`QuantLinear.base_weight` dequantises
+  on demand (‖W_i‖² is cached per weight version).
+- ``merge_adapter()`` cannot add s·BA into 4-bit codes without changing the model's
+  output, so it raises and points to :func:`merge_quantized`, which dequantises, merges
+  exactly in a dense copy, optionally re-quantises, and reports the output error
+  per layer and for the whole model on a probe batch.
+
+bitsandbytes layers are supported when bitsandbytes is imported (as it is after
+``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.methods.base import AdapterLayer, replace_module
+from deltatune.methods.lora import DORA_EXTRA_BASES, LORA_DISPATCH, Linear, _adapter_dtype
+from deltatune.quant.nf4 import Linear4bit
+
+__all__ = [
+    "LayerMergeError",
+    "MergeReport",
+    "QuantLinear",
+    "dequantize_weight",
+    "is_quantized_linear",
+    "merge_quantized",
+    "to_dense_linear",
+]
+
+
+# -- quantised base layers -------------------------------------------------------------------
+
+
+def _bnb_types() -> tuple[type, ...]:
+    bnb = sys.modules.get("bitsandbytes")  # only if the user already imported it
+    return () if bnb is None else (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A deltatune ``Linear4bit`` or a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``."""
+    return isinstance(module, (Linear4bit, *_bnb_types()))
+
+
+def _logical_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the quantised weight stands for (that of the original dense weight)."""
+    if isinstance(module, Linear4bit):
+        return module.weight_dtype
+    state = getattr(module.weight, "quant_state", None)
+    if state is not None:  # bnb 4-bit
+        return state.dtype  # type: ignore[no-any-return]
+    w: Any = module.weight
+    return w.dtype if w.is_floating_point() else torch.float32  # type: ignore[no-any-return]
+
+
+def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense weight (out, in) of a quantised linear layer, in ``dtype`` (default: its logical dtype)."""
+    dtype = dtype or _logical_dtype(module)
+    if isinstance(module, Linear4bit):
+        return module.dequantize(dtype)
+    bnb_types = _bnb_types()
+    if bnb_types and isinstance(module, bnb_types):
+        import bitsandbytes.functional as bnbf
+
+        w: Any = module.weight
+        if getattr(w, "quant_state", None) is not None:  # 4-bit: codes + QuantState
+            return bnbf.dequantize_4bit(w.data, w.quant_state).to(dtype)
+        scb = getattr(w, "SCB", None)
+        if w.dtype == torch.int8 and scb is not None:  # 8-bit: int8 rows + one fp32 scale per row
+            return bnbf.int8_vectorwise_dequant(w.data, scb).to(dtype)
+        if w.is_floating_point():  # bnb layer not quantised yet (still on its way to a device)
+            return w.data.to(dtype)  # type: ignore[no-any-return]
+    raise TypeError(
+        f"dequantize_weight expects a deltatune Linear4bit or a bitsandbytes Linear4bit/Linear8bitLt, "
+        f"got {type(module).__name__}."
+    )
+
+
+def _storage_key(module: nn.Module) -> tuple[Any, ...]:
+    """Identifies the stored (quantised) weight and its version: a cache key for derived values."""
+    t = module.weight_packed if isinstance(module, Linear4bit) else module.weight
+    assert isinstance(t, torch.Tensor)
+    return (t.data_ptr(), t._version, t.device)
+
+
+def to_dense_linear(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
+    """An ``nn.Linear`` with the dequantised weight (out, in) and the bias of a quantised layer."""
+    w = dequantize_weight(module, dtype)
+    bias = getattr(module, "bias", None)
+    out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+    out.weight = nn.Parameter(w, requires_grad=False)
+    if bias is not None:
+        out.bias = nn.Parameter(bias.detach().to(w.dtype).clone(), requires_grad=False)
+    return out
+
+
+def _requantize_like(dense: nn.Linear, original: nn.Module, path: str) -> Linear4bit:
+    """NF4-quantise ``dense`` with the block size / double quantisation of ``original``."""
+    if isinstance(original, Linear4bit):
+        return Linear4bit.from_linear(
+            dense, original.block_size, original.double_quant, original.compute_dtype
+        )
+    state = getattr(getattr(original, "weight", None), "quant_state", None)
+    if state is None:
+        raise ValueError(
+            f"requantize=True: {path!r} is an 8-bit bitsandbytes layer, and deltatune re-quantises to NF4 "
+            "only. Use requantize=False (dense merged weights), or quantise the merged model to 8 bits with "
+            "bitsandbytes yourself."
+        )
+    if state.quant_type != "nf4":
+        raise ValueError(
+            f"requantize=True: {path!r} is a bitsandbytes {state.quant_type!r} layer; deltatune re-quantises "
+            "to NF4 only. Use requantize=False, or re-quantise with bitsandbytes."
+        )
+    compute = getattr(original, "compute_dtype", None)
+    return Linear4bit.from_linear(dense, state.blocksize, state.nested, compute)
+
+
+# -- the LoRA layer --------------------------------------------------------------------------
+
+
+class QuantLinear(Linear):
+    """LoRA / DoRA beside a frozen quantised linear layer (see the module docstring).
+
+    If ``base_layer`` is swapped for a dense ``nn.Linear`` (as :func:`merge_quantized`
+    does), the layer behaves exactly like ``lora.Linear`` again.
+    """
+
+    @property
+    def quantized(self) -> bool:
+        return is_quantized_linear(self.base_layer)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight (out, in), dequantised on demand: exists only while the caller holds it."""
+        return dequantize_weight(self.base_layer) if self.quantized else super().base_weight()
+
+    def adapter_factory(self) -> dict[str, Any]:
+        if not self.quantized:
+            return super().adapter_factory()
+        base = self.base_layer
+        w = base.weight_packed if isinstance(base, Linear4bit) else base.weight
+        device = w.device if isinstance(w, torch.Tensor) else None
+        return {"device": device, "dtype": _adapter_dtype(_logical_dtype(base))}
+
+    def _weight_sq(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.quantized:
+            return super()._weight_sq(w)
+        # ‖W_i‖² of the frozen quantised weight, keyed by its packed storage rather than by
+        # the dequantised ``w``, which is a new tensor at every call.
+        key = _storage_key(self.base_layer)
+        if self._wsq_cache is None or self._wsq_cache[0] != key:
+            self._wsq_cache = (key, w.float().square().sum(dim=1))
+        return self._wsq_cache[1]
+
+    def merge_one(self, adapter_name: str, safe_merge: bool) -> None:
+        if not self.quantized:
+            return super().merge_one(adapter_name, safe_merge)
+        raise ValueError(
+            f"Cannot merge adapter {adapter_name!r} into a {type(self.base_layer).__name__} in place: adding s·BA "
+            "to quantised weights either needs a dense copy or a re-quantisation, which changes the outputs. "
+            "Use deltatune.quant.merge_quantized(peft_model, requantize=False or True, probe_inputs=batch): it "
+            "returns the merged model and a report of the output error per layer."
+        )
+
+
+LORA_DISPATCH.insert(0, (is_quantized_linear, QuantLinear))
+DORA_EXTRA_BASES.append(is_quantized_linear)
+
+
+# -- merging into a quantised base -------------------------------------------------------------
+
+
+@dataclass
+class LayerMergeError:
+    """Output error of one merged layer on the probe inputs of that layer.
+
+    ``max_abs`` / ``mean_abs``: max and mean of |merged(x) - adapted(x)| over all output
+    values; ``ref_mean_abs``: mean |adapted(x)|, for scale.
+    """
+
+    path: str
+    max_abs: float
+    mean_abs: float
+    ref_mean_abs: float
+    numel: int
+
+    @property
+    def rel_mean(self) -> float:
+        return self.mean_abs / self.ref_mean_abs if self.ref_mean_abs else 0.0
+
+
+@dataclass
+class MergeReport:
+    """How far the merged model is from the adapted (unmerged) model it replaces.
+
+    ``layers``: one :class:`LayerMergeError` per merged quantised layer, each measured on
+    that layer's own probe inputs (so errors do not compound). ``output_*``: the whole
+    model's output (logits / last hidden state) on ``probe_inputs``; ``None`` when no model
+    inputs were given (then every layer was probed with random N(0, 1) rows).
+    """
+
+    requantize: bool
+    probe: str
+    layers: list[LayerMergeError] = field(default_factory=list)
+    output_max_abs: float | None = None
+    output_mean_abs: float | None = None
+    output_ref_mean_abs: float | None = None
+
+    @property
+    def max_abs(self) -> float:
+        """Largest layer-output error over all merged layers."""
+        return max((e.max_abs for e in self.layers), default=0.0)
+
+    @property
+    def mean_abs(self) -> float:
+        """Mean layer-output error over all output values of all merged layers."""
+        n = sum(e.numel for e in self.layers)
+        return sum(e.mean_abs * e.numel for e in self.layers) / n if n else 0.0
+
+    def table(self) -> str:
+        mode = "re-quantised to NF4" if self.requantize else "dense (dequantised + ΔW)"
+        rows = [("layer", "max |Δy|", "mean |Δy|", "mean |y|", "rel. mean")]
+        rows += [
+            (e.path, f"{e.max_abs:.3e}", f"{e.mean_abs:.3e}", f"{e.ref_mean_abs:.3e}", f"{e.rel_mean:.2e}")
+            for e in self.layers
+        ]
+        ref = sum(e.ref_mean_abs * e.numel for e in self.layers) / max(1, sum(e.numel for e in self.layers))
+        rows.append(
+            (
+                "all layers",
+                f"{self.max_abs:.3e}",
+                f"{self.mean_abs:.3e}",
+                f"{ref:.3e}",
+                f"{self.mean_abs / ref if ref else 0:.2e}",
+            )
+        )
+        if self.output_max_abs is not None:
+            o_ref = self.output_ref_mean_abs or 0.0
+            rows.append(
+                (
+                    "model output",
+                    f"{self.output_max_abs:.3e}",
+                    f"{self.output_mean_abs:.3e}",
+                    f"{o_ref:.3e}",
+                    f"{(self.output_mean_abs or 0) / o_ref if o_ref else 0:.2e}",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = [f"Merge error ({mode}; probe: {self.probe})"]
+        for i, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            if i == 0 or i == len(self.layers):
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _model_output(out: Any) -> torch.Tensor:
+    """The main tensor of a model's output: logits, else last hidden state, else the first tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    values = out.values() if isinstance(out, Mapping) else out
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise ValueError(f"Cannot find an output tensor in the model's output of type {type(out).__name__}.")
+
+
+def _run(model: nn.Module, probe: Any) -> torch.Tensor:
+    with torch.no_grad():
+        if isinstance(probe, Mapping):
+            return _model_output(model(**probe)).float()
+        if isinstance(probe, torch.Tensor):
+            return _model_output(model(probe)).float()
+        raise TypeError(
+            f"probe_inputs must be a tensor (e.g. input_ids) or a dict of model inputs, got {type(probe).__name__}."
+        )
+
+
+def _stats(diff: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]:
+    d = diff.abs()
+    return float(d.max()), float(d.mean()), float(ref.abs().mean())
+
+
+@torch.no_grad()
+def merge_quantized(
+    peft_model: Any,
+    requantize: bool = False,
+    probe_inputs: Any = None,
+    adapter_name: str | None = None,
+    probe_rows: int = 64,
+) -> tuple[nn.Module, MergeReport]:
+    """Merge an adapter into a (partly) quantised base and report the error it makes.
+
+    Every adapted layer whose base is quantised (deltatune ``Linear4bit``, bitsandbytes
+    4-/8-bit) is dequantised into a dense ``nn.Linear`` and the adapter is merged into it
+    exactly, by the method's own merge (LoRA, DoRA, ...). Then:
+
+    - ``requantize=False``: the merged layers stay dense (fp32/bf16: more memory, no
+      added error beyond float rounding);
+    - ``requantize=True``: they are quantised again to NF4 with the original block size
+      and double quantisation (4-bit memory, adds a new quantisation error).
+
+    Other adapted layers are merged as ``merge_and_unload()`` does. The error is measured
+    against the adapted model as it was (quantised base + adapter, eval mode): each layer
+    on the inputs it saw in a forward of ``probe_inputs`` (a tensor of input ids or a
+    dict of model inputs), and the whole model's output on ``probe_inputs``. Without
+    probe inputs, each layer gets ``probe_rows`` random N(0, 1) input rows and no
+    whole-model figure is given.
+
+    Returns:
+        (the merged base model, a :class:`MergeReport`); ``peft_model`` is consumed, as by
+        ``merge_and_unload()``. ``print(report)`` shows the table.
+    """
+    if adapter_name is not None:
+        peft_model.set_adapter(adapter_name)
+    name = peft_model.active_adapter
+    if name is None:
+        raise ValueError("No active adapter to merge; pass adapter_name=... .")
+    base = peft_model.base_model
+    layers = [
+        (path, m)
+        for path, m in base.named_modules()
+        if isinstance(m, AdapterLayer) and is_quantized_linear(m.base_layer) and name in m.adapter_names
+    ]
+    if not layers:
+        raise ValueError(
+            f"Adapter {name!r} sits on no quantised layer; merge it with peft_model.merge_and_unload() instead."
+        )
+    was_training = peft_model.training
+    peft_model.eval()  # dropout off: the reference is what the adapted model computes at inference
+
+    # 1. Reference: each layer's inputs and outputs (and the model output) with the adapter unmerged.
+    inputs: dict[str, list[torch.Tensor]] = {p: [] for p, _ in layers}
+    outputs: dict[str, list[torch.Tensor]] = {p: [] for p, _ in layers}
+    ref_out = None
+    if probe_inputs is not None:
+        handles = []
+        for path, layer in layers:
+
+            def hook(_: nn.Module, args: tuple[Any, ...], out: torch.Tensor, path: str = path) -> None:
+                inputs[path].append(args[0].detach().clone())
+                outputs[path].append(out.detach().float().clone())
+
+            handles.append(layer.register_forward_hook(hook))
+        try:
+            ref_out = _run(peft_model, probe_inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [p for p, _ in layers if not inputs[p]]
+        if missing:
+            raise ValueError(
+                f"probe_inputs never reached {missing[:3]}; give inputs that run the whole model."
+            )
+    else:
+        gen = torch.Generator().manual_seed(0)
+        for path, layer in layers:
+            w_dtype = _logical_dtype(layer.base_layer)
+            width = int(layer.in_features)  # type: ignore[arg-type]
+            x = torch.randn(probe_rows, width, generator=gen).to(w_dtype)
+            x = x.to(next((t.device for t in layer.parameters()), torch.device("cpu")))
+            inputs[path].append(x)
+            outputs[path].append(layer(x).float())
+
+    # 2. Dense copies of the quantised bases, then the method's exact merge into them.
+    originals = {path: layer.base_layer for path, layer in layers}
+    for _, layer in layers:
+        layer.base_layer = to_dense_linear(layer.base_layer)
+    merged = peft_model.merge_and_unload(adapter_names=[name])
+    if requantize:
+        for path, original in originals.items():
+            replace_module(merged, path, _requantize_like(merged.get_submodule(path), original, path))
+
+    # 3. The error, layer by layer and for the whole model.
+    report = MergeReport(
+        requantize=requantize,
+        probe="model inputs" if probe_inputs is not None else f"{probe_rows} random N(0,1) rows per layer",
+    )
+    for path, _ in layers:
+        module = merged.get_submodule(path)
+        ys = [module(x).float() for x in inputs[path]]
+        diff = torch.cat([(y - r).flatten() for y, r in zip(ys, outputs[path])])
+        ref = torch.cat([r.flatten() for r in outputs[path]])
+        report.layers.append(LayerMergeError(path, *_stats(diff, ref), numel=ref.numel()))
+    if probe_inputs is not None and ref_out is not None:
+        merged.eval()
+        out = _run(merged, probe_inputs)
+        report.output_max_abs, report.output_mean_abs, report.output_ref_mean_abs = _stats(
+            out - ref_out, ref_out
+        )
+    merged.train(was_training)
+    return merged, report
