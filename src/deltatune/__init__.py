@@ -8,12 +8,14 @@ from deltatune.methods.lora import LoraConfig
 from deltatune.methods.prefix import PrefixTuningConfig
 from deltatune.methods.prompt import PromptTuningConfig, PromptTuningInit
 from deltatune.model import PeftModel, get_peft_model
+from deltatune.quant.loftq import LoftQConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BottleneckConfig",
     "IA3Config",
+    "LoftQConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

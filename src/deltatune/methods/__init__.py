@@ -9,4 +9,4 @@ from deltatune.methods import (
 )
 
 # LoRA on quantised bases (QLoRA) and the LoftQ initialisation register into lora.py.
-from deltatune.quant import qlora  # noqa: E402, F401
+from deltatune.quant import loftq, qlora  # noqa: E402, F401

@@ -88,6 +88,16 @@ class LoraConfig(PeftConfig):
         if self.lora_bias:
             raise ValueError("lora_bias=True (a trainable bias on lora_B) is not supported by deltatune yet.")
 
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.init_lora_weights == "loftq":
+            # A saved LoftQ adapter is already initialised: its factors are in the file and its base is
+            # the user's saved (quantised) model. Re-running LoftQ on load would re-quantise that base (and
+            # PEFT would need CUDA for it), so files record a plain init, as PEFT's own LoftQ recipe does.
+            out["init_lora_weights"] = True
+            out["loftq_config"] = {}
+        return out
+
     def rank_for(self, path: str) -> int:
         return int(_pattern_value(self.rank_pattern, path, self.r))
 

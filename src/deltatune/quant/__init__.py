@@ -1,6 +1,16 @@
 """4-bit quantisation for QLoRA: NF4 tensors, a 4-bit Linear layer, model helpers, LoRA on
 quantised bases with an error-reporting merge."""
 
+from deltatune.quant.loftq import (
+    LoftQConfig,
+    LoftQLayerError,
+    LoftQReport,
+    LoftQResult,
+    loftq_decompose,
+    loftq_initialize,
+    loftq_report,
+    quantize_dequantize,
+)
 from deltatune.quant.nf4 import (
     DEFAULT_SKIP_MODULES,
     NF4_CODEBOOK,
@@ -27,6 +37,14 @@ from deltatune.quant.qlora import (
 __all__ = [
     "DEFAULT_SKIP_MODULES",
     "LayerMergeError",
+    "LoftQConfig",
+    "LoftQLayerError",
+    "LoftQReport",
+    "LoftQResult",
+    "loftq_decompose",
+    "loftq_initialize",
+    "loftq_report",
+    "quantize_dequantize",
     "MergeReport",
     "QuantLinear",
     "dequantize_weight",
