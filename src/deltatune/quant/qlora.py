@@ -64,8 +64,9 @@ def _logical_dtype(module: nn.Module) -> torch.dtype:
     if isinstance(module, Linear4bit):
         return module.weight_dtype
     state = getattr(module.weight, "quant_state", None)
-    if state is not None:  # bnb 4-bit
-        return state.dtype  # type: ignore[no-any-return]
+    if state is not None:  # bnb 4-bit (its CPU eval repacking keeps the true dtype in original_dtype)
+        packed = getattr(state, "packing_format_for_cpu", False)
+        return state.original_dtype if packed else state.dtype  # type: ignore[no-any-return]
     w: Any = module.weight
     return w.dtype if w.is_floating_point() else torch.float32  # type: ignore[no-any-return]
 
@@ -81,8 +82,14 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = None) -> to
 
         w: Any = module.weight
         if getattr(w, "quant_state", None) is not None:  # 4-bit: codes + QuantState
+            if getattr(w.quant_state, "packing_format_for_cpu", False):
+                # bitsandbytes' CPU inference path repacks the codes (and rounds the absmax to bf16)
+                # at the first eval forward; undo it as bitsandbytes does itself before saving.
+                w.data, w.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
             return bnbf.dequantize_4bit(w.data, w.quant_state).to(dtype)
         scb = getattr(w, "SCB", None)
+        if scb is None:  # after its first forward, a Linear8bitLt keeps the row scales in .state
+            scb = getattr(getattr(module, "state", None), "SCB", None)
         if w.dtype == torch.int8 and scb is not None:  # 8-bit: int8 rows + one fp32 scale per row
             return bnbf.int8_vectorwise_dequant(w.data, scb).to(dtype)
         if w.is_floating_point():  # bnb layer not quantised yet (still on its way to a device)

@@ -1,0 +1,303 @@
+"""QLoRA: LoRA / DoRA on 4-bit bases (deltatune Linear4bit and bitsandbytes layers), save/load
+across 4-bit and dense bases, and merging into a quantised base with the error reported."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+from conftest import randomize_lora, tiny_llama
+from deltatune.quant import (
+    Linear4bit,
+    QuantLinear,
+    dequantize_weight,
+    merge_quantized,
+    quantize_model,
+    quantize_nf4,
+    to_dense_linear,
+)
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def dense_twin(model: nn.Module) -> nn.Module:
+    """A copy of a quantised model whose Linear4bit layers are nn.Linear with the dequantised weight."""
+    twin = copy.deepcopy(model)
+    for path, m in list(twin.named_modules()):
+        if isinstance(m, Linear4bit):
+            parent, _, child = path.rpartition(".")
+            setattr(twin.get_submodule(parent), child, to_dense_linear(m))
+    return twin
+
+
+def adapted(base: nn.Module, seed: int = 0, **kw: object) -> dt.PeftModel:
+    torch.manual_seed(seed)
+    settings: dict[str, object] = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS}
+    model = dt.get_peft_model(base, dt.LoraConfig(**{**settings, **kw}))
+    randomize_lora(model, std=0.1)
+    return model
+
+
+@pytest.fixture
+def base4() -> nn.Module:
+    return quantize_model(tiny_llama())
+
+
+# -- forward / backward ----------------------------------------------------------------------------
+
+
+def test_lora_layer_on_a_4bit_base_is_quant_linear(base4):
+    model = adapted(base4)
+    q = model.base_model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, QuantLinear) and isinstance(q.base_layer, Linear4bit)
+    assert q.lora_A["default"].weight.dtype == torch.float32
+    # 4-bit weights count at their logical size, as PEFT reports them.
+    dense = adapted(tiny_llama())
+    assert model.get_nb_trainable_parameters() == dense.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_forward_and_backward_match_dense_dequantised_reference(base4, use_dora):
+    d_model = adapted(dense_twin(base4), use_dora=use_dora)  # the twin first: get_peft_model wraps in place
+    q_model = adapted(base4, use_dora=use_dora)
+    d_model.load_state_dict(q_model.state_dict(), strict=False)  # same A, B (and m)
+    x = ids()
+    out_q = q_model(input_ids=x, labels=x)
+    out_d = d_model(input_ids=x, labels=x)
+    torch.testing.assert_close(out_q.logits, out_d.logits, atol=1e-5, rtol=1e-5)
+    out_q.loss.backward()
+    out_d.loss.backward()
+    grads_q = {n: p.grad for n, p in q_model.named_parameters() if p.requires_grad}
+    grads_d = {n: p.grad for n, p in d_model.named_parameters() if p.requires_grad}
+    assert grads_q.keys() == grads_d.keys() and len(grads_q) > 0
+    for name, g in grads_q.items():
+        assert g is not None and g.abs().sum() > 0, name
+        torch.testing.assert_close(g, grads_d[name], atol=1e-5, rtol=1e-4)
+
+
+def test_dora_magnitude_starts_at_dequantised_row_norms(base4):
+    model = dt.get_peft_model(base4, dt.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    layer = model.base_model.model.layers[0].self_attn.q_proj
+    w = dequantize_weight(layer.base_layer)
+    torch.testing.assert_close(layer.lora_magnitude_vector["default"].detach(), w.norm(dim=1))
+
+
+def test_training_step_updates_only_adapters(base4):
+    model = adapted(base4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = ids()
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "nothing trained"
+    assert all("lora_" in k for k in changed), sorted(k for k in changed if "lora_" not in k)
+    assert any("weight_packed" in k for k in before)  # the 4-bit codes are in the state dict and unchanged
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_mixed_batch_on_4bit_base(base4):
+    model = adapted(base4)
+    model.add_adapter("other", dt.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    x = ids(batch=2)
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=["default", "other"]).logits
+        model.set_adapter("other")
+        alone = model(input_ids=x[1:]).logits
+    torch.testing.assert_close(mixed[1:], alone, atol=1e-5, rtol=1e-5)
+
+
+# -- save / load across 4-bit and dense bases --------------------------------------------------------
+
+
+def test_adapter_trained_on_4bit_base_loads_on_dense_base_and_back(tmp_path):
+    full = tiny_llama()
+    q_model = adapted(quantize_model(copy.deepcopy(full)))
+    x = ids()
+    with torch.no_grad():
+        ref = q_model(input_ids=x).logits
+    q_model.save_pretrained(tmp_path / "from4bit")
+
+    # Onto the dense dequantised twin: the same function.
+    twin = dense_twin(quantize_model(copy.deepcopy(full)))
+    on_twin = dt.PeftModel.from_pretrained(twin, tmp_path / "from4bit")
+    with torch.no_grad():
+        torch.testing.assert_close(on_twin(input_ids=x).logits, ref, atol=1e-5, rtol=1e-5)
+    # Onto the original fp32 base: loads (same keys and shapes); differs only by the quantisation error.
+    on_full = dt.PeftModel.from_pretrained(copy.deepcopy(full), tmp_path / "from4bit")
+    with torch.no_grad():
+        out_full = on_full(input_ids=x).logits
+    assert 0 < (out_full - ref).abs().max() < 0.5
+
+    # And the other way round: an adapter saved on the dense base loads on the 4-bit base.
+    on_twin.save_pretrained(tmp_path / "fromdense")
+    back = dt.PeftModel.from_pretrained(quantize_model(copy.deepcopy(full)), tmp_path / "fromdense")
+    assert isinstance(back.base_model.model.layers[0].self_attn.q_proj, QuantLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=x).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+# -- merging -------------------------------------------------------------------------------------------
+
+
+def test_merge_adapter_on_4bit_base_raises_and_points_to_merge_quantized(base4):
+    model = adapted(base4)
+    with pytest.raises(ValueError, match="merge_quantized"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match="merge_quantized"):
+        model.merge_and_unload()
+    # Nothing was merged: the adapted output is unchanged.
+    x = ids()
+    ref = adapted(quantize_model(tiny_llama()))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, ref(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_dense_has_no_error(base4, use_dora):
+    model = adapted(base4, use_dora=use_dora)
+    x = ids()
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    merged, report = merge_quantized(model, requantize=False, probe_inputs={"input_ids": x})
+    q = merged.model.layers[0].self_attn.q_proj
+    assert type(q) is nn.Linear
+    assert len(report.layers) == 2 * len(TARGETS)
+    assert report.max_abs < 1e-5 and report.output_max_abs is not None and report.output_max_abs < 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, ref, atol=1e-5, rtol=1e-5)
+    assert "model output" in str(report) and "model.layers.0.self_attn.q_proj" in str(report)
+
+
+def test_merge_requantized_error_is_reported_exactly(base4):
+    model = adapted(base4)
+    x = ids()
+    # The expected per-layer error, computed independently: inputs of q_proj in layer 0.
+    layer = model.base_model.model.layers[0].self_attn.q_proj
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    with torch.no_grad():
+        model(input_ids=x)
+    handle.remove()
+    dense = dequantize_weight(layer.base_layer) + layer.delta_weight("default").detach()
+    requant = quantize_nf4(dense).dequantize()
+    expected = (seen[0] @ (requant - dense).T).abs()
+
+    merged, report = merge_quantized(model, requantize=True, probe_inputs=x)
+    assert isinstance(merged.model.layers[0].self_attn.q_proj, Linear4bit)
+    row = next(e for e in report.layers if e.path == "model.layers.0.self_attn.q_proj")
+    assert row.max_abs == pytest.approx(float(expected.max()), rel=1e-3, abs=1e-6)
+    assert row.mean_abs == pytest.approx(float(expected.mean()), rel=1e-3)
+    # Non-zero, and bounded: a re-quantisation error, well below the size of the outputs.
+    assert 0 < report.mean_abs < 0.2 * sum(e.ref_mean_abs for e in report.layers) / len(report.layers)
+    assert report.output_max_abs is not None and report.output_max_abs > 0
+
+
+def test_merge_without_probe_uses_random_rows(base4):
+    merged, report = merge_quantized(adapted(base4), requantize=True)
+    assert report.output_max_abs is None and "random" in report.probe
+    assert all(e.max_abs > 0 for e in report.layers)
+
+
+def test_merge_quantized_needs_a_quantised_layer():
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        merge_quantized(adapted(tiny_llama()), requantize=False)
+
+
+# -- bitsandbytes layers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bnb_saved(tmp_path_factory):
+    """A tiny Llama saved to disk, and a loader that quantises it with transformers + bitsandbytes on CPU."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("llama")
+    # Widths of at least 64: bitsandbytes' CPU 4-bit inference kernel fails on rows shorter than a block.
+    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(path)
+
+    def load(bits: int) -> nn.Module:
+        cfg = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+            if bits == 4
+            else BitsAndBytesConfig(load_in_8bit=True)
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                model = LlamaForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu")
+            except Exception as exc:  # pragma: no cover - depends on the machine
+                pytest.skip(f"bitsandbytes quantisation does not run here: {exc}")
+        # Train mode (no dropout in these models): bitsandbytes' CPU *eval* path switches 4-bit layers to a
+        # bf16 kernel, which would make every comparison with a dense fp32 reference approximate.
+        return model.train()
+
+    return load
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lora_on_bitsandbytes_layers_matches_peft(bnb_saved, bits, tmp_path):
+    """Our adapter on transformers+bitsandbytes layers, saved, loaded by PEFT on the same quantised model:
+    same logits; and PEFT's adapter loaded here: same logits again."""
+    import peft
+
+    x = ids()
+    ours = bnb_saved(bits)
+    assert type(ours.model.layers[0].self_attn.q_proj).__module__.startswith("bitsandbytes")
+    ours = adapted(ours)
+    assert isinstance(ours.base_model.model.layers[0].self_attn.q_proj, QuantLinear)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(bnb_saved(bits), tmp_path / "ours", is_trainable=True)
+    with torch.no_grad():
+        a, b = ours(input_ids=x).logits, theirs(input_ids=x).logits
+        base = bnb_saved(bits)(input_ids=x).logits
+    assert (a - base).abs().max() > 1e-3  # the adapter matters
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    theirs.save_pretrained(tmp_path / "theirs")
+    again = dt.PeftModel.from_pretrained(bnb_saved(bits), tmp_path / "theirs").train()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=x).logits, b, atol=1e-4, rtol=1e-4)
+
+
+def test_dora_on_bitsandbytes_4bit_matches_dense_dequantised_reference(bnb_saved):
+    base = bnb_saved(4)
+    twin = copy.deepcopy(base)
+    for path, m in list(twin.named_modules()):
+        if type(m).__name__ == "Linear4bit":
+            parent, _, child = path.rpartition(".")
+            setattr(twin.get_submodule(parent), child, to_dense_linear(m))
+    q_model = adapted(base, use_dora=True)
+    d_model = adapted(twin, use_dora=True)
+    d_model.load_state_dict({k: v for k, v in q_model.state_dict().items() if "lora_" in k}, strict=False)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            q_model(input_ids=x).logits, d_model(input_ids=x).logits, atol=1e-4, rtol=1e-4
+        )
+
+
+def test_merge_quantized_on_bitsandbytes_4bit(bnb_saved):
+    model = adapted(bnb_saved(4))
+    x = ids()
+    merged, report = merge_quantized(model, requantize=False, probe_inputs=x)
+    # The reference runs in eval mode, where bitsandbytes' CPU kernel computes the 4-bit layers in bf16:
+    # the report shows that rounding (a few 1e-3) rather than 0.
+    assert 0 <= report.mean_abs < 0.02 * report.layers[0].ref_mean_abs
+    assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
+    merged8, _ = merge_quantized(adapted(bnb_saved(8)), requantize=False, probe_inputs=x)
+    with pytest.raises(ValueError, match="8-bit"):
+        merge_quantized(adapted(bnb_saved(8)), requantize=True, probe_inputs=x)
