@@ -285,3 +285,17 @@ def test_safe_merge_refuses_nan() -> None:
         model.base_model.lin0.lora_B["default"].weight.fill_(float("nan"))
     with pytest.raises(ValueError, match="NaN"):
         model.merge_adapter(safe_merge=True)
+
+
+def test_autocast_bf16_forward_and_backward() -> None:
+    model, reference, inputs = wrap("llama", init_lora_weights=False)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**inputs).logits
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 for g in grads)
+    with torch.no_grad():
+        exact = model(**inputs).logits
+    torch.testing.assert_close(out.float(), exact, atol=0.1, rtol=0.05)

@@ -373,6 +373,8 @@ class Linear(LoraLayer):
         base = self.base_layer
         if type(base) is not nn.Linear or base.weight.dtype != x.dtype:
             return False
+        if torch.is_autocast_enabled(x.device.type):
+            return False  # autocast picks per-op dtypes; the fused GEMMs need one dtype
         return all(not self.use_dora.get(n) and self.lora_A[n].weight.dtype == x.dtype for n in names)
 
     def _forward_fused(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
