@@ -482,9 +482,9 @@ class Linear(LoraLayer):
 class _FusedLoraLinear(torch.autograd.Function):
     """y = x Wᵀ + b + s·B A x_d as one autograd node (x_d: x after LoRA dropout).
 
-    Backward writes dx once (base and LoRA terms accumulated by GEMMs with beta=1) and
-    skips the frozen weight's gradient, saving the memory-bound passes that separate
-    autograd nodes spend on adding partial gradients.
+    Backward allocates dx once (the LoRA term accumulates into the base term in place) and
+    skips the frozen weight's gradient, saving the allocations and memory-bound passes that
+    separate autograd nodes spend on adding partial gradients.
     """
 
     @staticmethod
@@ -516,7 +516,9 @@ class _FusedLoraLinear(torch.autograd.Function):
         gx = gxd = gw = gbias = ga = gb = None
         if need[0] or need[1]:
             if ctx.same_input:
-                gx = torch.addmm(gy @ weight, gh, a) if need[0] else None
+                if need[0]:
+                    gx = gy @ weight  # (T, in), fresh: the LoRA term accumulates into it in place
+                    gx.addmm_(gh, a)
             else:
                 gx = gy @ weight if need[0] else None
                 gxd = gh @ a if need[1] else None
@@ -527,7 +529,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         if need[4]:
             ga = gh.t() @ xd
         if need[5]:
-            gb = gy.t() @ h
+            gb = (h.t() @ gy).t()  # (out, r); this operand order runs ~2x faster than gyᵀ h on CPU
         return gx, gxd, gw, gbias, ga, gb, None
 
 
