@@ -11,6 +11,14 @@ output scaling, into the bias), exactly; unmerging divides it out again, which i
 only when l has no zeros (otherwise it raises and says so).
 
 Saved keys are ``<module path>.ia3_l`` with the shapes above, as in Hugging Face PEFT.
+
+Quantised bases (deltatune ``Linear4bit``, bitsandbytes ``Linear4bit`` / ``Linear8bitLt``)
+take (IA)³ too: the forward only scales the base layer's input or output, so it runs
+unchanged, and the vectors are fp32 beside a 16-bit (or 4/8-bit) weight. Saved files are
+the same, so vectors move freely between a quantised base and its dense original. The
+scale cannot be folded into 4/8-bit codes without changing the outputs, so merging such a
+layer raises and points to :func:`deltatune.quant.merge_quantized`, which merges into a
+dequantised copy (optionally re-quantised) and reports the error, as for QLoRA.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, register_method
 from deltatune.methods.base import AdapterLayer, Tuner
+from deltatune.quant.qlora import adapter_tensor_factory, is_quantized_linear
 from deltatune.targeting import find_targets, model_type, name_matches, resolved_targets
 
 # The ecosystem's defaults (PEFT's tables), so that an empty config means the same everywhere.
@@ -116,23 +125,32 @@ class IA3Config(PeftConfig):
 
 
 def _shape(base: nn.Module) -> tuple[int, int, bool]:
-    """(in, out, transposed) of a Linear or GPT-2 Conv1D."""
+    """(in, out, transposed) of a Linear, a GPT-2 Conv1D or a quantised linear layer."""
     from transformers.pytorch_utils import Conv1D
 
     if isinstance(base, Conv1D):
         return int(base.weight.shape[0]), int(base.weight.shape[1]), True
-    assert isinstance(base, nn.Linear)
-    return base.in_features, base.out_features, False
+    assert isinstance(base, nn.Linear) or is_quantized_linear(base)
+    return int(base.in_features), int(base.out_features), False  # type: ignore[arg-type]
 
 
 def _supported(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
-    return isinstance(module, (nn.Linear, Conv1D))
+    return isinstance(module, (nn.Linear, Conv1D)) or is_quantized_linear(module)
+
+
+def _merge_quantized_message(adapter_name: str, base: nn.Module) -> str:
+    return (
+        f"Cannot merge (IA)³ adapter {adapter_name!r} into a {type(base).__name__} in place: scaling "
+        "quantised weights needs a dense copy or a re-quantisation, which changes the outputs. Use "
+        "deltatune.quant.merge_quantized(peft_model, requantize=False or True, probe_inputs=batch): it "
+        "returns the merged model and a report of the output error per layer."
+    )
 
 
 class IA3Layer(AdapterLayer):
-    """One learned scaling vector per adapter on a Linear / Conv1D."""
+    """One learned scaling vector per adapter on a Linear / Conv1D / quantised linear layer."""
 
     adapter_containers: ClassVar[tuple[str, ...]] = ("ia3_l",)
 
@@ -148,15 +166,27 @@ class IA3Layer(AdapterLayer):
     def add_adapter(self, adapter_name: str, config: Any, **kwargs: Any) -> None:
         if adapter_name in self.ia3_l:
             raise ValueError(f"Adapter {adapter_name!r} already exists on this layer.")
-        w, _ = self._params()
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        factory = self._factory()
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
-        vec = torch.ones(shape, device=w.device, dtype=dtype)
+        vec = torch.ones(shape, **factory)
         if not config.init_ia3_weights:  # random vector, e.g. for tests of the maths
-            vec = vec + 0.5 * torch.randn(shape, dtype=dtype).to(w.device)
+            vec = vec + 0.5 * torch.randn(shape, dtype=factory["dtype"]).to(factory["device"])
         self.ia3_l[adapter_name] = nn.Parameter(vec)
         if adapter_name not in self.active_adapters:
             self.active_adapters.append(adapter_name)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base stores its weight in 4 or 8 bits (read each time: the base can be swapped)."""
+        return is_quantized_linear(self.base_layer)
+
+    def _factory(self) -> dict[str, Any]:
+        """Device and dtype of new vectors: the base weight's, but fp32 for 16-bit (and 4/8-bit) bases."""
+        if self.quantized:
+            return adapter_tensor_factory(self.base_layer)
+        w, _ = self._params()
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        return {"device": w.device, "dtype": dtype}
 
     def vector(self, adapter_name: str) -> torch.Tensor:
         """The adapter's scale as a flat vector: (in,) for feed-forward modules, else (out,)."""
@@ -215,6 +245,8 @@ class IA3Layer(AdapterLayer):
         return w, b
 
     def merge_one(self, adapter_name: str, safe_merge: bool) -> None:
+        if self.quantized:
+            raise ValueError(_merge_quantized_message(adapter_name, self.base_layer))
         w, b = self._params()
         vec = self.vector(adapter_name).detach()
         weight = w * self._weight_factor(vec).to(w.dtype)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import cache
 from typing import Any
 
@@ -614,6 +614,38 @@ def _in_skip_set(name: str, skip: Iterable[str]) -> bool:
     return any(f".{s}." in f".{name}." for s in skip)
 
 
+def _base_linears(model: nn.Module) -> Iterator[tuple[str, str, nn.Linear]]:
+    """(module path, path as in the bare model, layer) of every base-model ``nn.Linear``.
+
+    Adapters' own modules are not the base model's: inside an adapter layer only its
+    ``base_layer`` is visited (and its path is reported without ``.base_layer``, so names and
+    regexes written for the bare model still match); ``ModulesToSaveWrapper`` (trained full
+    copies of a module, and the original they were copied from) and everything a
+    ``PeftModel`` holds beside its ``base_model`` (prompt encoders) are not visited at all.
+    Layers that are already quantised (bitsandbytes' are ``nn.Linear`` subclasses) are skipped.
+    """
+    from deltatune.methods.base import AdapterLayer, ModulesToSaveWrapper
+    from deltatune.model import PeftModel
+    from deltatune.quant.qlora import is_quantized_linear
+
+    def walk(module: nn.Module, path: str, bare: str) -> Iterator[tuple[str, str, nn.Linear]]:
+        if isinstance(module, ModulesToSaveWrapper) or is_quantized_linear(module):
+            return
+        if isinstance(module, AdapterLayer):
+            yield from walk(module.base_layer, f"{path}.base_layer", bare)
+            return
+        if isinstance(module, nn.Linear):
+            yield path, bare, module
+            return
+        for name, child in module.named_children():
+            yield from walk(child, f"{path}.{name}" if path else name, f"{bare}.{name}" if bare else name)
+
+    if isinstance(model, PeftModel):
+        yield from walk(model.base_model, "base_model", "")
+    else:
+        yield from walk(model, "", "")
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -626,7 +658,8 @@ def quantize_model(
     """Replace the model's ``nn.Linear`` layers by :class:`Linear4bit`, in place.
 
     Args:
-        model: a ``transformers`` model or any ``nn.Module``.
+        model: a ``transformers`` model or any ``nn.Module``; it may already carry
+            adapters (a ``PeftModel``, or a model with adapter layers injected).
         target_modules: only quantise these: a list of names matched against the end of
             the module path (``["q_proj", "v_proj"]``) or one regex over the full path.
             Default: every ``nn.Linear``.
@@ -635,31 +668,57 @@ def quantize_model(
             ``classifier``, ``score`` or ``qa_outputs``, with everything inside them).
         block_size, double_quant, compute_dtype: see :class:`Linear4bit`.
 
-    Embeddings, norms and other non-linear layers are never touched.
+    Embeddings, norms and other non-linear layers are never touched, nor are the
+    adapters' own layers (LoRA A/B, bottleneck projections, ``modules_to_save`` copies,
+    prompt encoders): on an adapted model, only the ``base_layer`` of each adapter layer
+    is quantised, and paths and regexes are matched as in the bare model (without
+    ``base_model.`` / ``.base_layer``). LoRA and (IA)³ layers then run over the 4-bit base
+    exactly as if the adapters had been added after quantising. Adapters merged into
+    a base must be unmerged first (their weights would be quantised with the merge in).
 
     Returns:
         ``model`` itself.
     """
+    from deltatune.methods.base import AdapterLayer
+    from deltatune.quant.qlora import adopt_quantized_base
+
     skip = list(DEFAULT_SKIP_MODULES) + list(skip_modules or [])
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
+    heads = {id(head), id(getattr(head, "base_layer", None))} if head is not None else set()
+    found = list(_base_linears(model))
     targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and module is not head
-        and not _in_skip_set(name, skip)
-        and (target_modules is None or _matches(name, target_modules))
+        (path, module)
+        for path, bare, module in found
+        if id(module) not in heads
+        and not _in_skip_set(bare, skip)
+        and (target_modules is None or _matches(bare, target_modules))
     ]
     if target_modules is not None and not targets:
         raise ValueError(
             f"target_modules={target_modules!r} matched no nn.Linear layer outside the skipped heads; "
-            f"linear layers here: {sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})}."
+            f"linear layers here: {sorted({bare.split('.')[-1] for _, bare, _ in found})}."
         )
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Linear4bit.from_linear(module, block_size, double_quant, compute_dtype))
+    # Check every owner before changing anything, so a refusal leaves the model as it was.
+    owners: dict[str, AdapterLayer] = {}
+    for path, _ in targets:
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if isinstance(parent, AdapterLayer) and child == "base_layer":
+            if parent.merged_adapters:
+                raise ValueError(
+                    f"{parent_path!r} has adapter(s) {parent.merged_adapters} merged into its weights; "
+                    "quantising them would bake the merge into the 4-bit codes. Call unmerge_adapter() first "
+                    "(or quantise the base before adding adapters)."
+                )
+            owners[path] = parent
+    for path, module in targets:
+        q = Linear4bit.from_linear(module, block_size, double_quant, compute_dtype)
+        if path in owners:
+            adopt_quantized_base(owners[path], q)
+        else:
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, q)
     return model
 
 

@@ -39,6 +39,8 @@ __all__ = [
     "LayerMergeError",
     "MergeReport",
     "QuantLinear",
+    "adapter_tensor_factory",
+    "adopt_quantized_base",
     "dequantize_weight",
     "is_quantized_linear",
     "merge_quantized",
@@ -107,6 +109,14 @@ def _storage_key(module: nn.Module) -> tuple[Any, ...]:
     return (t.data_ptr(), t._version, t.device)
 
 
+def adapter_tensor_factory(module: nn.Module) -> dict[str, Any]:
+    """``device`` and ``dtype`` for new adapter tensors beside a quantised layer: the device of its
+    codes, and the dtype of the weight they stand for (fp32 when that is fp16/bf16)."""
+    w = module.weight_packed if isinstance(module, Linear4bit) else module.weight
+    device = w.device if isinstance(w, torch.Tensor) else None
+    return {"device": device, "dtype": _adapter_dtype(_logical_dtype(module))}
+
+
 def to_dense_linear(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
     """An ``nn.Linear`` with the dequantised weight (out, in) and the bias of a quantised layer."""
     w = dequantize_weight(module, dtype)
@@ -159,12 +169,7 @@ class QuantLinear(Linear):
         return dequantize_weight(self.base_layer) if self.quantized else super().base_weight()
 
     def adapter_factory(self) -> dict[str, Any]:
-        if not self.quantized:
-            return super().adapter_factory()
-        base = self.base_layer
-        w = base.weight_packed if isinstance(base, Linear4bit) else base.weight
-        device = w.device if isinstance(w, torch.Tensor) else None
-        return {"device": device, "dtype": _adapter_dtype(_logical_dtype(base))}
+        return adapter_tensor_factory(self.base_layer) if self.quantized else super().adapter_factory()
 
     def _weight_sq(self, w: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
@@ -189,6 +194,23 @@ class QuantLinear(Linear):
 
 LORA_DISPATCH.insert(0, (is_quantized_linear, QuantLinear))
 DORA_EXTRA_BASES.append(is_quantized_linear)
+
+
+def adopt_quantized_base(layer: AdapterLayer, base: nn.Module) -> None:
+    """Put the quantised ``base`` under an adapter layer that was built on its dense original.
+
+    Used by :func:`deltatune.quant.quantize_model` on a model that already has adapters.
+    A LoRA ``Linear`` becomes a :class:`QuantLinear`: that subclass holds no state of its
+    own and only changes how the base weight is read (dequantised for DoRA, no in-place
+    merge), so switching the class keeps every adapter tensor, hook and reference. It is
+    the inverse of what :func:`merge_quantized` does (a dense base under a QuantLinear).
+    Other layers ((IA)³, bottleneck adapters) read their base on every call and need nothing.
+    """
+    if type(layer) is Linear:
+        layer.__class__ = QuantLinear
+        layer._wsq_cache = None  # row norms of the dense weight: recomputed from the 4-bit one
+        layer._dora_cache.clear()
+    layer.base_layer = base
 
 
 # -- merging into a quantised base -------------------------------------------------------------
@@ -324,7 +346,7 @@ def merge_quantized(
 
     Every adapted layer whose base is quantised (deltatune ``Linear4bit``, bitsandbytes
     4-/8-bit) is dequantised into a dense ``nn.Linear`` and the adapter is merged into it
-    exactly, by the method's own merge (LoRA, DoRA, ...). Then:
+    exactly, by the method's own merge (LoRA, DoRA, (IA)³). Then:
 
     - ``requantize=False``: the merged layers stay dense (fp32/bf16: more memory, no
       added error beyond float rounding);
