@@ -19,6 +19,10 @@ What differs is the base weight, which is never a dense tensor at rest::
 
 bitsandbytes layers are supported when bitsandbytes is imported (as it is after
 ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``).
+
+(IA)³ layers (methods/ia3.py) run over the same bases and merge through
+:func:`merge_quantized` too; :func:`adopt_quantized_base` is how ``quantize_model`` puts a
+4-bit base under an adapter layer that already exists.
 """
 
 from __future__ import annotations
