@@ -15,7 +15,6 @@ import deltatune as dt
 from conftest import randomize_lora, tiny_llama
 from deltatune.quant import (
     Linear4bit,
-    QuantLinear,
     dequantize_weight,
     merge_quantized,
     quantize_model,
@@ -56,10 +55,10 @@ def base4() -> nn.Module:
 # -- forward / backward ----------------------------------------------------------------------------
 
 
-def test_lora_layer_on_a_4bit_base_is_quant_linear(base4):
+def test_lora_layer_on_a_4bit_base_knows_it_is_quantized(base4):
     model = adapted(base4)
     q = model.base_model.model.layers[0].self_attn.q_proj
-    assert isinstance(q, QuantLinear) and isinstance(q.base_layer, Linear4bit)
+    assert q.quantized and isinstance(q.base_layer, Linear4bit)
     assert q.lora_A["default"].weight.dtype == torch.float32
     # 4-bit weights count at their logical size, as PEFT reports them.
     dense = adapted(tiny_llama())
@@ -144,7 +143,7 @@ def test_adapter_trained_on_4bit_base_loads_on_dense_base_and_back(tmp_path):
     # And the other way round: an adapter saved on the dense base loads on the 4-bit base.
     on_twin.save_pretrained(tmp_path / "fromdense")
     back = dt.PeftModel.from_pretrained(quantize_model(copy.deepcopy(full)), tmp_path / "fromdense")
-    assert isinstance(back.base_model.model.layers[0].self_attn.q_proj, QuantLinear)
+    assert back.base_model.model.layers[0].self_attn.q_proj.quantized
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=x).logits, ref, atol=1e-5, rtol=1e-5)
 
@@ -163,6 +162,37 @@ def test_merge_adapter_on_4bit_base_raises_and_points_to_merge_quantized(base4):
     ref = adapted(quantize_model(tiny_llama()))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=x).logits, ref(input_ids=x).logits)
+
+
+def test_refused_merge_leaves_no_layer_merged():
+    """Layer 0 dense, the rest 4-bit: the refusal comes before the dense layers are touched."""
+    model = adapted(quantize_model(tiny_llama(), skip_modules=["layers.0"]))
+    assert not model.base_model.model.layers[0].self_attn.q_proj.quantized
+    x = ids()
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    with pytest.raises(ValueError, match="merge_quantized"):
+        model.merge_adapter()
+    assert all(not m.merged_adapters for m in model.modules() if hasattr(m, "merged_adapters"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, before, rtol=0, atol=0)
+
+
+def test_dora_eval_cache_follows_changes_to_the_4bit_codes(base4):
+    """DoRA's cached eval factors are keyed by the stored codes, so new codes give new outputs."""
+    model = adapted(base4, use_dora=True).eval()
+    x = ids()
+    with torch.no_grad():
+        model(input_ids=x)  # fills the cache
+        q = model.base_model.model.layers[0].self_attn.q_proj
+        q.base_layer.weight_packed.copy_(q.base_layer.weight_packed.flip(0))
+        stale_or_fresh = model(input_ids=x).logits
+        for m in model.modules():
+            if hasattr(m, "_dora_cache"):
+                m._dora_cache.clear()
+                m._wsq_cache = None
+        recomputed = model(input_ids=x).logits
+    torch.testing.assert_close(stale_or_fresh, recomputed, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -259,7 +289,7 @@ def test_lora_on_bitsandbytes_layers_matches_peft(bnb_saved, bits, tmp_path):
     ours = bnb_saved(bits)
     assert type(ours.model.layers[0].self_attn.q_proj).__module__.startswith("bitsandbytes")
     ours = adapted(ours)
-    assert isinstance(ours.base_model.model.layers[0].self_attn.q_proj, QuantLinear)
+    assert ours.base_model.model.layers[0].self_attn.q_proj.quantized
     ours.save_pretrained(tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(bnb_saved(bits), tmp_path / "ours", is_trainable=True)
     with torch.no_grad():

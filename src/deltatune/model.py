@@ -177,7 +177,11 @@ class PeftModel(nn.Module):
         names = adapter_names if adapter_names is not None else self.active_adapters
         for name in names:
             _tuner(self.peft_config[name]).check_mergeable(self.peft_config[name])
-        for layer in self._layers():
+        layers = self._layers()
+        for layer in layers:  # every refusal before any change: never a half-merged model
+            for name in layer.pending_merges(names):
+                layer.check_merge(name)
+        for layer in layers:
             layer.merge(names, safe_merge=safe_merge)
 
     def add_weighted_adapter(

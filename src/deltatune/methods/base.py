@@ -96,10 +96,20 @@ class AdapterLayer(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
+    def pending_merges(self, adapter_names: list[str] | None = None) -> list[str]:
+        """The given (default: active) adapters that this layer has and has not merged yet."""
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        return [n for n in names if n not in self.merged_adapters and n in self.adapter_names]
+
+    def check_merge(self, adapter_name: str) -> None:
+        """Raise if ``merge_one`` would refuse (e.g. a quantised base); the wrapper asks every
+        layer before merging any, so that a refusal never leaves a model half merged."""
+
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        for name in adapter_names if adapter_names is not None else self.active_adapters:
-            if name in self.merged_adapters or name not in self.adapter_names:
-                continue
+        pending = self.pending_merges(adapter_names)
+        for name in pending:
+            self.check_merge(name)
+        for name in pending:
             self.merge_one(name, safe_merge)
             self.merged_adapters.append(name)
 

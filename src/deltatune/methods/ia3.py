@@ -244,9 +244,12 @@ class IA3Layer(AdapterLayer):
         b: torch.Tensor | None = getattr(self.base_layer, "bias", None)
         return w, b
 
-    def merge_one(self, adapter_name: str, safe_merge: bool) -> None:
+    def check_merge(self, adapter_name: str) -> None:
         if self.quantized:
             raise ValueError(_merge_quantized_message(adapter_name, self.base_layer))
+
+    def merge_one(self, adapter_name: str, safe_merge: bool) -> None:
+        self.check_merge(adapter_name)
         w, b = self._params()
         vec = self.vector(adapter_name).detach()
         weight = w * self._weight_factor(vec).to(w.dtype)

@@ -169,16 +169,34 @@ class LoraLayer(AdapterLayer):
         return False
 
 
-# Predicates for further base types whose dense weight a LoRA layer can provide (e.g. the
-# 4-bit layers of deltatune.quant.qlora, which dequantise it); other files append to this.
-DORA_EXTRA_BASES: list[Callable[[nn.Module], bool]] = []
+@dataclass(frozen=True)
+class StoredWeight:
+    """How LoRA reads a base layer whose weight is not a dense tensor at rest (e.g. 4-bit codes).
+
+    Other files register one per family of such layers in :data:`STORED_WEIGHTS`
+    (deltatune.quant.qlora does for its own and bitsandbytes' quantised layers); a LoRA
+    ``Linear`` asks on every call, so swapping its base for another kind just works.
+    """
+
+    accepts: Callable[[nn.Module], bool]
+    dense: Callable[[nn.Module], torch.Tensor]  # the weight (out, in), materialised on demand
+    version: Callable[[nn.Module], tuple[Any, ...]]  # changes whenever the stored weight changes
+    factory: Callable[[nn.Module], dict[str, Any]]  # device / dtype for new adapter tensors
+    merge_error: Callable[[str, nn.Module], str]  # why merge_adapter() cannot merge in place, and what to do
+
+
+STORED_WEIGHTS: list[StoredWeight] = []
+
+
+def stored_weight(module: nn.Module) -> StoredWeight | None:
+    return next((kind for kind in STORED_WEIGHTS if kind.accepts(module)), None)
 
 
 def dora_supported(module: nn.Module) -> bool:
-    """DoRA needs the dense weight of an ``nn.Linear`` or GPT-2 ``Conv1D`` (or a registered extra base)."""
+    """DoRA needs the dense weight of an ``nn.Linear``, a GPT-2 ``Conv1D`` or a registered stored weight."""
     from transformers.pytorch_utils import Conv1D
 
-    return isinstance(module, (nn.Linear, Conv1D)) or any(ok(module) for ok in DORA_EXTRA_BASES)
+    return isinstance(module, (nn.Linear, Conv1D)) or stored_weight(module) is not None
 
 
 def dora_unsupported_message(path: str, module: nn.Module) -> str:
@@ -205,7 +223,8 @@ def _base_weight(base: nn.Module) -> torch.Tensor:
 
 
 class Linear(LoraLayer):
-    """LoRA beside an ``nn.Linear``, a GPT-2 ``Conv1D`` or a 4-bit linear layer."""
+    """LoRA beside an ``nn.Linear``, a GPT-2 ``Conv1D`` or a layer registered in :data:`STORED_WEIGHTS`
+    (quantised: its weight is dequantised on demand, and it cannot be merged into in place)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, path: str = "") -> None:
         super().__init__(base_layer)
@@ -223,13 +242,29 @@ class Linear(LoraLayer):
     def supports_dora(self) -> bool:
         return dora_supported(self.base_layer)
 
-    # Quantised bases (deltatune.quant.qlora) override these two.
+    @property
+    def quantized(self) -> bool:
+        """Whether the base stores its weight in another form (see :data:`STORED_WEIGHTS`)."""
+        return stored_weight(self.base_layer) is not None
+
     def base_weight(self) -> torch.Tensor:
         """The base layer's dense weight in its stored layout ((out, in); (in, out) for Conv1D)."""
-        return _base_weight(self.base_layer)
+        kind = stored_weight(self.base_layer)
+        return kind.dense(self.base_layer) if kind is not None else _base_weight(self.base_layer)
+
+    def _weight_version(self) -> tuple[Any, ...]:
+        """Changes whenever the base weight does: a cache key for values derived from it."""
+        kind = stored_weight(self.base_layer)
+        if kind is not None:
+            return kind.version(self.base_layer)
+        w = _base_weight(self.base_layer)
+        return (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
 
     def adapter_factory(self) -> dict[str, Any]:
         """Device and dtype for new adapter tensors."""
+        kind = stored_weight(self.base_layer)
+        if kind is not None:
+            return kind.factory(self.base_layer)
         w = _base_weight(self.base_layer)
         return {"device": w.device if w.numel() or w.is_meta else None, "dtype": _adapter_dtype(w.dtype)}
 
@@ -286,7 +321,7 @@ class Linear(LoraLayer):
     # -- DoRA ---------------------------------------------------------------------------
     def _weight_sq(self, w: torch.Tensor) -> torch.Tensor:
         """‖W_i‖² per output row (out,); W is frozen, so this is cached per weight version."""
-        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+        key = self._weight_version()
         if self._wsq_cache is not None and self._wsq_cache[0] == key and not w.is_meta:
             return self._wsq_cache[1]
         wsq = w.float().square().sum(dim=0 if self.fan_in_fan_out else 1)
@@ -315,11 +350,14 @@ class Linear(LoraLayer):
         a, b = self.factors(adapter_name)
         m = self.lora_magnitude_vector[adapter_name]
         bias = getattr(self.base_layer, "bias", None)
-        w = _base_weight(self.base_layer)
         cacheable = not torch.is_grad_enabled()
         if cacheable:
-            tensors = (a, b, m, w) if bias is None else (a, b, m, w, bias)
-            key = (self.scaling[adapter_name], *((t.data_ptr(), t._version) for t in tensors))
+            tensors = (a, b, m) if bias is None else (a, b, m, bias)
+            key = (
+                self.scaling[adapter_name],
+                self._weight_version(),
+                *((t.data_ptr(), t._version) for t in tensors),
+            )
             hit = self._dora_cache.get(adapter_name)
             if hit is not None and hit[0] == key:
                 return hit[1]
@@ -450,7 +488,13 @@ class Linear(LoraLayer):
         """A per-output vector (out,) shaped to broadcast against the stored weight."""
         return v.unsqueeze(0) if self.fan_in_fan_out else v.unsqueeze(1)
 
+    def check_merge(self, adapter_name: str) -> None:
+        kind = stored_weight(self.base_layer)
+        if kind is not None:
+            raise ValueError(kind.merge_error(adapter_name, self.base_layer))
+
     def merge_one(self, adapter_name: str, safe_merge: bool) -> None:
+        self.check_merge(adapter_name)
         weight = _base_weight(self.base_layer)
         delta = self.delta_weight(adapter_name)
         with torch.no_grad():
@@ -612,7 +656,7 @@ LORA_INIT_FNS: dict[str, Callable[[Linear, str, LoraConfig, str], None]] = {}
 # list to teach LoRA about their layers; the first predicate that accepts a module wins.
 LORA_DISPATCH: list[tuple[Callable[[nn.Module], bool], type[LoraLayer]]] = [
     (lambda m: isinstance(m, nn.Embedding), Embedding),
-    (lambda m: isinstance(m, linear_types()), Linear),
+    (lambda m: isinstance(m, linear_types()) or stored_weight(m) is not None, Linear),
 ]
 
 

@@ -27,7 +27,6 @@ from deltatune.quant.nf4 import (
 from deltatune.quant.qlora import (
     LayerMergeError,
     MergeReport,
-    QuantLinear,
     dequantize_weight,
     is_quantized_linear,
     merge_quantized,
@@ -46,7 +45,6 @@ __all__ = [
     "loftq_report",
     "quantize_dequantize",
     "MergeReport",
-    "QuantLinear",
     "dequantize_weight",
     "is_quantized_linear",
     "merge_quantized",

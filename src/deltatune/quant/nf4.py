@@ -680,7 +680,6 @@ def quantize_model(
         ``model`` itself.
     """
     from deltatune.methods.base import AdapterLayer
-    from deltatune.quant.qlora import adopt_quantized_base
 
     skip = list(DEFAULT_SKIP_MODULES) + list(skip_modules or [])
     get_head = getattr(model, "get_output_embeddings", None)
@@ -715,7 +714,9 @@ def quantize_model(
     for path, module in targets:
         q = Linear4bit.from_linear(module, block_size, double_quant, compute_dtype)
         if path in owners:
-            adopt_quantized_base(owners[path], q)
+            # Adapter layers read their base on every call (LoRA through STORED_WEIGHTS), so the
+            # swap is all it takes: they then compute what they would if added after quantising.
+            owners[path].base_layer = q
         else:
             parent_path, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent_path) if parent_path else model, child, q)

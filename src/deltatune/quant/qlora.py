@@ -4,13 +4,13 @@ Adapters on a 4-bit base are ordinary LoRA adapters (same modules, same saved ke
 an adapter trained on a 4-bit base loads on the 16/32-bit base and the other way round.
 What differs is the base weight, which is never a dense tensor at rest::
 
-    q_proj                        QuantLinear (a lora.Linear)
+    q_proj                        lora.Linear
     ├── base_layer                Linear4bit (deltatune) / bnb Linear4bit / bnb Linear8bitLt
     ├── lora_A {name: Linear}     (r, in), fp32
     └── lora_B {name: Linear}     (out, r), fp32
 
 - forward: ``base_layer(x) + s·B A x``; the base dequantises one layer at a time.
-- DoRA needs row norms of the dense weight: :meth:`QuantLinear.base_weight` dequantises
+- DoRA needs row norms of the dense weight: ``lora.Linear.base_weight()`` dequantises
   on demand (‖W_i‖² is cached per weight version).
 - ``merge_adapter()`` cannot add s·BA into 4-bit codes without changing the model's
   output, so it raises and points to :func:`merge_quantized`, which dequantises, merges
@@ -20,9 +20,11 @@ What differs is the base weight, which is never a dense tensor at rest::
 bitsandbytes layers are supported when bitsandbytes is imported (as it is after
 ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``).
 
-(IA)³ layers (methods/ia3.py) run over the same bases and merge through
-:func:`merge_quantized` too; :func:`adopt_quantized_base` is how ``quantize_model`` puts a
-4-bit base under an adapter layer that already exists.
+How: this file registers the quantised layer types in ``lora.STORED_WEIGHTS``; a LoRA
+``Linear`` asks that registry on every call, so the same class serves dense and quantised
+bases, and a base swapped later (``quantize_model`` on an adapted model, or
+:func:`merge_quantized` putting a dense base back) needs nothing else. (IA)³ layers
+(methods/ia3.py) run over the same bases and merge through :func:`merge_quantized` too.
 """
 
 from __future__ import annotations
@@ -36,15 +38,13 @@ import torch
 from torch import nn
 
 from deltatune.methods.base import AdapterLayer, replace_module
-from deltatune.methods.lora import DORA_EXTRA_BASES, LORA_DISPATCH, Linear, _adapter_dtype
+from deltatune.methods.lora import STORED_WEIGHTS, StoredWeight, _adapter_dtype
 from deltatune.quant.nf4 import Linear4bit
 
 __all__ = [
     "LayerMergeError",
     "MergeReport",
-    "QuantLinear",
     "adapter_tensor_factory",
-    "adopt_quantized_base",
     "dequantize_weight",
     "is_quantized_linear",
     "merge_quantized",
@@ -157,64 +157,27 @@ def _requantize_like(dense: nn.Linear, original: nn.Module, path: str) -> Linear
 # -- the LoRA layer --------------------------------------------------------------------------
 
 
-class QuantLinear(Linear):
-    """LoRA / DoRA beside a frozen quantised linear layer (see the module docstring).
-
-    If ``base_layer`` is swapped for a dense ``nn.Linear`` (as :func:`merge_quantized`
-    does), the layer behaves exactly like ``lora.Linear`` again.
-    """
-
-    @property
-    def quantized(self) -> bool:
-        return is_quantized_linear(self.base_layer)
-
-    def base_weight(self) -> torch.Tensor:
-        """The base weight (out, in), dequantised on demand: exists only while the caller holds it."""
-        return dequantize_weight(self.base_layer) if self.quantized else super().base_weight()
-
-    def adapter_factory(self) -> dict[str, Any]:
-        return adapter_tensor_factory(self.base_layer) if self.quantized else super().adapter_factory()
-
-    def _weight_sq(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.quantized:
-            return super()._weight_sq(w)
-        # ‖W_i‖² of the frozen quantised weight, keyed by its packed storage rather than by
-        # the dequantised ``w``, which is a new tensor at every call.
-        key = _storage_key(self.base_layer)
-        if self._wsq_cache is None or self._wsq_cache[0] != key:
-            self._wsq_cache = (key, w.float().square().sum(dim=1))
-        return self._wsq_cache[1]
-
-    def merge_one(self, adapter_name: str, safe_merge: bool) -> None:
-        if not self.quantized:
-            return super().merge_one(adapter_name, safe_merge)
-        raise ValueError(
-            f"Cannot merge adapter {adapter_name!r} into a {type(self.base_layer).__name__} in place: adding s·BA "
-            "to quantised weights either needs a dense copy or a re-quantisation, which changes the outputs. "
-            "Use deltatune.quant.merge_quantized(peft_model, requantize=False or True, probe_inputs=batch): it "
-            "returns the merged model and a report of the output error per layer."
-        )
+def _lora_merge_error(adapter_name: str, base: nn.Module) -> str:
+    return (
+        f"Cannot merge adapter {adapter_name!r} into a {type(base).__name__} in place: adding s·BA "
+        "to quantised weights either needs a dense copy or a re-quantisation, which changes the outputs. "
+        "Use deltatune.quant.merge_quantized(peft_model, requantize=False or True, probe_inputs=batch): it "
+        "returns the merged model and a report of the output error per layer."
+    )
 
 
-LORA_DISPATCH.insert(0, (is_quantized_linear, QuantLinear))
-DORA_EXTRA_BASES.append(is_quantized_linear)
-
-
-def adopt_quantized_base(layer: AdapterLayer, base: nn.Module) -> None:
-    """Put the quantised ``base`` under an adapter layer that was built on its dense original.
-
-    Used by :func:`deltatune.quant.quantize_model` on a model that already has adapters.
-    A LoRA ``Linear`` becomes a :class:`QuantLinear`: that subclass holds no state of its
-    own and only changes how the base weight is read (dequantised for DoRA, no in-place
-    merge), so switching the class keeps every adapter tensor, hook and reference. It is
-    the inverse of what :func:`merge_quantized` does (a dense base under a QuantLinear).
-    Other layers ((IA)³, bottleneck adapters) read their base on every call and need nothing.
-    """
-    if type(layer) is Linear:
-        layer.__class__ = QuantLinear
-        layer._wsq_cache = None  # row norms of the dense weight: recomputed from the 4-bit one
-        layer._dora_cache.clear()
-    layer.base_layer = base
+# LoRA / DoRA layers over any of these read the dense weight through dequantize_weight (one
+# layer at a time, for DoRA's row norms) and refuse an in-place merge.
+STORED_WEIGHTS.insert(
+    0,
+    StoredWeight(
+        accepts=is_quantized_linear,
+        dense=dequantize_weight,
+        version=_storage_key,
+        factory=adapter_tensor_factory,
+        merge_error=_lora_merge_error,
+    ),
+)
 
 
 # -- merging into a quantised base -------------------------------------------------------------
