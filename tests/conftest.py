@@ -147,6 +147,14 @@ def model_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture
+def base4() -> nn.Module:
+    """The tiny Llama with its linear layers (not the head) in deltatune's 4-bit NF4."""
+    from deltatune.quant import quantize_model
+
+    return quantize_model(tiny_llama())
+
+
 def randomize_lora(model: nn.Module, std: float = 0.5, seed: int = 3) -> None:
     """Give every LoRA B a non-zero value so that adapters visibly change outputs."""
     g = torch.Generator().manual_seed(seed)

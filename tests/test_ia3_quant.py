@@ -48,11 +48,6 @@ def bnb_dense_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
-@pytest.fixture
-def base4() -> nn.Module:
-    return quantize_model(tiny_llama())
-
-
 # -- forward / backward on deltatune's Linear4bit ---------------------------------------------------
 
 

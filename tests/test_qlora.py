@@ -47,11 +47,6 @@ def adapted(base: nn.Module, seed: int = 0, **kw: object) -> dt.PeftModel:
     return model
 
 
-@pytest.fixture
-def base4() -> nn.Module:
-    return quantize_model(tiny_llama())
-
-
 # -- forward / backward ----------------------------------------------------------------------------
 
 

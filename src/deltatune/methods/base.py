@@ -128,6 +128,18 @@ class AdapterLayer(nn.Module):
         return self.base_layer
 
 
+def quantized_merge_error(adapter: str, base: nn.Module, change: str) -> str:
+    """Why an adapter cannot be merged into a quantised base in place, and what to do instead.
+
+    ``adapter``: e.g. "adapter 'default'"; ``change``: what merging does to the weights."""
+    return (
+        f"Cannot merge {adapter} into a {type(base).__name__} in place: {change} quantised weights needs "
+        "a dense copy or a re-quantisation, which changes the outputs. Use "
+        "deltatune.quant.merge_quantized(peft_model, requantize=False or True, probe_inputs=batch): it "
+        "returns the merged model and a report of the output error per layer."
+    )
+
+
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, child = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), child

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, register_method
-from deltatune.methods.base import AdapterLayer, Tuner
+from deltatune.methods.base import AdapterLayer, Tuner, quantized_merge_error
 from deltatune.quant.qlora import adapter_tensor_factory, is_quantized_linear
 from deltatune.targeting import find_targets, model_type, name_matches, resolved_targets
 
@@ -140,15 +140,6 @@ def _supported(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) or is_quantized_linear(module)
 
 
-def _merge_quantized_message(adapter_name: str, base: nn.Module) -> str:
-    return (
-        f"Cannot merge (IA)³ adapter {adapter_name!r} into a {type(base).__name__} in place: scaling "
-        "quantised weights needs a dense copy or a re-quantisation, which changes the outputs. Use "
-        "deltatune.quant.merge_quantized(peft_model, requantize=False or True, probe_inputs=batch): it "
-        "returns the merged model and a report of the output error per layer."
-    )
-
-
 class IA3Layer(AdapterLayer):
     """One learned scaling vector per adapter on a Linear / Conv1D / quantised linear layer."""
 
@@ -246,7 +237,9 @@ class IA3Layer(AdapterLayer):
 
     def check_merge(self, adapter_name: str) -> None:
         if self.quantized:
-            raise ValueError(_merge_quantized_message(adapter_name, self.base_layer))
+            raise ValueError(
+                quantized_merge_error(f"(IA)³ adapter {adapter_name!r}", self.base_layer, "scaling")
+            )
 
     def merge_one(self, adapter_name: str, safe_merge: bool) -> None:
         self.check_merge(adapter_name)

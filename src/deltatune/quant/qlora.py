@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.methods.base import AdapterLayer, replace_module
+from deltatune.methods.base import AdapterLayer, quantized_merge_error, replace_module
 from deltatune.methods.lora import STORED_WEIGHTS, StoredWeight, _adapter_dtype
 from deltatune.quant.nf4 import Linear4bit
 
@@ -158,12 +158,7 @@ def _requantize_like(dense: nn.Linear, original: nn.Module, path: str) -> Linear
 
 
 def _lora_merge_error(adapter_name: str, base: nn.Module) -> str:
-    return (
-        f"Cannot merge adapter {adapter_name!r} into a {type(base).__name__} in place: adding s·BA "
-        "to quantised weights either needs a dense copy or a re-quantisation, which changes the outputs. "
-        "Use deltatune.quant.merge_quantized(peft_model, requantize=False or True, probe_inputs=batch): it "
-        "returns the merged model and a report of the output error per layer."
-    )
+    return quantized_merge_error(f"adapter {adapter_name!r}", base, "adding s·BA to")
 
 
 # LoRA / DoRA layers over any of these read the dense weight through dequantize_weight (one
