@@ -19,7 +19,8 @@ calls the tuner of an adapter's config and the generic :class:`AdapterLayer` pro
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -126,6 +127,29 @@ class AdapterLayer(nn.Module):
     def unload(self) -> nn.Module:
         """The base module to put back in the model when the adapters are removed."""
         return self.base_layer
+
+
+@dataclass(frozen=True)
+class StoredWeight:
+    """How LoRA reads a base layer whose weight is not a dense tensor at rest (e.g. 4-bit codes).
+
+    Other files register one per family of such layers in :data:`STORED_WEIGHTS`
+    (deltatune.quant.qlora does for its own and bitsandbytes' quantised layers). Adapter
+    layers ask on every call, so swapping a base for another kind just works.
+    """
+
+    accepts: Callable[[nn.Module], bool]
+    dense: Callable[[nn.Module], torch.Tensor]  # the weight (out, in), materialised on demand
+    version: Callable[[nn.Module], tuple[Any, ...]]  # changes whenever the stored weight changes
+    factory: Callable[[nn.Module], dict[str, Any]]  # device / dtype for new adapter tensors
+    merge_error: Callable[[str, nn.Module], str]  # why merge_adapter() cannot merge in place, and what to do
+
+
+STORED_WEIGHTS: list[StoredWeight] = []
+
+
+def stored_weight(module: nn.Module) -> StoredWeight | None:
+    return next((kind for kind in STORED_WEIGHTS if kind.accepts(module)), None)
 
 
 def quantized_merge_error(adapter: str, base: nn.Module, change: str) -> str:

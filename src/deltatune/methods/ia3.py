@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, register_method
-from deltatune.methods.base import AdapterLayer, Tuner, quantized_merge_error
-from deltatune.quant.qlora import adapter_tensor_factory, is_quantized_linear
+from deltatune.methods.base import AdapterLayer, Tuner, quantized_merge_error, stored_weight
 from deltatune.targeting import find_targets, model_type, name_matches, resolved_targets
 
 # The ecosystem's defaults (PEFT's tables), so that an empty config means the same everywhere.
@@ -130,14 +129,14 @@ def _shape(base: nn.Module) -> tuple[int, int, bool]:
 
     if isinstance(base, Conv1D):
         return int(base.weight.shape[0]), int(base.weight.shape[1]), True
-    assert isinstance(base, nn.Linear) or is_quantized_linear(base)
+    assert isinstance(base, nn.Linear) or stored_weight(base) is not None
     return int(base.in_features), int(base.out_features), False  # type: ignore[arg-type]
 
 
 def _supported(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
-    return isinstance(module, (nn.Linear, Conv1D)) or is_quantized_linear(module)
+    return isinstance(module, (nn.Linear, Conv1D)) or stored_weight(module) is not None
 
 
 class IA3Layer(AdapterLayer):
@@ -169,12 +168,13 @@ class IA3Layer(AdapterLayer):
     @property
     def quantized(self) -> bool:
         """Whether the base stores its weight in 4 or 8 bits (read each time: the base can be swapped)."""
-        return is_quantized_linear(self.base_layer)
+        return stored_weight(self.base_layer) is not None
 
     def _factory(self) -> dict[str, Any]:
         """Device and dtype of new vectors: the base weight's, but fp32 for 16-bit (and 4/8-bit) bases."""
-        if self.quantized:
-            return adapter_tensor_factory(self.base_layer)
+        kind = stored_weight(self.base_layer)
+        if kind is not None:
+            return kind.factory(self.base_layer)
         w, _ = self._params()
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
         return {"device": w.device, "dtype": dtype}

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, register_method
-from deltatune.methods.base import AdapterLayer, Tuner
+from deltatune.methods.base import AdapterLayer, Tuner, stored_weight
 from deltatune.targeting import LORA_DEFAULT_TARGETS, find_targets, linear_types, resolved_targets
 
 
@@ -169,29 +169,6 @@ class LoraLayer(AdapterLayer):
         return False
 
 
-@dataclass(frozen=True)
-class StoredWeight:
-    """How LoRA reads a base layer whose weight is not a dense tensor at rest (e.g. 4-bit codes).
-
-    Other files register one per family of such layers in :data:`STORED_WEIGHTS`
-    (deltatune.quant.qlora does for its own and bitsandbytes' quantised layers); a LoRA
-    ``Linear`` asks on every call, so swapping its base for another kind just works.
-    """
-
-    accepts: Callable[[nn.Module], bool]
-    dense: Callable[[nn.Module], torch.Tensor]  # the weight (out, in), materialised on demand
-    version: Callable[[nn.Module], tuple[Any, ...]]  # changes whenever the stored weight changes
-    factory: Callable[[nn.Module], dict[str, Any]]  # device / dtype for new adapter tensors
-    merge_error: Callable[[str, nn.Module], str]  # why merge_adapter() cannot merge in place, and what to do
-
-
-STORED_WEIGHTS: list[StoredWeight] = []
-
-
-def stored_weight(module: nn.Module) -> StoredWeight | None:
-    return next((kind for kind in STORED_WEIGHTS if kind.accepts(module)), None)
-
-
 def dora_supported(module: nn.Module) -> bool:
     """DoRA needs the dense weight of an ``nn.Linear``, a GPT-2 ``Conv1D`` or a registered stored weight."""
     from transformers.pytorch_utils import Conv1D
@@ -223,7 +200,7 @@ def _base_weight(base: nn.Module) -> torch.Tensor:
 
 
 class Linear(LoraLayer):
-    """LoRA beside an ``nn.Linear``, a GPT-2 ``Conv1D`` or a layer registered in :data:`STORED_WEIGHTS`
+    """LoRA beside an ``nn.Linear``, a GPT-2 ``Conv1D`` or a layer registered in ``base.STORED_WEIGHTS``
     (quantised: its weight is dequantised on demand, and it cannot be merged into in place)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, path: str = "") -> None:
@@ -244,7 +221,7 @@ class Linear(LoraLayer):
 
     @property
     def quantized(self) -> bool:
-        """Whether the base stores its weight in another form (see :data:`STORED_WEIGHTS`)."""
+        """Whether the base stores its weight in another form (see ``base.STORED_WEIGHTS``)."""
         return stored_weight(self.base_layer) is not None
 
     def base_weight(self) -> torch.Tensor:

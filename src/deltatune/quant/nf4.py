@@ -714,7 +714,7 @@ def quantize_model(
     for path, module in targets:
         q = Linear4bit.from_linear(module, block_size, double_quant, compute_dtype)
         if path in owners:
-            # Adapter layers read their base on every call (LoRA through STORED_WEIGHTS), so the
+            # Adapter layers read their base on every call (through base.STORED_WEIGHTS), so the
             # swap is all it takes: they then compute what they would if added after quantising.
             owners[path].base_layer = q
         else:

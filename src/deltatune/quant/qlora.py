@@ -20,7 +20,7 @@ What differs is the base weight, which is never a dense tensor at rest::
 bitsandbytes layers are supported when bitsandbytes is imported (as it is after
 ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``).
 
-How: this file registers the quantised layer types in ``lora.STORED_WEIGHTS``; a LoRA
+How: this file registers the quantised layer types in ``base.STORED_WEIGHTS``; a LoRA
 ``Linear`` asks that registry on every call, so the same class serves dense and quantised
 bases, and a base swapped later (``quantize_model`` on an adapted model, or
 :func:`merge_quantized` putting a dense base back) needs nothing else. (IA)³ layers
@@ -37,8 +37,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.methods.base import AdapterLayer, quantized_merge_error, replace_module
-from deltatune.methods.lora import STORED_WEIGHTS, StoredWeight, _adapter_dtype
+from deltatune.methods.base import (
+    STORED_WEIGHTS,
+    AdapterLayer,
+    StoredWeight,
+    quantized_merge_error,
+    replace_module,
+)
+from deltatune.methods.lora import _adapter_dtype
 from deltatune.quant.nf4 import Linear4bit
 
 __all__ = [
