@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -35,6 +36,14 @@ open(os.path.join(out, f"rank{{trainer.rank}}-of-{{trainer.world}}.done"), "w").
 """
 
 
+def _free_port() -> int:
+    """A port nobody listens on now: back-to-back launches on torchrun's fixed default port can
+    collide with the previous run's socket, or with another test run on the same machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _launch(tmp_path, name: str, nproc: int, batch: int, fsdp: bool) -> tuple[dict[str, torch.Tensor], str]:
     script = tmp_path / "train_script.py"
     script.write_text(SCRIPT.format(tests=TESTS))
@@ -42,7 +51,10 @@ def _launch(tmp_path, name: str, nproc: int, batch: int, fsdp: bool) -> tuple[di
     prefix = (
         [sys.executable]
         if nproc == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        else [
+            *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)),
+            *("--master_addr", "127.0.0.1", "--master_port", str(_free_port())),
+        ]
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
