@@ -503,9 +503,9 @@ class Linear(LoraLayer):
 class _FusedLoraLinear(torch.autograd.Function):
     """y = x Wᵀ + b + s·B A x_d as one autograd node (x_d: x after LoRA dropout).
 
-    Backward allocates dx once (the LoRA term accumulates into the base term in place) and
-    skips the frozen weight's gradient, saving the allocations and memory-bound passes that
-    separate autograd nodes spend on adding partial gradients.
+    Backward allocates dx once (the base GEMM accumulates into the LoRA term) and skips the
+    frozen weight's gradient, saving the allocations and memory-bound passes that separate
+    autograd nodes spend on adding partial gradients.
     """
 
     @staticmethod
@@ -535,22 +535,21 @@ class _FusedLoraLinear(torch.autograd.Function):
         need = ctx.needs_input_grad
         gh = (gy @ b).mul_(ctx.scale)  # (T, r): gradient of A x_d
         gx = gxd = gw = gbias = ga = gb = None
-        if need[0] or need[1]:
-            if ctx.same_input:
-                if need[0]:
-                    gx = gy @ weight  # (T, in), fresh: the LoRA term accumulates into it in place
-                    gx.addmm_(gh, a)
-            else:
-                gx = gy @ weight if need[0] else None
-                gxd = gh @ a if need[1] else None
+        if need[5]:
+            gb = (h.t() @ gy).t()  # (out, r); this operand order runs ~2x faster than gyᵀ h on CPU
+        if need[4]:
+            ga = gh.t() @ xd
         if need[2]:
             gw = gy.t() @ x
         if ctx.has_bias and need[3]:
             gbias = gy.sum(0)
-        if need[4]:
-            ga = gh.t() @ xd
-        if need[5]:
-            gb = (h.t() @ gy).t()  # (out, r); this operand order runs ~2x faster than gyᵀ h on CPU
+        if need[0] and ctx.same_input:
+            # As in forward: the narrow product writes the fresh (T, in) buffer and the big GEMM
+            # accumulates into it (beta=1), one pass over dx fewer than adding the LoRA term after.
+            gx = (gh @ a).addmm_(gy, weight)
+        else:
+            gx = gy @ weight if need[0] else None
+            gxd = gh @ a if need[1] else None
         return gx, gxd, gw, gbias, ga, gb, None
 
 
