@@ -155,6 +155,16 @@ def base4() -> nn.Module:
     return quantize_model(tiny_llama())
 
 
+def state_changed_by_one_step(model: nn.Module, inputs: dict[str, torch.Tensor]) -> set[str]:
+    """State-dict keys that one AdamW step on the trainable parameters (LM loss) changes."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    opt.step()
+    after = model.state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
 def randomize_lora(model: nn.Module, std: float = 0.5, seed: int = 3) -> None:
     """Give every LoRA B a non-zero value so that adapters visibly change outputs."""
     g = torch.Generator().manual_seed(seed)
