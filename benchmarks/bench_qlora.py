@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from common import LLAMA_PROJECTIONS, build_llama, interleaved_medians, print_table
+from common import LLAMA_PROJECTIONS, build_llama, interleaved_medians, print_table, train_step_fn
 from deltatune.quant import loftq_initialize, memory_footprint, quantize_model
 
 
@@ -37,20 +37,6 @@ def lora(base: nn.Module, **kw: Any) -> dt.PeftModel:
     torch.manual_seed(1)
     cfg = {"r": 16, "lora_alpha": 32, "target_modules": LLAMA_PROJECTIONS, **kw}
     return dt.get_peft_model(base, dt.LoraConfig(**cfg))
-
-
-def train_step(model: nn.Module, ids: torch.Tensor) -> tuple[Any, torch.optim.Optimizer]:
-    """One AdamW step (forward, backward, update) on the trainable parameters, and its optimizer."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-    def run() -> object:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return run, opt
 
 
 def resident_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
@@ -88,14 +74,17 @@ def memory_and_time(rounds: int) -> None:
     )
     ids = torch.randint(0, 4096, (4, 128), generator=torch.Generator().manual_seed(0))
     models = {"LoRA (fp32 base)": lora(base), "QLoRA (NF4 base)": lora(q_base)}
-    built = {name: train_step(m, ids) for name, m in models.items()}
-    steps = {name: fn for name, (fn, _) in built.items()}
+    opts = {
+        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+        for name, m in models.items()
+    }
+    steps = {name: train_step_fn(m, ids, opts[name]) for name, m in models.items()}
     for fn in steps.values():  # AdamW state exists after the first step
         fn()
     rows = []
     mem = {}
     for name, m in models.items():
-        resident = resident_bytes(m, built[name][1])
+        resident = resident_bytes(m, opts[name])
         peak = step_peak_bytes(steps[name])
         mem[name] = (resident, peak)
         rows.append(

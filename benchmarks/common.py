@@ -67,10 +67,12 @@ def forward_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
     return run
 
 
-def train_step_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
-    """One AdamW step (forward, backward, update) on the trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+def train_step_fn(
+    model: nn.Module, ids: torch.Tensor, opt: torch.optim.Optimizer | None = None
+) -> Callable[[], object]:
+    """One step (forward, backward, update) of ``opt``: by default AdamW on the trainable parameters."""
+    if opt is None:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def run() -> object:
         loss = model(input_ids=ids, labels=ids).loss

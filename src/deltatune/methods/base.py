@@ -152,6 +152,23 @@ def stored_weight(module: nn.Module) -> StoredWeight | None:
     return next((kind for kind in STORED_WEIGHTS if kind.accepts(module)), None)
 
 
+def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Adapters train in fp32 even over a half-precision base (small, and fp16 Adam is fragile).
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def adapter_factory(base: nn.Module) -> dict[str, Any]:
+    """``device`` and ``dtype`` for new adapter tensors beside ``base``: its weight's device, and
+    its weight's dtype but fp32 for 16-bit ones (a registered stored weight says for itself)."""
+    kind = stored_weight(base)
+    if kind is not None:
+        return kind.factory(base)
+    w = getattr(base, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return {"device": None, "dtype": torch.float32}
+    return {"device": w.device if w.numel() or w.is_meta else None, "dtype": adapter_dtype(w.dtype)}
+
+
 def quantized_merge_error(adapter: str, base: nn.Module, change: str) -> str:
     """Why an adapter cannot be merged into a quantised base in place, and what to do instead.
 

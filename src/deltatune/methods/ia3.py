@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, register_method
-from deltatune.methods.base import AdapterLayer, Tuner, quantized_merge_error, stored_weight
+from deltatune.methods.base import AdapterLayer, Tuner, adapter_factory, quantized_merge_error, stored_weight
 from deltatune.targeting import find_targets, model_type, name_matches, resolved_targets
 
 # The ecosystem's defaults (PEFT's tables), so that an empty config means the same everywhere.
@@ -156,7 +156,7 @@ class IA3Layer(AdapterLayer):
     def add_adapter(self, adapter_name: str, config: Any, **kwargs: Any) -> None:
         if adapter_name in self.ia3_l:
             raise ValueError(f"Adapter {adapter_name!r} already exists on this layer.")
-        factory = self._factory()
+        factory = adapter_factory(self.base_layer)
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
         vec = torch.ones(shape, **factory)
         if not config.init_ia3_weights:  # random vector, e.g. for tests of the maths
@@ -169,15 +169,6 @@ class IA3Layer(AdapterLayer):
     def quantized(self) -> bool:
         """Whether the base stores its weight in 4 or 8 bits (read each time: the base can be swapped)."""
         return stored_weight(self.base_layer) is not None
-
-    def _factory(self) -> dict[str, Any]:
-        """Device and dtype of new vectors: the base weight's, but fp32 for 16-bit (and 4/8-bit) bases."""
-        kind = stored_weight(self.base_layer)
-        if kind is not None:
-            return kind.factory(self.base_layer)
-        w, _ = self._params()
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        return {"device": w.device, "dtype": dtype}
 
     def vector(self, adapter_name: str) -> torch.Tensor:
         """The adapter's scale as a flat vector: (in,) for feed-forward modules, else (out,)."""
@@ -242,7 +233,6 @@ class IA3Layer(AdapterLayer):
             )
 
     def merge_one(self, adapter_name: str, safe_merge: bool) -> None:
-        self.check_merge(adapter_name)
         w, b = self._params()
         vec = self.vector(adapter_name).detach()
         weight = w * self._weight_factor(vec).to(w.dtype)

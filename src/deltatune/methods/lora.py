@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, register_method
-from deltatune.methods.base import AdapterLayer, Tuner, stored_weight
+from deltatune.methods.base import AdapterLayer, Tuner, adapter_dtype, adapter_factory, stored_weight
 from deltatune.targeting import LORA_DEFAULT_TARGETS, find_targets, linear_types, resolved_targets
 
 
@@ -115,11 +115,6 @@ def _pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
         if re.fullmatch(rf"(.*\.)?(?:{key})", path):
             return value
     return default
-
-
-def _adapter_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Adapters train in fp32 even over a half-precision base (small, and fp16 Adam is fragile).
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class LoraLayer(AdapterLayer):
@@ -237,19 +232,11 @@ class Linear(LoraLayer):
         w = _base_weight(self.base_layer)
         return (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
 
-    def adapter_factory(self) -> dict[str, Any]:
-        """Device and dtype for new adapter tensors."""
-        kind = stored_weight(self.base_layer)
-        if kind is not None:
-            return kind.factory(self.base_layer)
-        w = _base_weight(self.base_layer)
-        return {"device": w.device if w.numel() or w.is_meta else None, "dtype": _adapter_dtype(w.dtype)}
-
     def add_adapter(self, adapter_name: str, config: Any, **kwargs: Any) -> None:
         if adapter_name in self.lora_A:
             raise ValueError(f"Adapter {adapter_name!r} already exists on this layer.")
         r, _ = self._register(adapter_name, config, kwargs.get("path", ""))
-        factory = self.adapter_factory()
+        factory = adapter_factory(self.base_layer)
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)
         self.reset_parameters(adapter_name, config.init_lora_weights)
@@ -471,7 +458,6 @@ class Linear(LoraLayer):
             raise ValueError(kind.merge_error(adapter_name, self.base_layer))
 
     def merge_one(self, adapter_name: str, safe_merge: bool) -> None:
-        self.check_merge(adapter_name)
         weight = _base_weight(self.base_layer)
         delta = self.delta_weight(adapter_name)
         with torch.no_grad():
@@ -570,7 +556,7 @@ class Embedding(LoraLayer):
         r, _ = self._register(adapter_name, config, kwargs.get("path", ""))
         base: nn.Embedding = self.base_layer  # type: ignore[assignment]
         w = base.weight
-        dtype = _adapter_dtype(w.dtype)
+        dtype = adapter_dtype(w.dtype)
         self.lora_embedding_A[adapter_name] = nn.Parameter(
             torch.empty(r, base.num_embeddings, device=w.device, dtype=dtype)
         )

@@ -224,11 +224,12 @@ def loftq_decompose(
     qlora_error = 0.0
     for step in range(num_iter):
         q, storage = quantize(target)
+        residual = w - q
         if step == 0:
-            qlora_error = float(torch.linalg.matrix_norm(w - q))
-        a, b = _low_rank(w - q, rank, scaling)
+            qlora_error = float(torch.linalg.matrix_norm(residual))
+        a, b = _low_rank(residual, rank, scaling)
         lowrank = (b @ a) * scaling
-        errors.append(float(torch.linalg.matrix_norm(w - q - lowrank)))
+        errors.append(float(torch.linalg.matrix_norm(residual - lowrank)))
         target = w - lowrank
     return LoftQResult(q, storage, a, b, float(torch.linalg.matrix_norm(w)), qlora_error, errors)
 
@@ -360,11 +361,7 @@ def _apply(layer: Linear, adapter_name: str, path: str, result: LoftQResult) -> 
 
 def _dense_weight_param(layer: Linear) -> torch.Tensor | None:
     w = getattr(layer.base_layer, "weight", None)
-    if (
-        isinstance(layer.base_layer, Linear4bit)
-        or not isinstance(w, torch.Tensor)
-        or not w.is_floating_point()
-    ):
+    if layer.quantized or not isinstance(w, torch.Tensor) or not w.is_floating_point():
         return None
     return w
 

@@ -679,7 +679,7 @@ def quantize_model(
     Returns:
         ``model`` itself.
     """
-    from deltatune.methods.base import AdapterLayer
+    from deltatune.methods.base import AdapterLayer, replace_module
 
     skip = list(DEFAULT_SKIP_MODULES) + list(skip_modules or [])
     get_head = getattr(model, "get_output_embeddings", None)
@@ -698,28 +698,20 @@ def quantize_model(
             f"target_modules={target_modules!r} matched no nn.Linear layer outside the skipped heads; "
             f"linear layers here: {sorted({bare.split('.')[-1] for _, bare, _ in found})}."
         )
-    # Check every owner before changing anything, so a refusal leaves the model as it was.
-    owners: dict[str, AdapterLayer] = {}
+    # Check every adapter layer before changing anything, so a refusal leaves the model as it was.
     for path, _ in targets:
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        if isinstance(parent, AdapterLayer) and child == "base_layer":
-            if parent.merged_adapters:
-                raise ValueError(
-                    f"{parent_path!r} has adapter(s) {parent.merged_adapters} merged into its weights; "
-                    "quantising them would bake the merge into the 4-bit codes. Call unmerge_adapter() first "
-                    "(or quantise the base before adding adapters)."
-                )
-            owners[path] = parent
+        owner_path = path.removesuffix(".base_layer")
+        owner = model.get_submodule(owner_path) if owner_path != path else None
+        if isinstance(owner, AdapterLayer) and owner.merged_adapters:
+            raise ValueError(
+                f"{owner_path!r} has adapter(s) {owner.merged_adapters} merged into its weights; "
+                "quantising them would bake the merge into the 4-bit codes. Call unmerge_adapter() first "
+                "(or quantise the base before adding adapters)."
+            )
+    # Adapter layers read their base on every call (through base.STORED_WEIGHTS), so swapping
+    # the base is all it takes: they then compute what they would if added after quantising.
     for path, module in targets:
-        q = Linear4bit.from_linear(module, block_size, double_quant, compute_dtype)
-        if path in owners:
-            # Adapter layers read their base on every call (through base.STORED_WEIGHTS), so the
-            # swap is all it takes: they then compute what they would if added after quantising.
-            owners[path].base_layer = q
-        else:
-            parent_path, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, child, q)
+        replace_module(model, path, Linear4bit.from_linear(module, block_size, double_quant, compute_dtype))
     return model
 
 

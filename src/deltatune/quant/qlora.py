@@ -41,10 +41,10 @@ from deltatune.methods.base import (
     STORED_WEIGHTS,
     AdapterLayer,
     StoredWeight,
+    adapter_dtype,
     quantized_merge_error,
     replace_module,
 )
-from deltatune.methods.lora import _adapter_dtype
 from deltatune.quant.nf4 import Linear4bit
 
 __all__ = [
@@ -124,7 +124,7 @@ def adapter_tensor_factory(module: nn.Module) -> dict[str, Any]:
     codes, and the dtype of the weight they stand for (fp32 when that is fp16/bf16)."""
     w = module.weight_packed if isinstance(module, Linear4bit) else module.weight
     device = w.device if isinstance(w, torch.Tensor) else None
-    return {"device": device, "dtype": _adapter_dtype(_logical_dtype(module))}
+    return {"device": device, "dtype": adapter_dtype(_logical_dtype(module))}
 
 
 def to_dense_linear(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
