@@ -9,7 +9,10 @@ batch 8 x 128 tokens. Printed ratios (lower is better):
   (c) LoRA training step / full fine-tuning step    target <= 0.70
   (d) LoRA training step / physical floor           the floor: frozen model, backward of activations only
 
-Run: python benchmarks/bench_lora.py [--rounds N]
+With --ranks 1,4 the training rounds also time deltatune at those ranks: how much of (d) is
+the rank's arithmetic and how much is the fixed cost of adapting a projection at all.
+
+Run: python benchmarks/bench_lora.py [--rounds N] [--ranks R,R,...]
 """
 
 from __future__ import annotations
@@ -54,7 +57,11 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: stable ratios on a shared machine)"
     )
+    parser.add_argument(
+        "--ranks", default="", help="extra deltatune ranks to time in the training rounds, e.g. 1,4"
+    )
     args = parser.parse_args()
+    extra_ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
     torch.set_num_threads(args.threads)
     ids = torch.randint(0, 4096, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     base = build_llama().eval()
@@ -78,6 +85,8 @@ def main() -> None:
     train_fns = {"full fine-tuning": train_step_fn(full, ids), "floor": floor_step_fn(floor, ids)}
     for lib, model in models.items():
         train_fns[f"{lib} LoRA"] = train_step_fn(model.train(), ids)
+    for r in extra_ranks:
+        train_fns[f"deltatune r={r}"] = train_step_fn(lora_model("deltatune", base, r=r).train(), ids)
     train = interleaved_medians(train_fns, rounds=args.rounds)
 
     rows = []
@@ -103,6 +112,12 @@ def main() -> None:
     print(
         f"deltatune unmerged forward / PEFT unmerged forward: {infer['deltatune unmerged'] / infer['peft unmerged']:.3f}"
     )
+    for r in extra_ranks:
+        step = train[f"deltatune r={r}"]
+        print(
+            f"deltatune r={r}: LoRA step / full FT {step / train['full fine-tuning']:.3f}, "
+            f"LoRA step / floor {step / train['floor']:.3f}"
+        )
 
 
 if __name__ == "__main__":
