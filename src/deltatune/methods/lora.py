@@ -393,6 +393,8 @@ class Linear(LoraLayer):
             xd = self.lora_dropout[names[0]](x2)
             y2 = _FusedLoraLinear.apply(x2, xd, base.weight, base.bias, a, b, self.scaling[names[0]])
             return y2.view(*x.shape[:-1], y2.shape[-1])
+        if not torch.is_grad_enabled() and self._fold_pays(x2, base.weight, names):
+            return F.linear(x, self._folded_weight(base.weight, names), base.bias)
         y: torch.Tensor | None = None
         for name in names:
             a, b = self.factors(name)
@@ -404,6 +406,35 @@ class Linear(LoraLayer):
         else:
             y.addmm_(x2, base.weight.t())
         return y.view(*x.shape[:-1], y.shape[-1])
+
+    def _fold_pays(self, x2: torch.Tensor, weight: torch.Tensor, names: list[str]) -> bool:
+        """Whether W + Σ s·B A, built for this call, is cheaper than the per-token LoRA products.
+
+        Building it costs r·in·out multiply-adds and a few passes over W; the per-token path
+        costs T·r·(in + out). Measured on CPU, folding wins from T·(in + out) ≥ 2·in·out
+        (T ≥ 512 tokens at 512 x 512, ≥ 4096 at 4096 x 4096): large prefill and evaluation
+        batches, never decoding. Only in fp32/fp64 (a 16-bit W + s·B A would round the update
+        away) and without active dropout (A must see the dropped input).
+        """
+        if x2.dtype not in (torch.float32, torch.float64):
+            return False
+        if any(self._dropout_active(n) for n in names):
+            return False
+        t, d_in = x2.shape
+        d_out = weight.shape[0]
+        return t * (d_in + d_out) >= 2 * d_in * d_out
+
+    def _folded_weight(self, weight: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """W + Σ s·B A over ``names``: (out, in), a fresh tensor; ``weight`` is untouched."""
+        w = weight
+        for i, name in enumerate(names):
+            a, b = self.factors(name)
+            w = (
+                torch.addmm(w, b, a, alpha=self.scaling[name])
+                if i == 0
+                else w.addmm_(b, a, alpha=self.scaling[name])
+            )
+        return w
 
     def _add_lora(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
         """result + s·B(A x): one fused addmm on the (tokens, out) view when dtypes agree."""
