@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import MODELS, model_output, tiny_bert, tiny_gpt2, tiny_llama, tiny_mlp, tiny_t5
+from conftest import MODELS, model_output, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama, tiny_mlp, tiny_t5
 from deltatune import LoraConfig, PeftModel, TaskType, get_peft_model
 from deltatune.methods.base import ModulesToSaveWrapper
 from deltatune.methods.lora import Linear
@@ -197,3 +198,123 @@ def test_cli_help() -> None:
 
 def test_peft_model_class_exported() -> None:
     assert PeftModel.from_pretrained.__doc__
+
+
+# -- PEFT parity: switching while merged, unload, the rest of PeftModel's surface ---------
+def two_lora_adapters() -> PeftModel:
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("b", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_lora(model)
+    return model
+
+
+def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model_output(model(**inputs))
+
+
+def test_set_adapter_on_merged_model_unmerges_first() -> None:
+    inputs = MODELS["llama"][2]()
+    model = two_lora_adapters()
+    base = logits(tiny_llama(), inputs)
+    model.set_adapter("b")
+    only_b = logits(model, inputs)
+    model.set_adapter("default")
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="merged into the base weights; unmerging"):
+        model.set_adapter("b")
+    assert not any(m.merged for m in model.modules() if isinstance(m, Linear))
+    torch.testing.assert_close(logits(model, inputs), only_b, atol=1e-5, rtol=0)
+    with model.disable_adapter():  # the base weights are back to the original
+        torch.testing.assert_close(logits(model, inputs), base, atol=1e-5, rtol=0)
+
+
+def head_models(tmp_path: Path) -> tuple[nn.Module, PeftModel]:
+    """The same SEQ_CLS LoRA adapter with a trained head, in PEFT and (loaded from its file) here."""
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(
+        tiny_bert(), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"])
+    )
+    randomize_lora(theirs)
+    with torch.no_grad():
+        theirs.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
+    theirs.save_pretrained(str(tmp_path))
+    return theirs, PeftModel.from_pretrained(tiny_bert(), tmp_path)
+
+
+@pytest.mark.parametrize("how", ["unload", "merge_and_unload"])
+def test_unload_keeps_the_trained_head_like_peft(how: str, tmp_path: Path) -> None:
+    inputs = MODELS["bert"][2]()
+    theirs, ours = head_models(tmp_path)
+    trained_head = ours.base_model.classifier.modules_to_save["default"].weight.detach().clone()
+    plain_theirs, plain_ours = getattr(theirs, how)(), getattr(ours, how)()
+    assert not isinstance(plain_ours.classifier, ModulesToSaveWrapper)
+    assert torch.equal(plain_ours.classifier.weight, trained_head)
+    assert not torch.equal(plain_ours.classifier.weight, tiny_bert().classifier.weight)
+    torch.testing.assert_close(logits(plain_ours, inputs), logits(plain_theirs, inputs), atol=1e-5, rtol=0)
+
+
+def test_get_base_model_and_peft_type() -> None:
+    base = tiny_llama()
+    model = get_peft_model(base, LoraConfig(r=2))
+    assert model.get_base_model() is base
+    assert model.peft_type == "LORA"
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2))
+    assert type(theirs.get_base_model()) is type(model.get_base_model())
+    assert theirs.peft_type == model.peft_type
+    # Documented difference: PEFT's base_model is its LoraModel, whose .model is the transformers
+    # model; here base_model is the transformers model itself.
+    assert type(theirs.base_model.model) is type(model.base_model)
+
+
+def test_enable_and_disable_adapter_layers_like_peft(tmp_path: Path) -> None:
+    inputs = MODELS["bert"][2]()
+    theirs, _ = head_models(tmp_path)
+    ours = PeftModel.from_pretrained(tiny_bert(), tmp_path, is_trainable=True)
+    theirs_t = pytest.importorskip("peft").PeftModel.from_pretrained(
+        tiny_bert(), str(tmp_path), is_trainable=True
+    )
+    adapted = logits(ours, inputs)
+    for model in (ours, theirs_t):
+        model.disable_adapter_layers()
+    assert ours.get_nb_trainable_parameters() == theirs_t.get_nb_trainable_parameters()
+    assert ours.get_nb_trainable_parameters()[0] == 0
+    base = logits(tiny_bert(), inputs)
+    for _ in range(2):  # persistent, unlike the disable_adapter() block
+        torch.testing.assert_close(logits(ours, inputs), base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(theirs_t, inputs), base, atol=1e-5, rtol=0)
+    for model in (ours, theirs_t):
+        model.enable_adapter_layers()
+    assert ours.get_nb_trainable_parameters() == theirs_t.get_nb_trainable_parameters()
+    assert ours.get_nb_trainable_parameters()[0] > 0
+    torch.testing.assert_close(logits(ours, inputs), adapted, atol=0, rtol=0)
+
+
+def test_disable_adapter_layers_warns_about_trained_biases() -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, bias="all"))
+    with pytest.warns(UserWarning, match="bias='all'"):
+        model.disable_adapter_layers()
+
+
+def test_set_requires_grad_and_inference_mode_like_peft() -> None:
+    peft = pytest.importorskip("peft")
+    ours = two_lora_adapters()
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    theirs.add_adapter("b", peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    one = ours.get_nb_trainable_parameters()
+    for model in (ours, theirs):
+        model.set_requires_grad("b")
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert ours.get_nb_trainable_parameters()[0] == 2 * one[0]
+    assert all(p.requires_grad for n, p in ours.named_parameters() if ".b." in n)
+    for model in (ours, theirs):
+        model.set_requires_grad(["default", "b"], requires_grad=False)
+    assert ours.get_nb_trainable_parameters()[0] == theirs.get_nb_trainable_parameters()[0] == 0
+    for model in (ours, theirs):
+        model.set_adapter("b", inference_mode=True)
+    assert ours.get_nb_trainable_parameters()[0] == theirs.get_nb_trainable_parameters()[0] == 0
+    ours.set_adapter("b")
+    assert ours.get_nb_trainable_parameters() == one
+    with pytest.raises(ValueError, match=r"Unknown adapters \['c'\]"):
+        ours.set_requires_grad("c")

@@ -167,3 +167,101 @@ def test_foreign_tensors_rejected(tmp_path: Path) -> None:
     other = get_peft_model(tiny_llama(), LoraConfig(target_modules=["k_proj"]))
     with pytest.raises(ValueError, match="fit no module"):
         other._load_state("default", load_file(str(tmp_path / WEIGHTS_NAME)))
+
+
+# -- PEFT's loader keywords ---------------------------------------------------------------
+def two_adapters_saved(tmp_path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Save 'default' in tmp_path and 'other' in tmp_path/other; return inputs and both outputs."""
+    model, inputs = trained("llama")
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path)
+    default = out(model, inputs)
+    model.set_adapter("other")
+    other = out(model, inputs)
+    assert not torch.allclose(default, other)
+    return inputs, default, other
+
+
+def test_subfolder_loads_the_adapter_in_it(tmp_path: Path) -> None:
+    inputs, _, other = two_adapters_saved(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, subfolder="other")
+    assert list(loaded.peft_config["default"].target_modules) == ["k_proj"]  # type: ignore[attr-defined]
+    torch.testing.assert_close(out(loaded, inputs), other, atol=0, rtol=0)
+    again = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    again.load_adapter(tmp_path, adapter_name="other", subfolder="other")
+    again.set_adapter("other")
+    torch.testing.assert_close(out(again, inputs), other, atol=0, rtol=0)
+    with pytest.raises(FileNotFoundError, match=r"subfolder='nope'.*hold an adapter: \['other'\]"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path, subfolder="nope")
+
+
+def test_subfolder_matches_peft(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    inputs, _, other = two_adapters_saved(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path), subfolder="other")
+    torch.testing.assert_close(out(theirs, inputs), other, atol=1e-5, rtol=0)
+
+
+def test_harmless_peft_keywords_are_accepted(tmp_path: Path) -> None:
+    inputs, default, other = two_adapters_saved(tmp_path)
+    loaded = PeftModel.from_pretrained(
+        tiny_llama(),
+        tmp_path,
+        low_cpu_mem_usage=True,
+        ephemeral_gpu_offload=False,
+        torch_device="cpu",
+        token=None,
+        cache_dir=str(tmp_path),
+        revision=None,
+    )
+    torch.testing.assert_close(out(loaded, inputs), default, atol=0, rtol=0)
+    loaded.load_adapter(tmp_path / "other", "other", torch_device="cpu", low_cpu_mem_usage=True)
+    loaded.set_adapter("other")
+    torch.testing.assert_close(out(loaded, inputs), other, atol=0, rtol=0)
+    with pytest.warns(UserWarning, match="autocast_adapter_dtype=False is not supported"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path, autocast_adapter_dtype=False)
+
+
+def test_unknown_keywords_are_refused_not_swallowed(tmp_path: Path) -> None:
+    two_adapters_saved(tmp_path)
+    with pytest.raises(TypeError, match=r"from_pretrained\(\) got unexpected keyword.*\['sub_folder'\]"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path, sub_folder="other")
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    with pytest.raises(TypeError, match=r"load_adapter\(\) got unexpected keyword.*\['device_map'\]"):
+        model.load_adapter(tmp_path / "other", "other", device_map="auto")
+    with pytest.raises(ValueError, match="revision='v2'.*local folders only"):
+        model.load_adapter(tmp_path / "other", "other", revision="v2")
+    assert list(model.peft_config) == ["default"]  # refused before anything changed
+    with pytest.raises(TypeError, match=r"save_pretrained\(\) got unexpected keyword.*\['max_shard_size'\]"):
+        model.save_pretrained(tmp_path / "x", max_shard_size="1GB")
+    with pytest.raises(ValueError, match="save_embedding_layers=True"):
+        model.save_pretrained(tmp_path / "x", save_embedding_layers=True)
+    assert not (tmp_path / "x").exists()
+
+
+def test_not_main_process_writes_nothing(tmp_path: Path) -> None:
+    model, _ = trained("llama")
+    model.save_pretrained(tmp_path / "rank1", is_main_process=False)
+    assert not (tmp_path / "rank1").exists()
+    model.save_pretrained(tmp_path / "rank0", is_main_process=True)
+    assert (tmp_path / "rank0" / WEIGHTS_NAME).is_file()
+
+
+def test_key_mapping_renames_saved_keys_like_peft(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model, inputs = trained("llama")
+    model.save_pretrained(tmp_path)
+    # A file written for a model whose blocks were called "blocks": key_mapping maps them back.
+    state = load_file(str(tmp_path / WEIGHTS_NAME))
+    renamed = {k.replace(".model.layers.", ".model.blocks."): v for k, v in state.items()}
+    assert renamed.keys() != state.keys()
+    save_file(renamed, str(tmp_path / WEIGHTS_NAME))
+    mapping = {r"^model\.blocks\.": "model.layers."}
+    with pytest.raises(ValueError, match="fit no module"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, key_mapping=mapping)
+    torch.testing.assert_close(out(loaded, inputs), out(model, inputs), atol=0, rtol=0)
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path), key_mapping=mapping)
+    torch.testing.assert_close(out(theirs, inputs), out(model, inputs), atol=1e-5, rtol=0)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from deltatune.config import TASK_HEADS, PeftConfig, method_for
+from deltatune.config import CONFIG_NAME, TASK_HEADS, PeftConfig, method_for
 from deltatune.io import WEIGHTS_NAME, atomic_directory, atomic_write_text, load_tensors, save_tensors
 from deltatune.methods.base import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper, Tuner
 
@@ -25,6 +27,82 @@ SAVED_PREFIX = "base_model.model."  # the ecosystem's key prefix for adapter ten
 
 def _tuner(config: PeftConfig) -> Tuner:
     return method_for(config).tuner_cls()
+
+
+# Keyword arguments of PEFT's loaders that only steer Hub downloads: without effect on a local
+# folder, so they are accepted and ignored.
+_HUB_ONLY_KWARGS = frozenset(
+    {"token", "use_auth_token", "cache_dir", "local_files_only", "force_download", "proxies"}
+)
+# PEFT keyword arguments deltatune accepts only at their default, since any other value would
+# ask for something deltatune does not do: keyword → (default, why another value is refused).
+_DEFAULT_ONLY_KWARGS: dict[str, tuple[Any, str]] = {
+    "revision": (None, "deltatune loads local folders only; a revision picks a commit on the Hub"),
+    "ignore_mismatched_sizes": (False, "deltatune always refuses tensors whose shape does not fit"),
+}
+
+
+def _check_kwargs(call: str, kwargs: dict[str, Any], accepted: frozenset[str] = _HUB_ONLY_KWARGS) -> None:
+    """Refuse keyword arguments that would change the result if they were silently ignored."""
+    unknown = sorted(k for k in kwargs if k not in accepted and k not in _DEFAULT_ONLY_KWARGS)
+    if unknown:
+        raise TypeError(
+            f"{call}() got unexpected keyword argument(s) {unknown}: deltatune does not know them "
+            "and refuses them rather than ignore them. Check the spelling, or drop them (Hub "
+            "download options other than token/cache_dir/... do not apply to local folders)."
+        )
+    for key, (default, why) in _DEFAULT_ONLY_KWARGS.items():
+        if key in kwargs and kwargs[key] != default:
+            raise ValueError(f"{call}({key}={kwargs[key]!r}) is not supported: {why}. Drop {key}.")
+
+
+def _warn_autocast(autocast_adapter_dtype: bool) -> None:
+    if not autocast_adapter_dtype:
+        warnings.warn(
+            "autocast_adapter_dtype=False is not supported: deltatune keeps adapters over fp16/bf16 "
+            "base layers in fp32 (PEFT's default, autocast_adapter_dtype=True).",
+            stacklevel=3,
+        )
+
+
+def _adapter_dir(model_id: str | os.PathLike[str], subfolder: str | None) -> str:
+    """The local folder that holds the adapter: ``model_id``, or ``model_id/subfolder``."""
+    root = os.fspath(model_id)
+    if not subfolder:
+        return root
+    path = os.path.join(root, subfolder)
+    if not os.path.isdir(path):
+        found = (
+            sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, CONFIG_NAME)))
+            if os.path.isdir(root)
+            else []
+        )
+        raise FileNotFoundError(
+            f"subfolder={subfolder!r}: {path!r} is not a folder. Sub-folders of {root!r} that hold an "
+            f"adapter: {found}."
+        )
+    return path
+
+
+def _remap_keys(
+    state: dict[str, torch.Tensor], key_mapping: dict[str, str] | None
+) -> dict[str, torch.Tensor]:
+    """Rename saved keys with PEFT's ``key_mapping`` rule: regex → replacement, applied to the
+    key without its ``base_model.model.`` (or ``base_model.``) prefix; the first pattern that
+    matches wins."""
+    if not key_mapping:
+        return state
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), "")
+        rest = key[len(prefix) :]
+        for pattern, replacement in key_mapping.items():
+            new, n = re.subn(pattern, replacement, rest)
+            if n:
+                rest = new
+                break
+        out[prefix + rest] = value
+    return out
 
 
 def _logical_numel(module: nn.Module) -> int:
@@ -62,6 +140,18 @@ class PeftModel(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         return [] if self.active_adapter is None else [self.active_adapter]
+
+    @property
+    def peft_type(self) -> str:
+        """The method of this model's adapters (one method per wrapper), e.g. ``"LORA"``."""
+        if not self.peft_config:
+            raise ValueError("This model holds no adapter; add one with add_adapter(name, config).")
+        config = self.peft_config.get(self.active_adapter or "", next(iter(self.peft_config.values())))
+        return str(config.peft_type)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (with adapter layers inside), as PEFT's returns."""
+        return self.base_model
 
     @property
     def active_peft_config(self) -> PeftConfig:
@@ -113,14 +203,41 @@ class PeftModel(nn.Module):
                 m.set_adapter(self.active_adapters)
             self._refresh_trainable()
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active (and, unless in inference mode, trainable) adapter."""
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the active (and, unless in inference mode, trainable) adapter.
+
+        Merged adapters are unmerged first, with a warning (as PEFT does): otherwise the old
+        adapter would stay in the weights under the new one.
+        """
         if adapter_name not in self.peft_config:
             raise ValueError(f"No adapter named {adapter_name!r}; this model has {list(self.peft_config)}.")
+        if any(layer.merged for layer in self._layers()):
+            warnings.warn(
+                f"set_adapter({adapter_name!r}): adapters are merged into the base weights; unmerging "
+                "them first so that only the new active adapter applies.",
+                stacklevel=2,
+            )
+            self.unmerge_adapter()
         self.active_adapter = adapter_name
         for m in self._adapter_modules():
             m.set_adapter([adapter_name])
         self._refresh_trainable()
+        if inference_mode:
+            self.set_requires_grad(adapter_name, requires_grad=False)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients on (or off) for the given adapters' parameters, active or not.
+
+        A later ``set_adapter`` / ``add_adapter`` / ``enable_adapter_layers`` resets trainability
+        to "the active adapter only".
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapters {unknown}; this model has {list(self.peft_config)}.")
+        for name in names:
+            for p in self._adapter_params(name, _tuner(self.peft_config[name])):
+                p.requires_grad_(requires_grad)
 
     def _refresh_trainable(self) -> None:
         for name, config in self.peft_config.items():
@@ -152,6 +269,32 @@ class PeftModel(nn.Module):
             remaining = list(self.peft_config)
             if remaining:
                 self.set_adapter(remaining[-1])
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model alone from now on (until ``enable_adapter_layers``); adapter
+        parameters are frozen meanwhile. ``with disable_adapter():`` does the same for a block."""
+        for name in self.active_adapters:
+            bias = getattr(self.peft_config[name], "bias", "none")
+            if bias != "none":
+                warnings.warn(
+                    f"Adapter {name!r} trains base biases (bias={bias!r}) in place: with adapters "
+                    "disabled, those biases keep their trained values, so outputs differ from the "
+                    "original base model.",
+                    stacklevel=2,
+                )
+        for m in self._adapter_modules():
+            m.disabled = True
+        self._disabled = True
+        for name, config in self.peft_config.items():
+            for p in self._adapter_params(name, _tuner(config)):
+                p.requires_grad_(False)
+
+    def enable_adapter_layers(self) -> None:
+        """Undo ``disable_adapter_layers``: the active adapter applies (and trains) again."""
+        for m in self._adapter_modules():
+            m.disabled = False
+        self._disabled = False
+        self._refresh_trainable()
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -210,26 +353,28 @@ class PeftModel(nn.Module):
     ) -> nn.Module:
         """Merge the active (or given) adapters into the base and return the plain model."""
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        return self._unload(keep_trained_heads=True)
+        return self._unload()
 
     def unload(self) -> nn.Module:
-        """Remove every adapter without merging and return the original base model."""
-        self.unmerge_adapter()
-        return self._unload(keep_trained_heads=False)
+        """Remove every adapter without merging and return the base model.
 
-    def _unload(self, keep_trained_heads: bool) -> nn.Module:
+        As in PEFT, a ``modules_to_save`` module (e.g. a classification head) comes back as the
+        active adapter's trained copy, not the original: the deltas go, the trained head stays.
+        """
+        self.unmerge_adapter()
+        return self._unload()
+
+    def _unload(self) -> nn.Module:
         from deltatune.methods.base import replace_module
 
         for path, module in list(self.base_model.named_modules()):
             if isinstance(module, AdapterLayer):
                 replace_module(self.base_model, path, module.unload())
             elif isinstance(module, ModulesToSaveWrapper):
+                # The active adapter's trained copy (PEFT does the same); the original when
+                # the active adapter has no copy here.
                 active = module.active_adapters[-1] if module.active_adapters else None
-                keep = (
-                    module.modules_to_save[active]
-                    if keep_trained_heads and active
-                    else module.original_module
-                )
+                keep = module.modules_to_save[active] if active else module.original_module
                 replace_module(self.base_model, path, keep)
         for config in self.peft_config.values():
             _tuner(config).delete(self, None)
@@ -351,14 +496,29 @@ class PeftModel(nn.Module):
         save_directory: str | os.PathLike[str],
         selected_adapters: list[str] | None = None,
         safe_serialization: bool = True,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` + README.
 
         The default adapter goes in ``save_directory``; others in sub-folders named after them.
+        ``is_main_process=False`` (other ranks of a distributed run) writes nothing.
         """
+        _check_kwargs("save_pretrained", kwargs, accepted=frozenset())
         if not safe_serialization:
             raise ValueError("deltatune writes safetensors only; drop safe_serialization=False.")
+        if save_embedding_layers is True:
+            raise ValueError(
+                "save_embedding_layers=True is not supported: deltatune saves the adapter's own tensors "
+                "(for a targeted embedding, its LoRA factors), not full copies of the base embeddings."
+            )
+        if path_initial_model_for_weight_conversion is not None:
+            raise ValueError(
+                "path_initial_model_for_weight_conversion is not supported by deltatune; save the "
+                "adapter without it."
+            )
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a folder path.")
@@ -366,6 +526,8 @@ class PeftModel(nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"No adapter named {name!r}; this model has {list(self.peft_config)}.")
+        if not is_main_process:
+            return
         for name in names:
             target = save_directory if name == "default" else os.path.join(save_directory, name)
             config = copy.copy(self.peft_config[name])
@@ -381,13 +543,31 @@ class PeftModel(nn.Module):
         model_id: str | os.PathLike[str],
         adapter_name: str,
         is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         allow_pickle: bool = False,
+        subfolder: str | None = None,
         **kwargs: Any,
     ) -> None:
-        """Load a saved adapter folder into this model under ``adapter_name``."""
-        config = PeftConfig.from_pretrained(model_id)
+        """Load a saved adapter folder into this model under ``adapter_name`` (inactive).
+
+        ``subfolder``: the adapter lives in ``model_id/subfolder`` (e.g. a non-default adapter
+        that ``save_pretrained`` wrote beside the default one). ``key_mapping``: regex →
+        replacement renames of the saved keys (without ``base_model.model.``), as in PEFT.
+        ``ephemeral_gpu_offload`` and ``low_cpu_mem_usage`` are accepted for PEFT compatibility
+        and change nothing here; Hub-only keywords (``token``, ``cache_dir``, ...) are ignored.
+        Any other keyword is refused with a TypeError.
+        """
+        _check_kwargs("load_adapter", kwargs)
+        _warn_autocast(autocast_adapter_dtype)
+        directory = _adapter_dir(model_id, subfolder)
+        config = PeftConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
-        state = load_tensors(os.fspath(model_id), allow_pickle=allow_pickle)
+        state = load_tensors(directory, allow_pickle=allow_pickle, device=torch_device or "cpu")
+        state = _remap_keys(state, key_mapping)
         self.add_adapter(adapter_name, config)
         try:
             self._load_state(adapter_name, state)
@@ -409,13 +589,26 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: PeftConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         allow_pickle: bool = False,
+        subfolder: str | None = None,
+        torch_device: str | None = None,
         **kwargs: Any,
     ) -> PeftModel:
-        """Wrap ``model`` with the adapter saved in folder ``model_id``."""
-        config = config or PeftConfig.from_pretrained(model_id)
+        """Wrap ``model`` with the adapter saved in folder ``model_id`` (or ``model_id/subfolder``).
+
+        Keywords as in :meth:`load_adapter`; any keyword deltatune does not know raises TypeError.
+        """
+        _check_kwargs("from_pretrained", kwargs)
+        _warn_autocast(autocast_adapter_dtype)
+        directory = _adapter_dir(model_id, subfolder)
+        config = config or PeftConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
-        state = load_tensors(os.fspath(model_id), allow_pickle=allow_pickle)
+        state = load_tensors(directory, allow_pickle=allow_pickle, device=torch_device or "cpu")
+        state = _remap_keys(state, key_mapping)
         peft_model = cls(model, config, adapter_name)
         peft_model._load_state(adapter_name, state)
         if not is_trainable:
@@ -446,9 +639,17 @@ def get_peft_model(
     adapter_name: str = "default",
     mixed: bool = False,
     autocast_adapter_dtype: bool = True,
-    **kwargs: Any,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
-    """Freeze ``model`` and inject the method ``peft_config`` describes; returns the wrapper."""
+    """Freeze ``model`` and inject the method ``peft_config`` describes; returns the wrapper.
+
+    ``mixed`` and ``low_cpu_mem_usage`` are accepted for PEFT compatibility and change nothing;
+    ``revision`` is recorded in the config, as PEFT does.
+    """
+    _warn_autocast(autocast_adapter_dtype)
+    if revision is not None:
+        peft_config.revision = revision
     if isinstance(model, PeftModel):
         raise ValueError(
             "This model is already wrapped; use model.add_adapter(name, config) to add another adapter."
