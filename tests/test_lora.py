@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import MODELS, model_output, randomize_lora, tiny_gpt2, tiny_llama, tiny_mlp
+from conftest import MODELS, model_output, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama, tiny_mlp, tiny_t5
 from deltatune import LoraConfig, PeftModel, get_peft_model
 from deltatune.methods.lora import Embedding, Linear
 
@@ -342,3 +342,207 @@ def test_inference_on_many_tokens_folds_lora_into_the_weight(monkeypatch: pytest
         assert not folds
         dropped.eval()(input_ids=long_ids)
         assert len(folds) == 2
+
+
+# -- parity with PEFT (the oracle) on targeting, init values and heads -------------------------
+def _lora_paths(model: nn.Module) -> set[str]:
+    """Paths (in the base model) of the modules that hold LoRA factors, for ours and PEFT's wrapper."""
+    prefix = "base_model." if isinstance(model, PeftModel) else "base_model.model."
+    return {
+        name[len(prefix) :]
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer")
+    }
+
+
+def _both(factory: object, **kw: object) -> tuple[PeftModel, nn.Module]:
+    peft = pytest.importorskip("peft")
+    ours = get_peft_model(factory(), LoraConfig(**kw))  # type: ignore[operator, arg-type]
+    theirs = peft.get_peft_model(factory(), peft.LoraConfig(**kw))  # type: ignore[operator]
+    return ours, theirs
+
+
+ALL_LINEAR_CASES = {
+    "llama": (tiny_llama, None),
+    "llama-seq-cls": (lambda: tiny_llama("seq_cls"), "SEQ_CLS"),
+    "gpt2": (tiny_gpt2, None),
+    "bert-seq-cls": (tiny_bert, "SEQ_CLS"),
+    "bert-no-task": (tiny_bert, None),
+    "bert-feature": (lambda: tiny_bert("feature"), "FEATURE_EXTRACTION"),
+    "t5": (tiny_t5, None),
+    "mlp": (tiny_mlp, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ALL_LINEAR_CASES))
+def test_all_linear_targets_equal_peft(case: str) -> None:
+    """BERT's attention.output.dense / output.dense / pooler.dense are targets; only the output
+    embeddings (or, for SEQ_CLS, the score/classifier head) are left out; a plain MLP keeps all."""
+    factory, task = ALL_LINEAR_CASES[case]
+    ours, theirs = _both(factory, r=4, target_modules="all-linear", task_type=task)
+    assert _lora_paths(ours) == _lora_paths(theirs)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    if case.startswith("bert"):
+        prefix = "" if case == "bert-feature" else "bert."
+        assert {f"{prefix}encoder.layer.0.output.dense", f"{prefix}pooler.dense"} <= _lora_paths(ours)
+
+
+def test_fallback_targets_skip_heads() -> None:
+    """With no targets on an architecture without defaults: every block linear, no head."""
+    model = get_peft_model(tiny_mlp(), LoraConfig(r=2))
+    assert _lora_paths(model) == {"lin0", "lin1"}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"target_modules": ["q_proj", "lm_head"], "modules_to_save": ["lm_head"]},
+        {"target_modules": "all-linear", "modules_to_save": ["lm_head", "down_proj"]},
+        {"task_type": "SEQ_CLS", "target_modules": ["query", "classifier"]},
+    ],
+    ids=["target-and-saved", "all-linear-and-saved", "task-head-targeted"],
+)
+def test_modules_to_save_win_over_targets(case: dict[str, object], tmp_path: object) -> None:
+    """A module both targeted and in modules_to_save (or an auto-saved task head) gets no LoRA, only
+    the trainable copy: counts, saved keys and loads both ways equal PEFT's."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    peft = pytest.importorskip("peft")
+    factory = tiny_bert if case.get("task_type") else tiny_llama
+    ours, theirs = _both(factory, r=4, **case)
+    assert _lora_paths(ours) == _lora_paths(theirs)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    randomize_lora(theirs)
+    with torch.no_grad():  # a trained head copy
+        for name, p in theirs.named_parameters():
+            if ".modules_to_save." in name:
+                p.add_(0.1)
+    d = Path(str(tmp_path))
+    theirs.save_pretrained(str(d / "theirs"))
+    inputs = {"input_ids": torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(1))}
+    loaded = PeftModel.from_pretrained(factory(), d / "theirs")
+    expected = run(theirs, inputs)
+    torch.testing.assert_close(run(loaded, inputs), expected, atol=1e-5, rtol=0)
+    loaded.save_pretrained(d / "ours")
+    assert set(load_file(d / "ours" / "adapter_model.safetensors")) == set(
+        load_file(d / "theirs" / "adapter_model.safetensors")
+    )
+    back = peft.PeftModel.from_pretrained(factory(), str(d / "ours"))
+    torch.testing.assert_close(run(back, inputs), expected, atol=1e-5, rtol=0)
+
+
+def test_exact_path_target_ignores_layers_to_transform(tmp_path: object) -> None:
+    """A target named by its full path is taken whatever layers_to_transform says (PEFT's rule)."""
+    from pathlib import Path
+
+    peft = pytest.importorskip("peft")
+    kw = {"r": 4, "target_modules": ["q_proj", "lm_head"], "layers_to_transform": [1]}
+    ours, theirs = _both(tiny_llama, **kw)
+    assert _lora_paths(ours) == _lora_paths(theirs) == {"lm_head", "model.layers.1.self_attn.q_proj"}
+    randomize_lora(theirs)
+    theirs.save_pretrained(str(tmp_path))
+    loaded = PeftModel.from_pretrained(tiny_llama(), Path(str(tmp_path)))
+    inputs = {"input_ids": torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(1))}
+    torch.testing.assert_close(run(loaded, inputs), run(theirs, inputs), atol=1e-5, rtol=0)
+    assert peft is not None
+
+
+def test_bias_all_with_task_head_equals_peft(tmp_path: object) -> None:
+    """bias='all' trains the head copy's bias, not the frozen original's; PEFT's file (which also
+    holds ``classifier.modules_to_save.bias``) loads, and ours loads in PEFT."""
+    from pathlib import Path
+
+    peft = pytest.importorskip("peft")
+    kw = {"task_type": "SEQ_CLS", "r": 4, "target_modules": ["query", "value"], "bias": "all"}
+    ours, theirs = _both(tiny_bert, **kw)
+
+    def trainable(model: nn.Module, prefix: str) -> set[str]:
+        return {n[len(prefix) :] for n, p in model.named_parameters() if p.requires_grad}
+
+    assert trainable(ours, "base_model.") == trainable(theirs, "base_model.model.")
+    assert "classifier.original_module.bias" not in trainable(ours, "base_model.")
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    d = Path(str(tmp_path))
+    theirs.save_pretrained(str(d / "theirs"))
+    inputs = {"input_ids": torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(1))}
+    expected = run(theirs, inputs)
+    loaded = PeftModel.from_pretrained(tiny_bert(), d / "theirs")
+    torch.testing.assert_close(run(loaded, inputs), expected, atol=1e-5, rtol=0)
+    loaded.save_pretrained(d / "ours")
+    back = peft.PeftModel.from_pretrained(tiny_bert(), str(d / "ours"))
+    torch.testing.assert_close(run(back, inputs), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_olora_equal_peft_and_files_load_both_ways(init: str, tmp_path: object) -> None:
+    """Same factors and residual base weight as PEFT; a file naming the init means 'redo it on the
+    original base' in both libraries, so it loads both ways with equal outputs."""
+    from pathlib import Path
+
+    peft = pytest.importorskip("peft")
+    kw = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": init}
+    ours, theirs = _both(tiny_llama, **kw)
+    q_ours = ours.base_model.model.layers[0].self_attn.q_proj
+    q_theirs = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(q_ours.lora_A["default"].weight, q_theirs.lora_A["default"].weight)
+    torch.testing.assert_close(q_ours.lora_B["default"].weight, q_theirs.lora_B["default"].weight)
+    torch.testing.assert_close(q_ours.base_layer.weight, q_theirs.base_layer.weight)
+    assert not torch.equal(q_ours.base_layer.weight, tiny_llama().model.layers[0].self_attn.q_proj.weight)
+    inputs = {"input_ids": torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(1))}
+    torch.testing.assert_close(run(ours, inputs), run(tiny_llama(), inputs), atol=1e-5, rtol=0)
+    randomize_lora(ours, std=0.1)
+    randomize_lora(theirs, std=0.1)
+    d = Path(str(tmp_path))
+    ours.save_pretrained(d / "ours")
+    theirs.save_pretrained(str(d / "theirs"))
+    back = peft.PeftModel.from_pretrained(tiny_llama(), str(d / "ours"))
+    torch.testing.assert_close(run(back, inputs), run(ours, inputs), atol=1e-5, rtol=0)
+    loaded = PeftModel.from_pretrained(tiny_llama(), d / "theirs")
+    torch.testing.assert_close(run(loaded, inputs), run(theirs, inputs), atol=1e-5, rtol=0)
+
+
+def test_unimplemented_inits_raise_but_factor_only_files_load(tmp_path: object) -> None:
+    import json
+    from pathlib import Path
+
+    for bad in ["bogus", "orthogonal", "pissa_niter_4", "corda"]:
+        with pytest.raises(ValueError, match=f"init_lora_weights='{bad}'.*not implemented in deltatune"):
+            LoraConfig(target_modules=["q_proj"], init_lora_weights=bad)
+    # A PEFT file whose init only chose the starting factors loads as the LoRA its factors define.
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="orthogonal")
+    )
+    randomize_lora(theirs)
+    d = Path(str(tmp_path))
+    theirs.save_pretrained(str(d))
+    inputs = {"input_ids": torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(1))}
+    loaded = PeftModel.from_pretrained(tiny_llama(), d)
+    torch.testing.assert_close(run(loaded, inputs), run(theirs, inputs), atol=1e-5, rtol=0)
+    # One whose init also rewrote the base from data cannot be redone: a clear error.
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "corda"}))
+    with pytest.raises(
+        ValueError, match="init_lora_weights='corda'.*path_initial_model_for_weight_conversion"
+    ):
+        PeftModel.from_pretrained(tiny_llama(), d)
+
+
+def test_layer_replication_is_refused(tmp_path: object) -> None:
+    import json
+    from pathlib import Path
+
+    with pytest.raises(ValueError, match="layer_replication=.*not implemented in deltatune"):
+        LoraConfig(target_modules=["q_proj"], layer_replication=[(0, 2), (1, 2)])
+    ours = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    d = Path(str(tmp_path))
+    ours.save_pretrained(d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "layer_replication": [[0, 2], [1, 2]]}))
+    with pytest.raises(ValueError, match="layer_replication=.*not implemented in deltatune"):
+        PeftModel.from_pretrained(tiny_llama(), d)

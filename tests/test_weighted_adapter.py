@@ -162,3 +162,35 @@ def test_bad_requests() -> None:
     with pytest.raises(ValueError, match="DoRA adapters"):
         dora.add_weighted_adapter(["default", "b"], [1.0, 1.0], "x", combination_type="cat")
     assert "x" not in model.peft_config and "x" not in dora.peft_config
+
+
+@pytest.mark.parametrize("clamp", [None, 0.9, 0.5])
+def test_svd_factors_and_clamp_equal_peft(clamp: float | None) -> None:
+    """Same A, B as PEFT (B = U S, A = Vᵀ; one signed quantile over both factors for the clamp)."""
+
+    def build(lib: object) -> torch.nn.Module:
+        config = lib.LoraConfig  # type: ignore[attr-defined]
+        model = lib.get_peft_model(tiny(), config(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))  # type: ignore[attr-defined]
+        model.add_adapter("b", config(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"]))
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for name, p in sorted(model.named_parameters()):
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        return model
+
+    ours, theirs = build(__import__("deltatune")), build(peft)
+    for model in (ours, theirs):
+        model.add_weighted_adapter(
+            ["default", "b"], [0.7, -0.3], "mix", combination_type="svd", svd_clamp=clamp
+        )
+    q_ours = ours.base_model.model.layers[0].self_attn.q_proj
+    q_theirs = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    for mine, ref in ((q_ours.lora_A, q_theirs.lora_A), (q_ours.lora_B, q_theirs.lora_B)):
+        torch.testing.assert_close(mine["mix"].weight, ref["mix"].weight, rtol=1e-4, atol=1e-5)
+    ours.set_adapter("mix")
+    theirs.set_adapter("mix")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(input_ids=ids()).logits, theirs(input_ids=ids()).logits, rtol=1e-5, atol=1e-5
+        )

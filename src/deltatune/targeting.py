@@ -47,8 +47,13 @@ LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
 # Layer index patterns for ``layers_to_transform`` (model.layers.3, transformer.h.3, ...).
 DEFAULT_LAYERS_PATTERNS = ["layers", "h", "block", "blocks", "layer"]
 
-# Heads that the fallback never targets.
-_HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "cls", "pooler", "embed_out", "output"}
+# Heads that the fallback (no targets, unknown architecture) never targets: a linear layer whose
+# own name is one of these. ("output" is no head name: BERT's blocks hold ``output.dense``.)
+_HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "cls", "embed_out"}
+
+# Task heads that ``all-linear`` leaves out of a sequence-classification model with no output
+# embeddings: the first of these attributes the model has (PEFT's rule).
+_SEQ_CLS_HEADS = ("score", "classifier")
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -75,34 +80,72 @@ def linear_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
-    names: set[str] = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
-        if head is not None and module is head:
-            names.add(name)
-        if name.split(".")[-1] in _HEAD_NAMES:
-            names.add(name)
-    if not hasattr(model, "config"):
-        # A plain torch model: its last linear layer is its output head.
-        linears = [n for n, m in model.named_modules() if isinstance(m, linear_types())]
-        if linears:
-            names.add(linears[-1])
-    return names
+def _is_adapter_wrapper(module: nn.Module) -> bool:
+    # Duck-typed (base.py imports this module): an adapter layer or a ModulesToSaveWrapper.
+    return (
+        hasattr(module, "base_layer")
+        and hasattr(module, "adapter_containers")
+        or hasattr(module, "original_module")
+    )
 
 
-def all_linear_targets(model: nn.Module) -> list[str]:
-    """Full paths of every linear layer except the output / task heads."""
-    heads = _output_head_names(model)
+def _linear_paths(model: nn.Module) -> list[str]:
+    """Paths of the model's linear layers, an adapter layer over a linear base counting as one
+    (its inner modules, e.g. ``lora_A.<name>``, never do)."""
+    wrappers = [n for n, m in model.named_modules() if n and _is_adapter_wrapper(m)]
     out = []
     for name, module in model.named_modules():
-        if not isinstance(module, linear_types()) or not name:
+        if not name or any(name.startswith(w + ".") for w in wrappers):
             continue
-        if any(name == h or name.startswith(h + ".") for h in heads):
-            continue
-        out.append(name)
+        base = getattr(module, "base_layer", None) if _is_adapter_wrapper(module) else module
+        if isinstance(base, linear_types()):
+            out.append(name)
     return out
+
+
+def all_linear_targets(model: nn.Module, task_type: str | None = None) -> list[str]:
+    """Full paths that ``target_modules="all-linear"`` hits: every linear layer but the output head.
+
+    As in PEFT: a transformers model leaves out its output embeddings (``get_output_embeddings``,
+    e.g. ``lm_head``), or, having none, for ``task_type="SEQ_CLS"`` its ``score`` / ``classifier``
+    head. Every other linear layer is a target (BERT's ``output.dense`` and ``pooler.dense`` too,
+    and a plain torch model's last layer).
+    """
+    from transformers import PreTrainedModel
+
+    exclude: set[str] = set()
+    if isinstance(model, PreTrainedModel):
+        head = model.get_output_embeddings()
+        if head is None and task_type == "SEQ_CLS":
+            head = next(
+                (getattr(model, n) for n in _SEQ_CLS_HEADS if getattr(model, n, None) is not None), None
+            )
+        if head is not None:
+            exclude |= {n for n, m in model.named_modules() if m is head}
+    return [n for n in _linear_paths(model) if n not in exclude]
+
+
+def fallback_targets(model: nn.Module) -> list[str]:
+    """Targets for an architecture with no default: the linear layers of the attention and MLP
+    blocks, never an output or task head (nor a plain torch model's last linear layer)."""
+    paths = _linear_paths(model)
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    heads = {n for n, m in model.named_modules() if head is not None and m is head}
+    heads |= {p for p in paths if p.split(".")[-1] in _HEAD_NAMES}
+    if not hasattr(model, "config") and paths:
+        heads.add(paths[-1])
+    return [p for p in paths if p not in heads]
+
+
+def _under(key: str, names: Iterable[str]) -> bool:
+    """True when ``key`` is one of the modules ``names`` (full paths or path suffixes) or inside one."""
+    parts = key.split(".")
+    for name in names:
+        n = len(name.split("."))
+        if any(".".join(parts[i : i + n]) == name for i in range(len(parts) - n + 1)):
+            return True
+    return False
 
 
 def _layer_index(key: str, patterns: Iterable[str]) -> int | None:
@@ -132,20 +175,31 @@ def find_targets(
     defaults: dict[str, list[str]] | None = None,
     accept: Callable[[str, nn.Module], bool] | None = None,
     method: str = "this method",
+    modules_to_save: Iterable[str] | None = None,
+    task_type: str | None = None,
 ) -> list[str]:
     """Return the paths of the modules a config targets, or raise an error that teaches.
 
     ``accept`` filters out modules of types the method cannot adapt (still counted as a match
     for the 'matched nothing' check, so the error can say the type is the problem).
+    A module in ``modules_to_save`` (or inside one) is never a target: it is trained whole, and
+    an adapter inside its copy would conflict with it (PEFT's rule). A target the user names by
+    its full module path is taken whatever ``layers_to_transform`` says (also PEFT's rule), so
+    e.g. ``["q_proj", "lm_head"]`` with ``layers_to_transform=[1]`` still adapts ``lm_head``.
     """
+    exact: set[str] = set()
     if target_modules is None:
         mtype = model_type(model)
         if defaults is not None and mtype in defaults:
             target_modules = defaults[mtype]
         else:
-            target_modules = all_linear_targets(model)
+            target_modules = fallback_targets(model)
     elif target_modules == "all-linear":
-        target_modules = all_linear_targets(model)
+        target_modules = all_linear_targets(model, task_type)
+    elif not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        exact = set(target_modules)
+    saved = list(modules_to_save or [])
 
     if isinstance(layers_to_transform, int):
         layers_to_transform = [layers_to_transform]
@@ -162,7 +216,9 @@ def find_targets(
             continue
         if exclude_modules is not None and name_matches(key, exclude_modules):
             continue
-        if layers_to_transform is not None:
+        if saved and _under(key, saved):
+            continue
+        if layers_to_transform is not None and key not in exact:
             idx = _layer_index(key, patterns)
             if idx is None or idx not in layers_to_transform:
                 continue

@@ -326,7 +326,10 @@ class Tuner:
         bias = getattr(config, "bias", "none")
         if bias == "all":
             for name, p in model.named_parameters():
-                if name.endswith("bias") and ".modules_to_save." not in name:
+                # Not a task head's frozen original (its trained copy is the adapter's already).
+                if name.endswith("bias") and not any(
+                    k in name for k in (".modules_to_save.", ".original_module.")
+                ):
                     p.requires_grad_(True)
         elif bias.endswith("_only"):
             for module in model.modules():
@@ -375,6 +378,14 @@ class Tuner:
         # Files from the reference library may also carry full base weights (e.g. a resized
         # ``embed_tokens.base_layer.weight`` when embeddings are targeted): load those too.
         kmap.update({k: k for k in state if k not in kmap and k in params})
+        if getattr(config, "bias", "none") == "all":
+            # PEFT's bias="all" files also hold a head copy's bias as ``<head>.modules_to_save.bias``
+            # (the same tensor as ``<head>.bias``): load it into that copy.
+            for k in state:
+                if k not in kmap and k.endswith(".modules_to_save.bias"):
+                    path = f"{k[: -len('bias')]}{adapter_name}.bias"
+                    if path in params:
+                        kmap[k] = path
         copy_checked(kmap, params, state)
 
     # -- lifecycle hooks (no-ops for layer-based methods) -------------------------------

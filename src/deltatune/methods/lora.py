@@ -79,14 +79,28 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"bias={self.bias!r}: choose 'none', 'all' or 'lora_only'.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1).")
-        if self.init_lora_weights not in (True, False, "gaussian", "loftq") and not isinstance(
-            self.init_lora_weights, str
-        ):
+        if self.init_lora_weights not in _INITS:
             raise ValueError(
-                f"init_lora_weights={self.init_lora_weights!r}: use True, False, 'gaussian' or 'loftq'."
+                f"init_lora_weights={self.init_lora_weights!r} is not an initialisation deltatune implements; "
+                f"choose one of {list(_INITS)}. (PEFT's 'pissa_niter_<n>', 'orthogonal', 'eva', 'corda', "
+                "'lora_ga' and 'mica' inits are not implemented in deltatune; 'pissa' is the exact-SVD PiSSA.)"
+            )
+        if self.layer_replication:
+            raise ValueError(
+                f"layer_replication={self.layer_replication!r} is not implemented in deltatune (it would stack "
+                "copies of decoder layers that share base weights). Leave it unset, or use PEFT for such adapters."
             )
         if self.lora_bias:
             raise ValueError("lora_bias=True (a trainable bias on lora_B) is not supported by deltatune yet.")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """A config read from a file. An init deltatune does not implement is fine there when it
+        only chose the starting factors (the file holds the trained ones); see ``_file_init``."""
+        data = dict(data)
+        if "init_lora_weights" in data:
+            data["init_lora_weights"] = _file_init(data["init_lora_weights"])
+        return super().from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -107,6 +121,46 @@ class LoraConfig(PeftConfig):
     def scaling_for(self, path: str) -> float:
         r, alpha = self.rank_for(path), self.alpha_for(path)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+# init_lora_weights values deltatune implements. "pissa" and "olora" also change the base weight
+# (W ← W − s·B A, the part the adapter now carries), exactly as PEFT does, so a file naming them
+# means the same in both libraries: its reader redoes that change on the original base.
+_INITS: tuple[bool | str, ...] = (True, False, "gaussian", "loftq", "pissa", "olora")
+# PEFT inits that only pick the starting factors: a file's trained factors define the adapter.
+_FACTOR_ONLY_INITS = {"orthogonal", "eva", "mica"}
+# PEFT inits that also changed the base weights from data deltatune does not have.
+_BASE_CHANGING_INITS = {"corda", "lora_ga"}
+
+
+def _file_init(value: Any) -> Any:
+    """``init_lora_weights`` of a saved adapter, as deltatune loads it."""
+    if value in _INITS:
+        return value
+    if value in _FACTOR_ONLY_INITS:
+        return True
+    if isinstance(value, str) and value.startswith("pissa_niter_"):
+        # The base was changed by a randomised SVD, which no reader can redo exactly (PEFT neither):
+        # the exact SVD removes the same principal part up to that approximation.
+        warnings.warn(
+            f"init_lora_weights={value!r}: this adapter expects its base with a randomised-SVD PiSSA "
+            "residual; deltatune recomputes the residual with the exact SVD ('pissa'), so outputs may differ "
+            "slightly from PEFT's, which redoes the randomised SVD. Convert the adapter with PEFT's "
+            "save_pretrained(path_initial_model_for_weight_conversion=...) for an exact, plain LoRA file.",
+            stacklevel=3,
+        )
+        return "pissa"
+    if value not in _BASE_CHANGING_INITS:
+        raise ValueError(
+            f"This adapter was saved with init_lora_weights={value!r}, an initialisation deltatune does not know "
+            f"(it knows {list(_INITS)} and PEFT's {sorted(_FACTOR_ONLY_INITS | _BASE_CHANGING_INITS)}). "
+            "Check the file's adapter_config.json."
+        )
+    raise ValueError(
+        f"This adapter was saved with init_lora_weights={value!r}, which changes the base model's weights in a "
+        "way deltatune cannot redo, so it cannot be loaded on the original base. Convert it with PEFT "
+        "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) into a plain LoRA adapter first."
+    )
 
 
 def _pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
@@ -645,6 +699,47 @@ class Embedding(LoraLayer):
 # deltatune.quant.loftq): fn(layer, adapter_name, config, path), run after the default init.
 LORA_INIT_FNS: dict[str, Callable[[Linear, str, LoraConfig, str], None]] = {}
 
+
+def _principal_init(layer: Linear, adapter_name: str, config: LoraConfig, path: str) -> None:
+    """PiSSA / OLoRA: A, B from the base weight W's top-r SVD (PiSSA) or QR (OLoRA) factors, and
+    W ← W − s·B A, so that the model's output is unchanged and the adapter trains W's principal part.
+
+    PiSSA: W = U S Vᵀ, B = U_r √(S_r/s), A = √(S_r/s) V_rᵀ. OLoRA: W = Q R, B = Q_r, A = R_r.
+    Shapes: W (out, in), A (r, in), B (out, r); computed in fp32, W stored back in its dtype.
+    """
+    init = config.init_lora_weights
+    base = layer.base_layer
+    w = _base_weight(base)
+    if layer.quantized or w.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(
+            f"init_lora_weights={init!r} rewrites the base weight of {path!r}, but it is stored as "
+            f"{type(base).__name__} ({w.dtype}). Initialise on the unquantised model in float precision."
+        )
+    if init == "olora" and layer.fan_in_fan_out:
+        raise ValueError(
+            f"init_lora_weights='olora' on {path!r}, a transposed (GPT-2 Conv1D) layer, is not supported; "
+            "use 'pissa' or the default init for it."
+        )
+    r, s = layer.r[adapter_name], layer.scaling[adapter_name]
+    with torch.no_grad():
+        dense = w.float().T if layer.fan_in_fan_out else w.float()  # (out, in)
+        if init == "pissa":
+            u, sv, vh = torch.linalg.svd(dense, full_matrices=False)
+            root = (sv[:r] / s).sqrt()
+            a, b = root.unsqueeze(1) * vh[:r], u[:, :r] * root
+        else:
+            q, rr = torch.linalg.qr(dense)
+            a, b = rr[:r], q[:, :r]
+        dst_a, dst_b = layer.factors(adapter_name)
+        dst_a.copy_(a)
+        dst_b.copy_(b)
+        residual = dense - s * (b @ a)
+        w.copy_((residual.T if layer.fan_in_fan_out else residual).to(w.dtype))
+
+
+LORA_INIT_FNS["pissa"] = _principal_init
+LORA_INIT_FNS["olora"] = _principal_init
+
 # Which LoRA layer wraps which base module type. Other files (e.g. quant/) append to this
 # list to teach LoRA about their layers; the first predicate that accepts a module wins.
 LORA_DISPATCH: list[tuple[Callable[[nn.Module], bool], type[LoraLayer]]] = [
@@ -686,6 +781,8 @@ class LoraTuner(Tuner):
             defaults=LORA_DEFAULT_TARGETS,
             accept=lambda _, m: isinstance(m, LoraLayer) or _layer_class(m) is not None,
             method="LoRA",
+            modules_to_save=config.modules_to_save,
+            task_type=config.task_type,
         )
         config.target_modules = resolved_targets(model, config.target_modules, paths)
         return paths
@@ -816,19 +913,21 @@ def _lora_factors(layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, to
 def _svd_factors(
     terms: list[tuple[torch.Tensor, torch.Tensor, float, float]], rank: int, clamp: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` factors (A, B) of Σ wᵢ sᵢ Bᵢ Aᵢ, split as B = U√S, A = √S Vᵀ."""
+    """Best rank-``rank`` factors (A, B) of Σ wᵢ sᵢ Bᵢ Aᵢ, split as B = U S, A = Vᵀ (PEFT's split).
+
+    ``clamp`` q: both factors are clipped to [-h, h], h = the q-quantile of all their entries
+    (signed values of B and A together), as PEFT does.
+    """
     a0, b0 = terms[0][0], terms[0][1]
     target = torch.zeros(b0.shape[0], a0.shape[1], dtype=torch.float32, device=a0.device)
     for a, b, s, w in terms:
         target += (b.float() @ a.float()) * (s * w)
     u, sv, vh = torch.linalg.svd(target, full_matrices=False)
     k = min(rank, sv.shape[0])
-    root = sv[:k].sqrt()
-    new_b, new_a = u[:, :k] * root, root.unsqueeze(1) * vh[:k]
+    new_b, new_a = u[:, :k] * sv[:k], vh[:k]
     if clamp is not None:
-        for t in (new_a, new_b):
-            limit = torch.quantile(t.abs().flatten(), clamp).item()
-            t.clamp_(-limit, limit)
+        limit = torch.quantile(torch.cat([new_b.flatten(), new_a.flatten()]), clamp)
+        new_b, new_a = new_b.clamp(-limit, limit), new_a.clamp(-limit, limit)
     if k < rank:  # keep the asked rank even for small modules: pad with zero directions
         new_a = torch.cat([new_a, new_a.new_zeros(rank - k, new_a.shape[1])])
         new_b = torch.cat([new_b, new_b.new_zeros(new_b.shape[0], rank - k)], dim=1)
