@@ -263,3 +263,27 @@ def test_weighted_combination_of_vectors() -> None:
             torch.testing.assert_close(module.ia3_l["mix"], expected)
     with pytest.raises(ValueError, match="combine linearly only"):
         model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "mix2", combination_type="svd")
+
+
+def test_module_to_save_is_not_also_a_target(tmp_path) -> None:
+    """A module both targeted and in modules_to_save is trained whole, with no vector inside
+    (PEFT's rule): same trainable count and file keys as PEFT, and files load both ways."""
+    settings = {
+        "target_modules": ["k_proj", "v_proj", "down_proj", "lm_head"],
+        "feedforward_modules": ["down_proj"],
+        "modules_to_save": ["lm_head"],
+    }
+    ours = get_peft_model(tiny("llama"), IA3Config(**settings))
+    theirs = peft.get_peft_model(tiny("llama"), peft.IA3Config(**settings))
+    assert not isinstance(ours.base_model.lm_head.original_module, IA3Layer)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    randomise(ours)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(
+        load_file(tmp_path / "theirs" / "adapter_model.safetensors")
+    )
+    loaded = peft.PeftModel.from_pretrained(tiny("llama"), tmp_path / "ours").eval()
+    torch.testing.assert_close(run(loaded, ids()), run(ours, ids()), rtol=1e-5, atol=1e-5)
+    back = PeftModel.from_pretrained(tiny("llama"), tmp_path / "theirs")
+    torch.testing.assert_close(run(back, ids()), run(theirs.eval(), ids()), rtol=1e-5, atol=1e-5)

@@ -294,6 +294,8 @@ class IA3Tuner(Tuner):
             defaults=IA3_DEFAULT_TARGETS,
             accept=lambda _, m: isinstance(m, IA3Layer) or _supported(m),
             method="(IA)³",
+            modules_to_save=config.modules_to_save,
+            task_type=config.task_type,
         )
         if config.target_modules is None:  # written as the ecosystem writes defaults: the names
             config.target_modules = list(IA3_DEFAULT_TARGETS[model_type(model) or ""])
