@@ -112,3 +112,36 @@ def test_resume_without_checkpoint_starts_fresh_and_mismatch_is_explained(tmp_pa
     )
     with pytest.raises(ValueError, match="another model or method"):
         bad.train()
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo ran > /dev/null",))
+
+
+def test_a_checkpoint_holding_pickled_code_is_refused(tmp_path):
+    _, trainer = _setup(str(tmp_path))
+    trainer.config.max_steps = trainer.total_steps = 4
+    trainer.train()
+    path = os.path.join(ckpt.latest_checkpoint(str(tmp_path)), "optimizer.pt")
+    blob = torch.load(path, weights_only=True)  # our own files load without unpickling code
+    assert isinstance(blob["rng"]["python"], list) and isinstance(blob["rng"]["numpy"][1], list)
+    blob["rng"]["evil"] = _RunsCode()
+    torch.save(blob, path)
+    with pytest.raises(ValueError, match="cannot be loaded safely.*never unpickles code"):
+        ckpt.load_checkpoint(os.path.dirname(path))
+    _, again = _setup(str(tmp_path), resume=True)
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        again.train()
+
+
+def test_rng_state_round_trips_through_weights_only(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = ckpt.rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected

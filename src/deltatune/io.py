@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"  # same as deltatune.config.CONFIG_NAME (io imports nothing of ours)
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 
@@ -53,11 +54,16 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str) -> Iterator[str]:
-    """Build a folder under a temporary name next to ``path`` and move it into place at the end.
+def atomic_directory(path: str, last: str = CONFIG_NAME) -> Iterator[str]:
+    """Build a folder's files under a temporary name next to ``path``, then move them into place.
 
-    An existing folder at ``path`` is replaced only once the new one is complete; files in it
-    that the new save does not write (e.g. other adapters' sub-folders) are kept.
+    The files move one rename at a time, so the order is what keeps a crash safe: the old
+    ``last`` file (the adapter config, which is what makes a folder loadable) is removed first,
+    the new weights and other files follow, and the new ``last`` file moves in at the end. At
+    every crash point the folder holds the old adapter, the new one, or no config at all (load
+    fails with a clear "no adapter_config.json" error) — never new weights under an old config.
+    Files in ``path`` that the new save does not write (e.g. other adapters' sub-folders, the
+    user's own files) are kept.
     """
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
@@ -65,10 +71,29 @@ def atomic_directory(path: str) -> Iterator[str]:
     try:
         yield tmp
         os.makedirs(path, exist_ok=True)
-        for name in os.listdir(tmp):
+        names = sorted(os.listdir(tmp), key=lambda n: n == last)  # ``last`` sorts to the end
+        if last in names and os.path.lexists(os.path.join(path, last)):
+            os.remove(os.path.join(path, last))
+            _fsync_dir(path)
+        for name in names:
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
+        _fsync_dir(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_dir(path: str) -> None:
+    """Make renames in ``path`` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_tensors(directory: str, allow_pickle: bool = False, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -42,11 +42,18 @@ class LoopState:
 
 
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """The RNG states as tensors, ints, strings and lists only, so ``torch.load(weights_only=True)``
+    reads them back (python's state is a tuple of ints; numpy's key array becomes a list)."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "torch": torch.get_rng_state(),
+    }
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+        state["numpy"] = [str(kind), [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
     except ImportError:  # pragma: no cover - numpy ships with torch in practice
         pass
     if torch.cuda.is_available():
@@ -55,12 +62,14 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -141,14 +150,45 @@ def load_checkpoint(path: str) -> Checkpoint:
     trainable = _load(os.path.join(path, WEIGHTS))
     best_path = os.path.join(path, "best.safetensors")
     best = _load(best_path) if os.path.isfile(best_path) else None
-    blob = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)  # our own file: trusted
+    blob = _load_blob(os.path.join(path, "optimizer.pt"))
     return Checkpoint(path, state, trainable, best, blob["optimizer"], blob["scheduler"], blob["rng"])
 
 
+def _load_blob(path: str) -> dict[str, Any]:
+    """optimizer.pt with ``weights_only=True``: tensors, numbers, strings and containers only.
+
+    A run folder may come from someone else; a full unpickle would run any code stored in it.
+    """
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise ValueError(
+            f"Checkpoint file {path} cannot be loaded safely: it holds something other than tensors, "
+            f"numbers and containers, or is damaged ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            "deltatune never unpickles code from a checkpoint. Resume from a checkpoint this version of "
+            "deltatune wrote, or delete the checkpoints folder and start a new run."
+        ) from exc
+    if not isinstance(blob, dict) or not {"optimizer", "scheduler", "rng"} <= set(blob):
+        raise ValueError(
+            f"Checkpoint file {path} does not hold optimizer, scheduler and RNG state; it was not written "
+            "by deltatune. Delete the checkpoints folder or start a new --output-dir."
+        )
+    return blob
+
+
 def _load(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(path)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(
+            f"Checkpoint file {path} is corrupt or truncated ({exc}). Resume from an older checkpoint "
+            "(delete this step's folder) or start a new run."
+        ) from exc
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
