@@ -546,3 +546,26 @@ def test_layer_replication_is_refused(tmp_path: object) -> None:
     (d / "adapter_config.json").write_text(json.dumps({**cfg, "layer_replication": [[0, 2], [1, 2]]}))
     with pytest.raises(ValueError, match="layer_replication=.*not implemented in deltatune"):
         PeftModel.from_pretrained(tiny_llama(), d)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"lora_dropout": "0.1"}, "lora_dropout='0.1' must be a number"),
+        ({"lora_dropout": None}, "lora_dropout=None must be a number"),
+        ({"target_modules": 5}, "target_modules=5: give a list"),
+        ({"target_modules": ["q_proj", 3]}, "target_modules=.*give a list"),
+        ({"target_modules": ["q_proj"], "layers_to_transform": "0"}, "layers_to_transform='0'"),
+        ({"rank_pattern": ["q_proj"]}, "rank_pattern=.*give a dict"),
+        ({"target_modules": "all-linear", "layers_to_transform": [0]}, "cannot be combined"),
+        ({"target_modules": r".*\.q_proj", "layers_pattern": "layers"}, "cannot be combined"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_named(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(**settings)  # type: ignore[arg-type]
+    if "cannot be combined" in message:  # PEFT refuses the same config, so its files would not load there
+        import peft
+
+        with pytest.raises(ValueError):
+            peft.LoraConfig(**settings)  # type: ignore[arg-type]

@@ -68,6 +68,7 @@ class LoraConfig(PeftConfig):
         self.peft_type = PeftType.LORA.value
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        _check_types(self)
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(
                 f"LoRA rank r must be a positive integer, got r={self.r!r}. Typical values: 8, 16, 32."
@@ -121,6 +122,35 @@ class LoraConfig(PeftConfig):
     def scaling_for(self, path: str) -> float:
         r, alpha = self.rank_for(path), self.alpha_for(path)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _check_types(config: LoraConfig) -> None:
+    """Wrong types name the field and what it takes (instead of a TypeError deep inside)."""
+    if isinstance(config.lora_dropout, bool) or not isinstance(config.lora_dropout, (int, float)):
+        raise ValueError(f"lora_dropout={config.lora_dropout!r} must be a number in [0, 1), e.g. 0.05.")
+    targets = config.target_modules
+    if not (targets is None or isinstance(targets, str)) and (
+        not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)
+    ):
+        raise ValueError(
+            f"target_modules={targets!r}: give a list of module names, a regex string, or 'all-linear'."
+        )
+    layers = config.layers_to_transform
+    if not (layers is None or isinstance(layers, int)) and (
+        not isinstance(layers, list) or not all(isinstance(i, int) for i in layers)
+    ):
+        raise ValueError(f"layers_to_transform={layers!r}: give a layer index or a list of layer indices.")
+    for name in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(getattr(config, name), dict):
+            raise ValueError(
+                f"{name}={getattr(config, name)!r}: give a dict of module name (or regex) to value."
+            )
+    if isinstance(targets, str) and (layers is not None or config.layers_pattern is not None):
+        # PEFT refuses this pair when reading a config, so such an adapter file would not load there.
+        raise ValueError(
+            f"target_modules={targets!r} is a regex (or 'all-linear'); layers_to_transform / layers_pattern "
+            "cannot be combined with it. Put the layer filter into the regex, or list module names instead."
+        )
 
 
 # init_lora_weights values deltatune implements. "pissa" and "olora" also change the base weight
