@@ -106,8 +106,8 @@ def test_yaml_config_and_flags_override_it(workdir, capsys):
     assert inspect_adapter(str(workdir / "yaml" / "adapter"))["config"]["r"] == 2
     bad = workdir / "bad.yaml"
     bad.write_text("max_stepz: 3\n")
-    with pytest.raises(SystemExit, match="unknown option 'max_stepz'"):
-        main([*_train_args(workdir, "bad"), "--config", str(bad)])
+    assert main([*_train_args(workdir, "bad"), "--config", str(bad)]) == 2
+    assert "deltatune train: error: --config" in capsys.readouterr().err
 
 
 def test_data_errors_exit_with_a_message(workdir, capsys):
@@ -120,9 +120,9 @@ def test_data_errors_exit_with_a_message(workdir, capsys):
     assert "unknown method 'nosuchmethod'; choose one of lora, dora" in capsys.readouterr().err
 
 
-def test_method_given_twice(workdir):
-    with pytest.raises(SystemExit, match="Method given twice"):
-        main([*_train_args(workdir, "x"), "--method", "ia3"])
+def test_method_given_twice(workdir, capsys):
+    assert main([*_train_args(workdir, "x"), "--method", "ia3"]) == 2
+    assert "Method given twice" in capsys.readouterr().err
 
 
 def test_causal_lm_train_and_generate(tmp_path, capsys):
@@ -148,12 +148,13 @@ def test_causal_lm_train_and_generate(tmp_path, capsys):
         == 0
     )
     assert capsys.readouterr().out.strip()  # some decoded text
-    with pytest.raises(SystemExit, match="needs a CAUSAL_LM"):
-        save_tiny_cls_model(str(tmp_path / "cls"))
-        (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_cls_records(20)))
-        main(["train", "--model", str(tmp_path / "cls"), "--train-file", str(tmp_path / "c.jsonl"), "--output-dir",
-              str(tmp_path / "c"), "--max-steps", "1", "--quiet"])  # fmt: skip
-        main(["generate", str(tmp_path / "c" / "adapter"), "--prompt", "x"])
+    save_tiny_cls_model(str(tmp_path / "cls"))
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_cls_records(20)))
+    main(["train", "--model", str(tmp_path / "cls"), "--train-file", str(tmp_path / "c.jsonl"), "--output-dir",
+          str(tmp_path / "c"), "--max-steps", "1", "--quiet"])  # fmt: skip
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "c" / "adapter"), "--prompt", "x"]) == 2
+    assert "needs a CAUSAL_LM" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -202,3 +203,132 @@ def test_default_run_shows_a_held_out_accuracy_gain(tmp_path, capsys):
     assert (tmp_path / "run" / "plot.png").exists() and (
         tmp_path / "run" / "adapter" / "adapter_model.safetensors"
     ).exists()
+
+
+def _error(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert "Traceback" not in captured.err and len(lines) == 1, captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--r", "0"], "--r 0: the rank must be an integer >= 1"),
+        (["--lora-alpha", "0"], "--lora-alpha 0.0: must be > 0"),
+        (
+            ["--method-arg", "use_rslroa=true"],
+            "'use_rslroa' \\(did you mean 'use_rslora'\\?\\).*Valid keys: .*use_dora",
+        ),
+        (["--grad-accum", "0"], "--grad-accum 0: must be an integer >= 1"),
+        (["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
+        (["--adam-betas", "0.9"], "--adam-betas 0.9: give two numbers"),
+        (["--device", "tpu9"], "--device 'tpu9' is not a device name"),
+        (["--eval-fraction", "1.5"], "--eval-fraction 1.5: must be between 0 and 1"),
+        (["--lr", "-1"], "--lr -1.0: the learning rate must be > 0"),
+        (["--resume", "--overwrite"], "--resume and --overwrite contradict"),
+    ],
+)
+def test_invalid_options_are_one_line_errors(workdir, capsys, flags, message):
+    assert main([*_train_args(workdir, "invalid"), *flags]) == 2
+    line = _error(capsys)
+    assert line.startswith("deltatune train: error: ") and re.search(message, line), line
+    assert not (workdir / "invalid").exists()  # refused before anything was written
+
+
+def test_output_dir_that_is_a_file_is_refused_before_loading(workdir, capsys):
+    (workdir / "afile").write_text("keep me")
+    args = _train_args(workdir, "afile")
+    args[args.index("--model") + 1] = str(workdir / "no-such-model")  # never reached
+    assert main(args) == 2
+    assert "is a file, not a folder" in _error(capsys)
+    assert (workdir / "afile").read_text() == "keep me"
+
+
+def test_rerun_into_a_run_folder_needs_resume_or_overwrite(workdir, capsys):
+    args = _train_args(workdir, "rerun", "--max-steps", "4", "--save-every", "2")
+    assert main(args) == 0
+    adapter = (workdir / "rerun" / "adapter" / "adapter_model.safetensors").read_bytes()
+    metrics = (workdir / "rerun" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main([*args, "--lr", "0.1"]) == 2
+    assert re.search(r"already holds a training run .*--resume .*--overwrite", _error(capsys))
+    assert (workdir / "rerun" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert (workdir / "rerun" / "metrics.jsonl").read_text() == metrics
+    # --overwrite replaces the run and clears the old run's checkpoints (a later --resume must not find them)
+    assert main([*_train_args(workdir, "rerun", "--max-steps", "1", "--overwrite")]) == 0
+    assert not (workdir / "rerun" / "checkpoints").exists()
+    assert (workdir / "rerun" / "adapter" / "adapter_model.safetensors").read_bytes() != adapter
+
+
+def test_failed_resume_names_the_difference_and_writes_nothing(workdir, capsys):
+    assert main(_train_args(workdir, "ck", "--max-steps", "4", "--save-every", "2", "--r", "8")) == 0
+    config = (workdir / "ck" / "config.yaml").read_text()
+    capsys.readouterr()
+    assert (
+        main(_train_args(workdir, "ck", "--max-steps", "6", "--save-every", "2", "--resume", "--r", "4")) == 2
+    )
+    line = _error(capsys)
+    assert "Cannot resume from" in line and "(8, 32) saved, (4, 32) now" in line, line
+    assert (workdir / "ck" / "config.yaml").read_text() == config
+
+
+def test_merge_refuses_to_overwrite(workdir, capsys):
+    assert main(_train_args(workdir, "m", "--max-steps", "1")) == 0
+    adapter = str(workdir / "m" / "adapter")
+    base_weights = (workdir / "model" / "model.safetensors").read_bytes()
+    (workdir / "m_file").write_text("a file")
+    (workdir / "m_full").mkdir()
+    (workdir / "m_full" / "mine.txt").write_text("user data")
+    capsys.readouterr()
+    for out, message in [
+        (workdir / "m_file", "is a file"),
+        (workdir / "model", "the base model's folder"),
+        (workdir / "m" / "adapter", "the adapter folder"),
+        (workdir / "m_full", "folder with files in it; .*--overwrite"),
+    ]:
+        assert main(["merge", adapter, str(out)]) == 2
+        assert re.search(message, _error(capsys))
+    assert (workdir / "model" / "model.safetensors").read_bytes() == base_weights
+    assert (workdir / "m_file").read_text() == "a file"
+    assert (workdir / "m_full" / "mine.txt").read_text() == "user data"
+    assert main(["merge", adapter, str(workdir / "m_full"), "--overwrite"]) == 0
+    assert (workdir / "m_full" / "config.json").exists() and not (workdir / "m_full" / "mine.txt").exists()
+    assert not [p for p in (workdir).iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_every_command_turns_bad_input_into_one_line(workdir, tmp_path, capsys):
+    (tmp_path / "trunc").mkdir()
+    (tmp_path / "trunc" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (tmp_path / "trunc" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00")
+    for argv, message in [
+        (["inspect", str(tmp_path / "trunc")], "corrupt or truncated"),
+        (["inspect", str(tmp_path)], "No adapter_config.json"),
+        (["eval", str(tmp_path / "nope")], "is not a folder"),
+        (["generate", str(tmp_path / "nope"), "--prompt", "x"], "is not a folder"),
+        (["merge", str(tmp_path / "nope"), str(tmp_path / "out")], "No adapter_config.json"),
+        (["train", "--config", str(tmp_path / "nope.yaml")], "no such file"),
+        (
+            ["compare", "--methods", "lora,nosuch", "--output-dir", str(tmp_path / "c")],
+            "unknown \\['nosuch'\\]",
+        ),
+    ]:
+        assert main(argv) == 2, argv
+        line = _error(capsys)
+        assert line.startswith(f"deltatune {argv[0]}: error: ") and re.search(message, line), line
+
+
+def test_ctrl_c_exits_130_and_points_at_resume(workdir, capsys, monkeypatch):
+    assert main(_train_args(workdir, "intr", "--max-steps", "2", "--save-every", "1")) == 0
+    import importlib
+
+    run_module = importlib.import_module("deltatune.train.run")  # the package re-exports run()
+
+    def interrupted(opts, log=print):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "run", interrupted)
+    capsys.readouterr()
+    assert main(_train_args(workdir, "intr", "--resume")) == 130
+    assert "interrupted; resume with --resume" in capsys.readouterr().err

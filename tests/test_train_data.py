@@ -175,3 +175,30 @@ def test_default_dataset_is_fixed_and_labelled_by_file():
     ]
     again, _, _ = load_default_dataset()
     assert again == train
+
+
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ([{"text": "a", "label": 0}, {"text": "b", "label": 1}, {"text": "c"}], r"Record 2 .*no \['label'\]"),
+        (
+            [{"text": "t", "label": v} for v in (2, 10, "x")],
+            "mixes integer and string labels .*record 2: 'x'",
+        ),
+        ([{"text": "t", "label": v} for v in (0, -1)], "Record 1 .*label -1 is negative"),
+        ([{"text": "t", "label": 0}, {"text": None, "label": 1}], "Record 1 .*'text' is null"),
+        ([{"text": "t", "label": 0}, {"text": "u", "label": 0.5}], "Record 1 .*label 0.5 is a float"),
+    ],
+)
+def test_bad_labels_and_texts_name_the_record(records, message):
+    with pytest.raises(DataError, match=message):
+        encode(records, tokenizer(), DataSpec())
+
+
+def test_null_prompt_and_non_object_json_rows_are_refused(tmp_path):
+    with pytest.raises(DataError, match="Record 0 .*'completion' is null"):
+        encode([{"prompt": "p", "completion": None}], tokenizer(), DataSpec(task="causal_lm"))
+    path = tmp_path / "arr.json"
+    path.write_text("[1, 2, 3]")
+    with pytest.raises(DataError, match="record 0 is a int, not an object"):
+        load_records(str(path))

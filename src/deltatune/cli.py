@@ -13,11 +13,16 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 import types
 import typing
 from typing import Any
+
+
+class CliError(Exception):
+    """Bad input to a ``deltatune`` command: printed as one line, exit code 2."""
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -114,16 +119,23 @@ def _options(cls: type, args: argparse.Namespace) -> Any:
     if getattr(args, "config", None):
         import yaml
 
-        with open(args.config, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+        if not os.path.isfile(args.config):
+            raise CliError(
+                f"--config {args.config!r}: no such file; pass a YAML file of option: value lines."
+            )
+        try:
+            with open(args.config, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise CliError(f"--config {args.config}: not valid YAML ({exc}).") from exc
         if not isinstance(data, dict):
-            raise SystemExit(f"--config {args.config}: expected a mapping of option: value.")
+            raise CliError(f"--config {args.config}: expected a mapping of option: value.")
         if isinstance(data.get("train"), dict):  # a run folder's config.yaml
             data = {**data.pop("train"), **{k: v for k, v in data.items() if k in names}}
         for key, value in data.items():
             name = key.replace("-", "_")
             if name not in names:
-                raise SystemExit(
+                raise CliError(
                     f"--config {args.config}: unknown option {key!r}. Known: {', '.join(sorted(names))}."
                 )
             values[name] = value
@@ -133,27 +145,21 @@ def _options(cls: type, args: argparse.Namespace) -> Any:
             if name == "method_args":
                 value = {**values.get("method_args", {}), **dict(value)}
             values[name] = value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a YAML value of the wrong kind, e.g. a list where a number goes
+        raise CliError(f"--config {args.config}: {exc}") from exc
 
 
 # -- subcommands ----------------------------------------------------------------------------------
 def _train(args: argparse.Namespace) -> int:
-    from deltatune.train.data import DataError
-    from deltatune.train.methods import METHODS, MethodUnavailable
+    from deltatune.train.methods import METHODS
     from deltatune.train.run import RunOptions, run
 
     opts = _options(RunOptions, args)
     if opts.method not in METHODS:
-        print(
-            f"deltatune train: unknown method {opts.method!r}; choose one of {', '.join(METHODS)}.",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        result = run(opts)
-    except (DataError, MethodUnavailable, FileNotFoundError) as exc:
-        print(f"deltatune train: {exc}", file=sys.stderr)
-        return 2
+        raise CliError(f"unknown method {opts.method!r}; choose one of {', '.join(METHODS)}.")
+    result = run(opts)
     return 0 if result.train.steps > 0 else 1
 
 
@@ -179,7 +185,7 @@ def _load_adapter_model(adapter: str, model_path: str | None, for_eval: bool = T
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     if not os.path.isdir(adapter):
-        raise SystemExit(
+        raise CliError(
             f"{adapter!r} is not a folder; pass the adapter folder a training run saved (<run>/adapter)."
         )
     if not os.path.isfile(os.path.join(adapter, CONFIG_NAME)):  # a full fine-tuned model folder
@@ -190,7 +196,7 @@ def _load_adapter_model(adapter: str, model_path: str | None, for_eval: bool = T
     config = PeftConfig.from_pretrained(adapter)
     base = model_path or config.base_model_name_or_path
     if not base or not os.path.isdir(base):
-        raise SystemExit(
+        raise CliError(
             f"The adapter's base model {base!r} is not a local folder; pass --model with the base model's folder."
         )
     auto = {
@@ -227,7 +233,7 @@ def _eval(args: argparse.Namespace) -> int:
 
         _, records, label_names = load_default_dataset()
     else:
-        raise SystemExit("deltatune eval: pass --eval-file with the held-out data.")
+        raise CliError("pass --eval-file with the held-out data.")
     spec = DataSpec(task=opts.task, max_length=opts.max_length, text_column=opts.text_column, label_column=opts.label_column,
                     prompt_column=opts.prompt_column, completion_column=opts.completion_column,
                     messages_column=opts.messages_column, source_column=opts.source_column,
@@ -244,13 +250,62 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_merge_output(adapter: str, base: str | None, output: str, overwrite: bool) -> None:
+    """Refuse a merge output that would destroy something: a file, the base model or adapter
+    folder (or one inside them), or a folder with files in it unless --overwrite."""
+    out = os.path.realpath(output)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CliError(f"OUTPUT {output!r} is a file; pass a new folder path for the merged model.")
+    for what, path in (("the base model's folder", base), ("the adapter folder", adapter)):
+        if path and os.path.isdir(path):
+            real = os.path.realpath(path)
+            if out == real or out.startswith(real + os.sep) or real.startswith(out + os.sep):
+                raise CliError(
+                    f"OUTPUT {output!r} is (or contains, or lies inside) {what} {path!r}; writing there would "
+                    "overwrite it. Pass a new folder for the merged model."
+                )
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise CliError(
+            f"OUTPUT {output!r} is a folder with files in it; pass a new or empty folder, or --overwrite to "
+            "replace its contents."
+        )
+
+
 def _merge(args: argparse.Namespace) -> int:
+    from deltatune.config import CONFIG_NAME, PeftConfig
+
+    if not os.path.isfile(os.path.join(args.adapter, CONFIG_NAME)):
+        if os.path.isdir(args.adapter) and os.path.isfile(os.path.join(args.adapter, "config.json")):
+            raise CliError(f"{args.adapter} holds a full model, not an adapter: there is nothing to merge.")
+        raise CliError(f"No {CONFIG_NAME} in {args.adapter!r}: pass the adapter folder a training run saved.")
+    base = args.model or PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
+    _check_merge_output(args.adapter, base, args.output, args.overwrite)
     model, tokenizer, config = _load_adapter_model(args.adapter, args.model)
-    if config is None:
-        raise SystemExit(f"{args.adapter} holds a full model, not an adapter: there is nothing to merge.")
     merged = model.merge_and_unload()
-    merged.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
+    # Built under a temporary name next to OUTPUT, then renamed: a failed save leaves OUTPUT as it was.
+    out = os.path.abspath(args.output)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-merge-", dir=parent)
+    old = None
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if os.path.isdir(out):  # empty, or --overwrite: moved aside, deleted once the new one is in place
+            old = tempfile.mkdtemp(prefix=".old-merge-", dir=parent)
+            os.rmdir(old)
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if old is not None:  # put the previous folder back
+                os.rename(old, out)
+                old = None
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and os.path.isdir(out):
+            shutil.rmtree(old, ignore_errors=True)
     print(f"merged {config.peft_type} adapter into {config.base_model_name_or_path}; saved to {args.output}")
     return 0
 
@@ -263,15 +318,21 @@ def inspect_adapter(path: str) -> dict[str, Any]:
 
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
-        raise SystemExit(f"No {CONFIG_NAME} in {path!r}: not an adapter folder.")
+        raise CliError(f"No {CONFIG_NAME} in {path!r}: not an adapter folder.")
     with open(cfg_path, encoding="utf-8") as fh:
         config = json.load(fh)
     weights = os.path.join(path, "adapter_model.safetensors")
     tensors: dict[str, list[int]] = {}
     if os.path.isfile(weights):
-        with safe_open(weights, "pt") as fh:
-            for key in fh.keys():  # noqa: SIM118
-                tensors[key] = list(fh.get_slice(key).get_shape())
+        try:
+            with safe_open(weights, "pt") as fh:
+                for key in fh.keys():  # noqa: SIM118
+                    tensors[key] = list(fh.get_slice(key).get_shape())
+        except Exception as exc:  # safetensors raises SafetensorError or OSError for a damaged file
+            raise CliError(
+                f"{weights} is corrupt or truncated and cannot be read ({exc}). Save the adapter again, or "
+                "copy it again from its source."
+            ) from exc
     n = 0
     for shape in tensors.values():
         size = 1
@@ -317,7 +378,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     model, tokenizer, config = _load_adapter_model(args.adapter, args.model)
     if config is not None and str(config.task_type) not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
-        raise SystemExit(
+        raise CliError(
             f"deltatune generate needs a CAUSAL_LM or SEQ_2_SEQ_LM adapter; this one is {config.task_type}."
         )
     torch.manual_seed(args.seed)
@@ -408,6 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--model", default=None, help="base model folder (default: the adapter's base_model_name_or_path)"
     )
+    merge.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the contents of an existing, non-empty OUTPUT folder",
+    )
     merge.set_defaults(func=_merge)
 
     insp = sub.add_parser("inspect", help="show what an adapter folder contains", formatter_class=fmt)
@@ -430,13 +496,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run_command(args: argparse.Namespace) -> int:
     if getattr(args, "method_pos", None):
         if "method" in vars(args) and args.method != args.method_pos:
-            raise SystemExit(f"Method given twice: {args.method_pos!r} and --method {args.method!r}.")
+            raise CliError(f"Method given twice: {args.method_pos!r} and --method {args.method!r}.")
         args.method = args.method_pos
     return int(args.func(args))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (a value, a file, a missing method), not a deltatune bug."""
+    from safetensors import SafetensorError
+
+    from deltatune.train.methods import MethodUnavailable
+
+    return (CliError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError, MethodUnavailable, SafetensorError)  # fmt: skip
+
+
+def _interrupted_message(args: argparse.Namespace) -> str:
+    if args.command == "train":
+        from deltatune.train.checkpoint import latest_checkpoint
+
+        out = getattr(args, "output_dir", "runs/deltatune")
+        if os.path.isdir(out) and latest_checkpoint(out):
+            return f"interrupted; resume with --resume (checkpoints in {out}/checkpoints)"
+    return "interrupted"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one ``deltatune`` command. Bad input ends with ``deltatune <cmd>: error: ...`` on
+    stderr and exit code 2 (Ctrl-C: 130); anything else is a bug and keeps its traceback."""
+    args = build_parser().parse_args(argv)
+    prog = f"deltatune {args.command}"
+    try:
+        return _run_command(args)
+    except KeyboardInterrupt:
+        print(f"{prog}: {_interrupted_message(args)}", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

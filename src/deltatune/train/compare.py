@@ -192,7 +192,7 @@ def compare(
     chosen = methods or list(avail)
     unknown = [m for m in chosen if m not in avail]
     if unknown:
-        raise SystemExit(f"Unknown methods {unknown}; choose from {', '.join(avail)}.")
+        raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(avail)}.")
     if "lora" in chosen:  # LoRA first: it is the reference for the time column
         chosen = ["lora"] + [m for m in chosen if m != "lora"]
     root = opts.output_dir if opts.output_dir != "runs/deltatune" else "runs/compare"
@@ -205,7 +205,12 @@ def compare(
             continue
         log(f"training {name} ...", flush=True)
         one = dataclasses.replace(
-            opts, method=name, output_dir=os.path.join(root, name), quiet=True, log_every=10**9
+            opts,
+            method=name,
+            output_dir=os.path.join(root, name),
+            quiet=True,
+            log_every=10**9,
+            overwrite=True,  # compare's own per-method folders: a new comparison replaces them
         )
         queue = ctx.Queue()
         proc = ctx.Process(target=_worker, args=(one, latency_batches, queue))

@@ -96,6 +96,12 @@ def _read_file(path: str) -> list[dict[str, Any]]:
             value = [dict(zip(value, row)) for row in zip(*value.values())]
         if not isinstance(value, list):
             raise DataError(f"{path}: expected a list of records or a dict of columns.")
+        for n, row in enumerate(value):
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path}: record {n} is a {type(row).__name__}, not an object of column: value; the "
+                    'file must be a list of records like [{"text": ..., "label": ...}] or a dict of columns.'
+                )
         rows = value
     elif ext in (".csv", ".tsv"):
         with open(path, encoding="utf-8", newline="") as fh:
@@ -112,6 +118,8 @@ def _read_file(path: str) -> list[dict[str, Any]]:
 
 
 def require_columns(records: Sequence[dict[str, Any]], columns: Iterable[str], what: str) -> None:
+    """Every record has every column (a later record missing one is named, with its number)."""
+    columns = list(columns)
     present = sorted(records[0])
     missing = [c for c in columns if c not in records[0]]
     if missing:
@@ -119,6 +127,75 @@ def require_columns(records: Sequence[dict[str, Any]], columns: Iterable[str], w
             f"{what} needs column(s) {missing}, but the data has columns {present}. Rename the columns "
             "or pass the column names (e.g. --text-column, --label-column)."
         )
+    for i, r in enumerate(records):
+        lacking = [c for c in columns if c not in r]
+        if lacking:
+            raise DataError(
+                f"Record {i} (counting from 0) has no {lacking} column(s); it has {sorted(r)}. Every record "
+                "needs the same columns: fix or drop that record."
+            )
+
+
+def _text(record: dict[str, Any], column: str, index: int) -> str:
+    """A text field as a string; a null (None) is refused rather than trained on as "None"."""
+    value = record[column]
+    if value is None:
+        raise DataError(
+            f"Record {index} (counting from 0): {column!r} is null. Give it a text, or drop the record."
+        )
+    return str(value)
+
+
+def _is_int_label(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, str) and value.strip().lstrip("-").isdigit()
+
+
+def check_labels(records: Sequence[dict[str, Any]], column: str) -> tuple[int, list[str] | None]:
+    """(number of classes, label names or None) of a classification column, after checking it.
+
+    Labels are either all integers 0..N-1 (ints or digit strings, e.g. from CSV) or all strings
+    (mapped to 0..N-1 in sorted order). Refused, naming the record: a missing/null label, a
+    negative integer, a float/bool/list, and a mix of integers and strings.
+    """
+    first_int = first_str = None
+    names: set[str] = set()
+    top = -1
+    for i, r in enumerate(records):
+        if column not in r or r[column] is None:
+            raise DataError(
+                f"Record {i} (counting from 0) has no {column!r} label. Every record needs one: fix or drop it."
+            )
+        v = r[column]
+        if _is_int_label(v):
+            n = int(v)
+            if n < 0:
+                raise DataError(
+                    f"Record {i} (counting from 0): label {v!r} is negative. Integer labels are class indices "
+                    "0..N-1; renumber them, or use string labels (mapped to indices in sorted order)."
+                )
+            top = max(top, n)
+            first_int = i if first_int is None else first_int
+        elif isinstance(v, str):
+            names.add(v)
+            first_str = i if first_str is None else first_str
+        else:
+            raise DataError(
+                f"Record {i} (counting from 0): label {v!r} is a {type(v).__name__}; classification labels "
+                "are integers 0..N-1 or strings."
+            )
+        if first_int is not None and first_str is not None:
+            raise DataError(
+                f"The {column!r} column mixes integer and string labels (record {first_int}: "
+                f"{records[first_int][column]!r}, record {first_str}: {records[first_str][column]!r}, counting "
+                "from 0). Use one kind for every record."
+            )
+    if names:
+        return len(names), sorted(names)
+    return top + 1, None
 
 
 # -- tokenising ------------------------------------------------------------------------------
@@ -203,12 +280,11 @@ def encode(
 
 
 def _labels_map(records: Sequence[dict[str, Any]], spec: DataSpec) -> dict[Any, int] | None:
-    values = [r[spec.label_column] for r in records]
     if spec.label_names:
         return {name: i for i, name in enumerate(spec.label_names)}
-    if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in values):
+    _, names = check_labels(records, spec.label_column)
+    if names is None:
         return None
-    names = sorted({str(v) for v in values})
     spec.label_names = names
     return {n: i for i, n in enumerate(names)}
 
@@ -231,10 +307,8 @@ def _encode_cls(
             label = int(mapping.get(raw, mapping.get(str(raw), -1)))
         else:
             label = int(raw)
-        text, pair = (
-            str(r[spec.text_column]),
-            (str(r[spec.text_pair_column]) if spec.text_pair_column else None),
-        )
+        text = _text(r, spec.text_column, i)
+        pair = _text(r, spec.text_pair_column, i) if spec.text_pair_column else None
         enc = tok(text, pair, add_special_tokens=True, truncation=False)
         ids = enc["input_ids"]
         if len(ids) > spec.max_length:
@@ -254,8 +328,8 @@ def _encode_seq2seq(
     require_columns(records, [spec.source_column, spec.target_column], "Seq2seq training")
     out = []
     for i, r in enumerate(records):
-        src = tok(str(r[spec.source_column]), add_special_tokens=True)["input_ids"]
-        tgt = tok(text_target=str(r[spec.target_column]), add_special_tokens=True)["input_ids"]
+        src = tok(_text(r, spec.source_column, i), add_special_tokens=True)["input_ids"]
+        tgt = tok(text_target=_text(r, spec.target_column, i), add_special_tokens=True)["input_ids"]
         before = report.truncated
         src = _limit(list(src), spec, i, report)
         tgt = _limit(list(tgt), spec, i, report)
@@ -345,10 +419,10 @@ def _encode_sft(
         if mode == "chat":
             segments = _chat_segments(r[spec.messages_column], tok, i)
         elif mode == "prompt":
-            segments = [(bos + _plain(tok, str(r[spec.prompt_column])), False),
-                        (_plain(tok, str(r[spec.completion_column])) + _eos(tok), True)]  # fmt: skip
+            segments = [(bos + _plain(tok, _text(r, spec.prompt_column, i)), False),
+                        (_plain(tok, _text(r, spec.completion_column, i)) + _eos(tok), True)]  # fmt: skip
         else:
-            segments = [(bos + _plain(tok, str(r[spec.text_column])) + _eos(tok), True)]
+            segments = [(bos + _plain(tok, _text(r, spec.text_column, i)) + _eos(tok), True)]
         ids: list[int] = []
         labels: list[int] = []
         for seg, trained in segments:

@@ -75,11 +75,96 @@ class TrainConfig:
     save_every: int = _opt(0, "write a checkpoint every N optimizer steps; 0 = none")
     keep_checkpoints: int = _opt(2, "checkpoints kept on disk (oldest deleted)")
     resume: bool = _opt(False, "continue from the newest checkpoint in --output-dir")
+    overwrite: bool = _opt(
+        False, "replace the run already in --output-dir (its adapter, metrics and checkpoints are deleted)"
+    )
     seed: int = _opt(42, "seed for initialisation, data order and dropout")
     quiet: bool = _opt(False, "no progress bar: one plain log line every --log-every steps")
     log_every: int = _opt(10, "steps between metric records (and log lines in quiet mode)")
     plot: bool = _opt(True, "write plot.png (loss / metric curves) into the run folder")
     fsdp: bool = _opt(False, "under torchrun: shard parameters and optimizer state with FSDP instead of DDP")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+def check_device(spec: str) -> torch.device:
+    """``--device`` as a torch device that exists here, or a ValueError saying what to pass."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {spec!r} is not a device name; use cpu, cuda, cuda:1 or mps.") from exc
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--device {spec}: no CUDA device is available here; use --device cpu.")
+        if device.index is not None and device.index >= n:
+            raise ValueError(
+                f"--device {spec}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})."
+            )
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {spec}: MPS is not available here; use --device cpu.")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {spec!r}: deltatune trains on cpu, cuda or mps.")
+    return device
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_options(opts: Any) -> None:
+    """Refuse option values that cannot work, naming the option (as a CLI flag) and the fix.
+
+    Checked for every field of ``opts`` that it has, so :class:`TrainConfig` and the CLI's
+    ``RunOptions`` share it; runs when the dataclass is built (YAML, flags or Python).
+    """
+
+    def need(name: str, ok: Callable[[Any], bool], rule: str) -> None:
+        if not hasattr(opts, name):
+            return
+        value = getattr(opts, name)
+        if value is None:
+            return
+        if isinstance(value, bool) or not ok(value):
+            raise ValueError(f"{_flag(name)} {value!r}: {rule}.")
+
+    def num(test: Callable[[float], bool]) -> Callable[[Any], bool]:
+        return lambda v: isinstance(v, (int, float)) and not math.isnan(v) and test(v)
+
+    def whole(test: Callable[[int], bool]) -> Callable[[Any], bool]:
+        return lambda v: isinstance(v, int) and test(v)
+
+    need("epochs", num(lambda v: v > 0), "must be > 0 (or give --max-steps)")
+    need("max_steps", whole(lambda v: v >= 0), "must be an integer >= 0 (0 = derive from --epochs)")
+    for name in ("batch_size", "grad_accum", "eval_batch_size", "max_length", "num_virtual_tokens"):
+        need(name, whole(lambda v: v >= 1), "must be an integer >= 1")
+    need("lr", num(lambda v: v > 0), "the learning rate must be > 0")
+    need("weight_decay", num(lambda v: v >= 0), "must be >= 0")
+    need("warmup_ratio", num(lambda v: 0 <= v < 1), "must be in [0, 1)")
+    need("max_grad_norm", num(lambda v: v >= 0), "must be >= 0 (0 = no clipping)")
+    for name in ("warmup_steps", "eval_every", "early_stopping_patience", "save_every", "keep_checkpoints"):
+        need(name, whole(lambda v: v >= 0), "must be an integer >= 0")
+    need("log_every", whole(lambda v: v >= 1), "must be an integer >= 1")
+    need("metric", lambda v: v in ("auto", "accuracy", "loss"), "choose auto, accuracy or loss")
+    need("eval_fraction", num(lambda v: 0 < v < 1), "must be between 0 and 1 (exclusive), e.g. 0.1")
+    need("r", whole(lambda v: v >= 1), "the rank must be an integer >= 1")
+    need("lora_alpha", num(lambda v: v > 0), "must be > 0 (default: 2 * r)")
+    need("lora_dropout", num(lambda v: 0 <= v < 1), "must be in [0, 1)")
+    betas = getattr(opts, "adam_betas", None)
+    if betas is not None and (
+        len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)
+    ):
+        raise ValueError(
+            f"--adam-betas {','.join(str(b) for b in betas) or '(empty)'}: give two numbers in [0, 1), "
+            "e.g. --adam-betas 0.9,0.999."
+        )
+    device = getattr(opts, "device", None)
+    if device is not None:
+        check_device(device)
+    if getattr(opts, "resume", False) and getattr(opts, "overwrite", False):
+        raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it.")
 
 
 @dataclass
@@ -301,23 +386,59 @@ class Trainer:
         dist_utils.barrier()
         return path
 
-    def _resume(self) -> None:
+    def _load_resume_checkpoint(self) -> ckpt.Checkpoint | None:
+        """The newest checkpoint, checked against this model and optimizer; nothing is changed yet."""
         path = ckpt.latest_checkpoint(self.config.output_dir)
         if path is None:
             if self.main:
                 print(
                     f"--resume: no checkpoint in {self.config.output_dir}/checkpoints; starting from scratch."
                 )
-            return
+            return None
         c = ckpt.load_checkpoint(path)
+        self._check_compatible(c)
+        return c
+
+    def _check_compatible(self, c: ckpt.Checkpoint) -> None:
+        """Name what differs between a checkpoint and this run (parameters, shapes, optimizer groups)."""
         model = dist_utils.unwrap(self.model)
-        params = dict(model.named_parameters())
-        missing = sorted(set(c.trainable) - set(params))
-        if missing:
-            raise ValueError(
-                f"Checkpoint {path} holds parameters this model lacks (e.g. {missing[:3]}): it was made with "
-                "another model or method. Use a new --output-dir or the original settings."
+        now = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        saved = {n: tuple(t.shape) for n, t in c.trainable.items()}
+        problems = []
+        only_saved, only_now = sorted(set(saved) - set(now)), sorted(set(now) - set(saved))
+        if only_saved:
+            problems.append(
+                f"{len(only_saved)} trained parameter(s) this model lacks (e.g. {', '.join(only_saved[:3])})"
             )
+        if only_now:
+            problems.append(
+                f"{len(only_now)} trainable parameter(s) missing from the checkpoint "
+                f"(e.g. {', '.join(only_now[:3])})"
+            )
+        shapes = [
+            f"{n}: {saved[n]} saved, {now[n]} now"
+            for n in sorted(set(saved) & set(now))
+            if saved[n] != now[n]
+        ]
+        if shapes:
+            problems.append(f"{len(shapes)} parameter(s) of another shape (e.g. {'; '.join(shapes[:2])})")
+        if not problems and not dist_utils.is_fsdp(self.model):
+            groups_saved = [len(g["params"]) for g in c.optimizer.get("param_groups", [])]
+            groups_now = [len(g["params"]) for g in self.optimizer.param_groups]
+            if groups_saved != groups_now:
+                problems.append(
+                    f"optimizer parameter groups differ (sizes {groups_saved} saved, {groups_now} now)"
+                )
+        if problems:
+            raise ValueError(
+                f"Cannot resume from {c.path}: it was made with another model or method settings "
+                f"(--r, --target-modules, --method, --model ...): {'; '.join(problems)}. Resume with the "
+                "original settings (see config.yaml in the run folder), or start a new --output-dir."
+            )
+
+    def _resume(self, c: ckpt.Checkpoint) -> None:
+        path = c.path
+        params = dict(dist_utils.unwrap(self.model).named_parameters())
         with torch.no_grad():
             for name, value in c.trainable.items():
                 _assign(params[name], value)
@@ -330,6 +451,16 @@ class Trainer:
         if self.main:
             _write_jsonl(self._metrics_path(), self.history)
             print(f"Resumed from {path} (step {self.state.step} of {self.total_steps}).")
+
+    def _clear_previous_run(self) -> None:
+        """A fresh start: the old metrics go, and old checkpoints too (else a later --resume would
+        continue the old run); :meth:`train` refuses that without ``overwrite``."""
+        if ckpt.checkpoint_dirs(self.config.output_dir):  # refused in train() unless overwrite
+            import shutil
+
+            shutil.rmtree(os.path.join(self.config.output_dir, "checkpoints"), ignore_errors=True)
+        if os.path.exists(self._metrics_path()):
+            os.remove(self._metrics_path())
 
     # -- logging ---------------------------------------------------------------------------
     def _metrics_path(self) -> str:
@@ -359,11 +490,19 @@ class Trainer:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
+        # A resume is checked against the checkpoint before anything in the run folder is written.
+        resume_from = self._load_resume_checkpoint() if cfg.resume else None
+        stale = [] if cfg.resume else ckpt.checkpoint_dirs(cfg.output_dir)
+        if stale and not cfg.overwrite:
+            raise ValueError(
+                f"{cfg.output_dir} holds checkpoints of an earlier run (up to step {stale[-1][0]}). "
+                "Pass --resume to continue it, a new --output-dir, or --overwrite to replace it."
+            )
         self._write_run_config()
-        if cfg.resume:
-            self._resume()
-        elif self.main and os.path.exists(self._metrics_path()):
-            os.remove(self._metrics_path())
+        if resume_from is not None:
+            self._resume(resume_from)
+        elif self.main:
+            self._clear_previous_run()
         self.model.train()
         batches = self._micro_batches(self.state.micro)
         bar = None

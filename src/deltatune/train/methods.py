@@ -25,6 +25,40 @@ class MethodEntry:
     description: str
     build: Callable[[nn.Module, str, dict[str, Any]], nn.Module]
     default_lr: float
+    config: str | None = None  # the config class in ``deltatune`` whose fields --method-arg may set
+    extra_args: tuple[str, ...] = ()  # --method-arg keys the build function reads itself
+
+    def valid_args(self) -> list[str]:
+        """The keys ``--method-arg`` accepts for this method."""
+        names = set(self.extra_args)
+        if self.config is not None:
+            cls = _need(self.config)
+            names |= {f.name for f in dataclasses.fields(cls) if f.init} - _NOT_METHOD_ARGS
+        return sorted(names)
+
+    def check_args(self, args: dict[str, Any]) -> None:
+        """Refuse --method-arg keys the method does not know (a typo would otherwise be ignored)."""
+        if not args:
+            return
+        valid = self.valid_args()
+        unknown = [k for k in args if k not in valid]
+        if unknown:
+            import difflib
+
+            hints = [
+                f"{k!r} (did you mean {close[0]!r}?)"
+                if (close := difflib.get_close_matches(k, valid, 1))
+                else repr(k)
+                for k in unknown
+            ]
+            allowed = ", ".join(valid) if valid else "none (this method takes no --method-arg)"
+            raise ValueError(
+                f"--method-arg {', '.join(hints)}: not an option of method {self.name!r}. Valid keys: {allowed}."
+            )
+
+
+# Config fields the trainer sets itself: never through --method-arg.
+_NOT_METHOD_ARGS = {"task_type", "peft_type", "base_model_name_or_path", "inference_mode", "revision"}
 
 
 def _need(attr: str, where: str = "deltatune") -> Any:
@@ -48,11 +82,16 @@ def _fields(cls: Any, opts: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[
 
 def _lora_config(task_type: str, opts: dict[str, Any], **extra: Any) -> Any:
     cls = _need("LoraConfig")
-    r = int(opts.get("r") or 8)
+    r = opts.get("r")
+    r = 8 if r is None else r  # an invalid rank (0, -1) reaches LoraConfig, which refuses it
+    alpha = opts.get("lora_alpha")
+    dropout = opts.get("lora_dropout")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
+        raise ValueError(f"lora_alpha must be a number > 0 (default 2 * r), got {alpha!r}.")
     kw = {
         "r": r,
-        "lora_alpha": opts.get("lora_alpha") or 2 * r,
-        "lora_dropout": opts.get("lora_dropout", 0.05),
+        "lora_alpha": 2 * r if alpha is None else alpha,
+        "lora_dropout": 0.05 if dropout is None else dropout,
     }
     kw.update(_fields(cls, opts, skip=("r", "lora_alpha", "lora_dropout", "task_type")))
     kw.update(extra)
@@ -84,8 +123,9 @@ def build_qlora(model: nn.Module, task_type: str, opts: dict[str, Any]) -> nn.Mo
 
 def build_loftq(model: nn.Module, task_type: str, opts: dict[str, Any]) -> nn.Module:
     loftq_cls = _need("LoftQConfig", "deltatune.quant")
+    bits, iters = opts.get("loftq_bits"), opts.get("loftq_iter")
     loftq = loftq_cls(
-        loftq_bits=int(opts.get("loftq_bits") or 4), loftq_iter=int(opts.get("loftq_iter") or 1)
+        loftq_bits=4 if bits is None else int(bits), loftq_iter=1 if iters is None else int(iters)
     )
     loftq_dict = dataclasses.asdict(loftq) if dataclasses.is_dataclass(loftq) else dict(loftq)  # type: ignore[arg-type]
     return _wrap(model, _lora_config(task_type, opts, init_lora_weights="loftq", loftq_config=loftq_dict))
@@ -112,33 +152,49 @@ def build_full(model: nn.Module, task_type: str, opts: dict[str, Any]) -> nn.Mod
 METHODS: dict[str, MethodEntry] = {
     e.name: e
     for e in [
-        MethodEntry("lora", "LoRA: low-rank A, B beside each targeted linear layer", build_lora, 3e-3),
-        MethodEntry("dora", "DoRA: LoRA + a learned magnitude per output row", build_dora, 3e-3),
-        MethodEntry("qlora", "QLoRA: LoRA over an NF4 4-bit frozen base", build_qlora, 3e-3),
         MethodEntry(
-            "loftq", "LoftQ: QLoRA with an init that absorbs the quantisation error", build_loftq, 1e-3
+            "lora", "LoRA: low-rank A, B beside each targeted linear layer", build_lora, 3e-3, "LoraConfig"
         ),
         MethodEntry(
-            "ia3", "(IA)3: learned rescaling of keys, values and FFN activations", _simple("IA3Config"), 5e-3
+            "dora", "DoRA: LoRA + a learned magnitude per output row", build_dora, 3e-3, "LoraConfig"
         ),
+        MethodEntry("qlora", "QLoRA: LoRA over an NF4 4-bit frozen base", build_qlora, 3e-3, "LoraConfig"),
+        MethodEntry(
+            "loftq",
+            "LoftQ: QLoRA with an init that absorbs the quantisation error",
+            build_loftq,
+            1e-3,
+            "LoraConfig",
+            ("loftq_bits", "loftq_iter"),
+        ),  # fmt: skip
+        MethodEntry(
+            "ia3",
+            "(IA)3: learned rescaling of keys, values and FFN activations",
+            _simple("IA3Config"),
+            5e-3,
+            "IA3Config",
+        ),  # fmt: skip
         MethodEntry(
             "bottleneck",
             "bottleneck adapters after attention / FFN blocks",
             _simple("BottleneckConfig"),
             1e-3,
-        ),
+            "BottleneckConfig",
+        ),  # fmt: skip
         MethodEntry(
             "prompt",
             "prompt tuning: trained virtual token embeddings",
             _simple("PromptTuningConfig", {"num_virtual_tokens": 20}),
             3e-2,
-        ),
+            "PromptTuningConfig",
+        ),  # fmt: skip
         MethodEntry(
             "prefix",
             "prefix tuning: trained per-layer key/value prefixes",
             _simple("PrefixTuningConfig", {"num_virtual_tokens": 20}),
             1e-2,
-        ),
+            "PrefixTuningConfig",
+        ),  # fmt: skip
         MethodEntry("full", "full fine-tuning: every weight trains (baseline)", build_full, 5e-5),
     ]
 }

@@ -24,6 +24,7 @@ from deltatune.train.data import (
     Collator,
     DataError,
     DataSpec,
+    check_labels,
     encode,
     load_records,
     model_max_length,
@@ -104,7 +105,7 @@ def _split(
     records: list[dict[str, Any]], fraction: float, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if not 0 < fraction < 1:
-        raise ValueError(f"--eval-fraction must be between 0 and 1, got {fraction}.")
+        raise ValueError(f"--eval-fraction {fraction}: must be between 0 and 1 (exclusive), e.g. 0.1.")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, int(round(fraction * len(records))))
@@ -178,9 +179,30 @@ def prepare_data(
     return train, evals, None
 
 
+_RUN_FILES = ("adapter", "model", "checkpoints", "metrics.jsonl", "config.yaml")
+
+
+def check_output_dir(opts: TrainConfig) -> None:
+    """Refuse an --output-dir that is a file, or that holds an earlier run (unless --resume or
+    --overwrite): checked before any data or model is loaded."""
+    out = opts.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--output-dir {out!r} is a file, not a folder; pass a folder path for the run.")
+    if opts.resume or opts.overwrite or not os.path.isdir(out):
+        return
+    found = [name for name in _RUN_FILES if os.path.exists(os.path.join(out, name))]
+    if found:
+        raise ValueError(
+            f"--output-dir {out!r} already holds a training run ({', '.join(found)}). Pass --resume to "
+            "continue it, a new --output-dir, or --overwrite to replace it (its checkpoints are deleted)."
+        )
+
+
 def run(opts: RunOptions, log: Any = print) -> RunResult:
     """Load, (evaluate), wrap with the method, train, evaluate, save. Returns the numbers."""
     entry = get_method(opts.method)
+    check_output_dir(opts)
+    entry.check_args(opts.method_args)
     device = torch.device(opts.device) if opts.device else dist_utils.default_device()
     device = dist_utils.init(device)
     main = dist_utils.is_main()
@@ -199,13 +221,14 @@ def run(opts: RunOptions, log: Any = print) -> RunResult:
             [opts.text_pair_column] if opts.text_pair_column else []
         )
         require_columns(train_records, cols, "Sequence classification")
-        values = {r.get(opts.label_column) for r in train_records + eval_records}
-        num_labels = len(label_names) if label_names else None
-        if num_labels is None:
-            try:
-                num_labels = max(int(v) for v in values) + 1  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                num_labels = len(values)
+        if eval_records:
+            require_columns(eval_records, cols, "Sequence classification (eval data)")
+        # Checked (and counted) before the model loads: its head size depends on it.
+        num_labels = (
+            len(label_names)
+            if label_names
+            else check_labels(train_records + eval_records, opts.label_column)[0]
+        )
     model, tokenizer = load_model(opts, num_labels, label_names)
     limit = model_max_length(tokenizer, model)
     if limit is not None and opts.max_length > limit:
