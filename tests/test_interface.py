@@ -318,3 +318,131 @@ def test_set_requires_grad_and_inference_mode_like_peft() -> None:
     assert ours.get_nb_trainable_parameters() == one
     with pytest.raises(ValueError, match=r"Unknown adapters \['c'\]"):
         ours.set_requires_grad("c")
+
+
+# -- robustness: refusals that change nothing -----------------------------------------------
+def test_delete_merged_adapter_refuses_before_changing_anything() -> None:
+    inputs = MODELS["llama"][2]()
+    model = get_peft_model(
+        tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"])
+    )
+    randomize_lora(model)
+    embed = model.base_model.model.embed_tokens
+    with torch.no_grad():
+        embed.modules_to_save["default"].weight.add_(1.0)  # a "trained" embedding copy
+    before = logits(model, inputs)
+    model.merge_adapter()
+    with pytest.raises(ValueError, match=r"'default' is merged.*unmerge_adapter\(\) first"):
+        model.delete_adapter("default")
+    assert list(model.peft_config) == ["default"]
+    assert "default" in embed.modules_to_save and embed.active_adapters == ["default"]
+    model.unmerge_adapter()
+    torch.testing.assert_close(logits(model, inputs), before, atol=1e-5, rtol=0)
+    model.delete_adapter("default")  # allowed once unmerged
+    assert "default" not in embed.modules_to_save
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["/tmp/elsewhere", "a/b", "..\\up", "a\\b", "", "  ", "..", "x:y", "tab\there", " lead", "n" * 201],
+)
+def test_adapter_names_must_be_single_folder_names(name: str, tmp_path: Path) -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="Adapter name"):
+        model.add_adapter(name, LoraConfig(r=2, target_modules=["k_proj"]))
+    assert list(model.peft_config) == ["default"]
+    assert not any("k_proj.lora" in n for n, _ in model.named_modules())
+
+
+def test_save_pretrained_stays_inside_save_directory(tmp_path: Path) -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("task-A_2", LoraConfig(r=2, target_modules=["k_proj"]))
+    model.save_pretrained(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (tmp_path / "out" / "task-A_2" / "adapter_config.json").is_file()
+    # A name set behind add_adapter's back is still refused by save_pretrained.
+    model.peft_config["../escape"] = model.peft_config.pop("task-A_2")
+    with pytest.raises(ValueError, match="Adapter name '../escape'"):
+        model.save_pretrained(tmp_path / "out2")
+    assert not (tmp_path / "escape").exists()
+
+
+def test_wrapping_a_base_twice_is_refused_and_changes_nothing() -> None:
+    base = tiny_llama()
+    first = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    counts = first.get_nb_trainable_parameters()
+    for targets in (["k_proj"], ["q_proj"]):
+        with pytest.raises(
+            ValueError, match=r"already holds deltatune adapter layers.*add_adapter.*unload\(\)"
+        ):
+            get_peft_model(base, LoraConfig(r=2, target_modules=targets))
+        with pytest.raises(ValueError, match="already holds deltatune adapter layers"):
+            PeftModel(base, LoraConfig(r=2, target_modules=targets))
+    assert first.get_nb_trainable_parameters() == counts
+    assert list(first.peft_config) == ["default"]
+    assert not any("k_proj.lora" in n for n, _ in first.named_parameters())
+    config = LoraConfig(r=2, target_modules=["k_proj"])
+    with pytest.raises(ValueError, match="already wrapped"):
+        get_peft_model(first, config, revision="main")  # type: ignore[arg-type]
+    assert config.revision is None
+    # After unload() the plain model can be wrapped again.
+    again = get_peft_model(first.unload(), LoraConfig(r=2, target_modules=["k_proj"]))
+    assert again.get_nb_trainable_parameters()[0] > 0
+
+
+def test_wrapping_a_peft_library_model_is_refused() -> None:
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="layers of the peft library.*unload"):
+        get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
+
+
+def test_failed_wrap_restores_the_base(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A method that fails halfway through injection leaves no layer behind, and no flag changed."""
+    from deltatune.methods.lora import LoraTuner
+
+    base = tiny_llama()
+    base.lm_head.weight.requires_grad_(True)
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    modules = dict(base.named_modules())
+    real = LoraTuner.create_layer
+    calls = []
+
+    def fail_on_third(self, path, module, config, adapter_name):  # type: ignore[no-untyped-def]
+        calls.append(path)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real(self, path, module, config, adapter_name)
+
+    monkeypatch.setattr(LoraTuner, "create_layer", fail_on_third)
+    with pytest.raises(RuntimeError, match="boom"):
+        get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert dict(base.named_modules()) == modules
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == flags
+    # The same failure in add_adapter of an existing wrapper takes back only the new adapter.
+    monkeypatch.setattr(LoraTuner, "create_layer", real)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
+    wrapped = dict(model.named_modules())
+    calls.clear()
+    monkeypatch.setattr(LoraTuner, "create_layer", fail_on_third)
+    with pytest.raises(RuntimeError, match="boom"):
+        model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"]))
+    assert dict(model.named_modules()) == wrapped
+    assert list(model.peft_config) == ["default"]
+    assert not any(".b." in n for n, _ in model.named_parameters())
+
+
+def test_merge_unknown_adapter_names_the_known_ones() -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"unknown adapters \['nope'\]; this model has \['default'\]"):
+        model.merge_adapter(["nope"])
+    assert not any(m.merged for m in model.modules() if isinstance(m, Linear))
+
+
+def test_save_without_adapters_is_a_clear_error(tmp_path: Path) -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.delete_adapter("default")
+    with pytest.raises(ValueError, match="holds no adapter.*nothing to write"):
+        model.save_pretrained(tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()

@@ -265,3 +265,133 @@ def test_key_mapping_renames_saved_keys_like_peft(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path), key_mapping=mapping)
     torch.testing.assert_close(out(theirs, inputs), out(model, inputs), atol=1e-5, rtol=0)
+
+
+# -- failures that leave the caller's model as it was ---------------------------------------
+def bad_shape_copy(src: Path, dst: Path) -> None:
+    """``dst``: the adapter in ``src`` with its last tensor's shape broken (r columns → 3)."""
+    from safetensors.torch import save_file
+
+    state = load_file(str(src / WEIGHTS_NAME))
+    last = sorted(state)[-1]
+    state[last] = torch.zeros(state[last].shape[0], 3)
+    dst.mkdir()
+    (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    save_file(state, str(dst / WEIGHTS_NAME))
+
+
+def test_failed_from_pretrained_restores_the_base_and_a_retry_works(tmp_path: Path) -> None:
+    model, inputs = trained("llama")
+    model.save_pretrained(tmp_path / "good")
+    bad_shape_copy(tmp_path / "good", tmp_path / "bad")
+    base = tiny_llama()
+    base.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # the caller's own choice, kept
+    modules = dict(base.named_modules())
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    with pytest.raises(ValueError, match="Shape mismatch"):
+        PeftModel.from_pretrained(base, tmp_path / "bad")
+    assert dict(base.named_modules()) == modules
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == flags
+    loaded = PeftModel.from_pretrained(base, tmp_path / "good")
+    torch.testing.assert_close(out(loaded, inputs), out(model, inputs), atol=0, rtol=0)
+
+
+def test_failed_load_adapter_removes_the_layers_it_added(tmp_path: Path) -> None:
+    model, inputs = trained("llama")  # q, v, up, down
+    model.save_pretrained(tmp_path / "good")
+    bad_shape_copy(tmp_path / "good", tmp_path / "bad")
+    target = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    modules = dict(target.named_modules())
+    before = out(target, inputs)
+    with pytest.raises(ValueError, match="Shape mismatch"):
+        target.load_adapter(tmp_path / "bad", adapter_name="x")
+    assert dict(target.named_modules()) == modules  # v_proj, up_proj, down_proj unwrapped again
+    assert list(target.peft_config) == ["default"]
+    torch.testing.assert_close(out(target, inputs), before, atol=0, rtol=0)
+
+
+def with_extra(src: Path, dst: Path, extra: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    dst.mkdir()
+    (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    save_file({**load_file(str(src / WEIGHTS_NAME)), **extra}, str(dst / WEIGHTS_NAME))
+
+
+def test_base_model_tensors_in_an_adapter_file_are_refused(tmp_path: Path) -> None:
+    model, inputs = trained("llama")
+    model.save_pretrained(tmp_path / "good")
+    with_extra(
+        tmp_path / "good", tmp_path / "extra", {"base_model.model.lm_head.weight": torch.zeros(96, 32)}
+    )
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "good")
+    before = out(loaded, inputs)
+    with pytest.raises(ValueError, match=r"name weights of the base model.*\['lm_head.weight'\]"):
+        loaded.load_adapter(tmp_path / "extra", "b")
+    assert list(loaded.peft_config) == ["default"]
+    assert not torch.equal(loaded.base_model.lm_head.weight, torch.zeros(96, 32))
+    torch.testing.assert_close(out(loaded, inputs), before, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="name weights of the base model"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path / "extra")
+
+
+def test_peft_style_embedding_base_weight(tmp_path: Path) -> None:
+    """PEFT saves a targeted embedding's full base table: taken when equal to the model's (a no-op)
+    or when the adapter is the model's only one (as PEFT does); refused when it would change the
+    base under another adapter."""
+    model, inputs = trained("llama", modules_to_save=None)
+    model.add_adapter(
+        "e", LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    )
+    model.save_pretrained(tmp_path)
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    table = tiny_llama().model.embed_tokens.weight.detach()
+    with_extra(tmp_path / "e", tmp_path / "same", {key: table.clone()})
+    with_extra(tmp_path / "e", tmp_path / "resized", {key: table + 1.0})
+    host = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    before = out(host, inputs)
+    host.load_adapter(tmp_path / "same", "same")  # equal values: nothing to change
+    with pytest.raises(ValueError, match=r"base-model weights .*embed_tokens.base_layer.weight.*differ"):
+        host.load_adapter(tmp_path / "resized", "resized")
+    assert sorted(host.peft_config) == ["default", "same"]
+    torch.testing.assert_close(out(host, inputs), before, atol=0, rtol=0)
+    alone = PeftModel.from_pretrained(tiny_llama(), tmp_path / "resized")
+    assert torch.equal(alone.base_model.model.embed_tokens.base_layer.weight, table + 1.0)
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "resized"))
+    torch.testing.assert_close(out(alone, inputs), out(theirs, inputs), atol=1e-5, rtol=0)
+
+
+def test_loading_into_a_meta_model_assigns_the_adapter(tmp_path: Path) -> None:
+    """As PEFT's low_cpu_mem_usage loading: the adapter's tensors are assigned (not skipped), and the
+    base weights loaded afterwards with assign=True give the saved model's outputs."""
+    model, inputs = trained("llama")
+    model.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        empty = tiny_llama()
+    with pytest.warns(UserWarning, match="meta device.*assign=True"):
+        loaded = PeftModel.from_pretrained(empty, tmp_path)
+    saved = load_file(str(tmp_path / WEIGHTS_NAME))
+    a = loaded.base_model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert not a.is_meta
+    assert torch.equal(a, saved["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+    base_state = {k: v for k, v in model.base_model.state_dict().items() if "lora_" not in k}
+    loaded.base_model.load_state_dict(base_state, assign=True, strict=False)
+    for name, buffer in model.base_model.named_buffers():  # non-persistent ones (RoPE inv_freq)
+        owner, _, leaf = name.rpartition(".")
+        loaded.base_model.get_submodule(owner)._buffers[leaf] = buffer.clone()
+    assert not any(p.is_meta for p in loaded.parameters())
+    torch.testing.assert_close(out(loaded, inputs), out(model, inputs), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"LORA"', "3"])
+def test_config_that_is_not_a_json_object_is_a_clear_error(text: str, tmp_path: Path) -> None:
+    model, _ = trained("llama")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(text)
+    with pytest.raises(ValueError, match="not an object.*not an adapter config"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    from deltatune.config import config_from_dict
+
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        config_from_dict([1, 2])  # type: ignore[arg-type]

@@ -134,6 +134,11 @@ class PeftConfig:
                 data = json.load(fh)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON ({exc}); the adapter config is corrupt.") from exc
+        if not isinstance(data, dict):
+            raise ValueError(
+                f'{path} holds a JSON {type(data).__name__}, not an object with fields such as "peft_type": '
+                "it is not an adapter config (or is corrupt). Save the adapter again, or restore the file."
+            )
         return config_from_dict(data)
 
 
@@ -178,6 +183,12 @@ def registered_methods() -> list[str]:
 
 
 def config_from_dict(data: dict[str, Any]) -> PeftConfig:
+    if not isinstance(data, dict):
+        raise ValueError(
+            f'An adapter config must be a JSON object ({{"peft_type": ..., ...}}), but this one is a '
+            f"{type(data).__name__}: {str(data)[:80]}. The {CONFIG_NAME} is corrupt or not an adapter config; "
+            "save the adapter again, or restore the file from its source."
+        )
     spec = method_for(str(data.get("peft_type")))
     return spec.config_cls.from_dict(data)
 

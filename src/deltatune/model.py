@@ -111,6 +111,75 @@ def _logical_numel(module: nn.Module) -> int:
     return int(fn()) if callable(fn) else 0
 
 
+# Characters that cannot appear in a folder name on some common filesystem (Windows forbids
+# <>:"|?*), besides path separators: an adapter name becomes a sub-folder in save_pretrained.
+_BAD_NAME_CHARS = frozenset('/\\<>:"|?*')
+
+
+def check_adapter_name(adapter_name: object) -> None:
+    """Refuse names that are not a single, portable folder name (save_pretrained writes non-default
+    adapters to ``save_directory/<name>``) or that would break module paths (a '.')."""
+    if not isinstance(adapter_name, str) or not adapter_name.strip():
+        raise ValueError(
+            f"Adapter name {adapter_name!r} must be a non-empty string, e.g. 'default' or 'task_a'."
+        )
+    bad = sorted({c for c in adapter_name if c in _BAD_NAME_CHARS or ord(c) < 32 or c == "\x7f"})
+    if "." in adapter_name or bad or adapter_name != adapter_name.strip() or len(adapter_name.encode()) > 200:
+        raise ValueError(
+            f"Adapter name {adapter_name!r} cannot be used: an adapter name must be a single folder name "
+            "(save_pretrained writes it to save_directory/<name>) and a module key, so it must not contain "
+            f"'.', path separators or any of {''.join(sorted(_BAD_NAME_CHARS))}, control characters, or "
+            f"leading/trailing spaces, and be at most 200 bytes{f' (found {bad})' if bad else ''}. Use e.g. "
+            f"{re.sub(r'[^A-Za-z0-9_-]+', '_', adapter_name).strip('_')[:64] or 'task_a'!r}."
+        )
+
+
+def _check_unwrapped(model: nn.Module) -> None:
+    """Refuse a base model that already carries adapters: two wrappers over one base would share
+    (and overwrite) each other's layers."""
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            "This model is already wrapped; use model.add_adapter(name, config) to add another adapter."
+        )
+    for path, module in model.named_modules():
+        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            raise ValueError(
+                f"This base model already holds deltatune adapter layers (e.g. at {path!r}): it is wrapped by "
+                "another PeftModel. Add the adapter to that wrapper with peft_model.add_adapter(name, config), "
+                "or take the plain model back first with peft_model.unload() (or merge_and_unload())."
+            )
+        if type(module).__module__.startswith("peft.") and path:
+            raise ValueError(
+                f"This base model holds layers of the peft library (e.g. {type(module).__name__} at {path!r}). "
+                "Call unload() or merge_and_unload() on the peft model first and wrap the returned base model."
+            )
+
+
+def _grad_flags(model: nn.Module) -> dict[int, tuple[torch.Tensor, bool]]:
+    return {id(p): (p, p.requires_grad) for p in model.parameters()}
+
+
+def _strip_adapter_modules(model: nn.Module, keep: set[int] | frozenset[int] = frozenset()) -> None:
+    """Put the original modules back in place of every adapter layer / modules_to_save wrapper
+    (except those whose ``id`` is in ``keep``)."""
+    from deltatune.methods.base import replace_module
+
+    while True:
+        found = next(
+            (
+                (p, m)
+                for p, m in model.named_modules()
+                if isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) and id(m) not in keep
+            ),
+            None,
+        )
+        if found is None:
+            return
+        path, module = found
+        original = module.base_layer if isinstance(module, AdapterLayer) else module.original_module
+        replace_module(model, path, original)
+
+
 class PeftModel(nn.Module):
     """A base model with one or more named adapters, all of one method.
 
@@ -120,13 +189,30 @@ class PeftModel(nn.Module):
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
+        _check_unwrapped(model)
         self.base_model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter: str | None = None
         self._disabled = False
+        flags = _grad_flags(model)
         for p in model.parameters():
             p.requires_grad_(False)
-        self.add_adapter(adapter_name, peft_config)
+        try:
+            self.add_adapter(adapter_name, peft_config)
+        except BaseException:
+            self._restore_base(flags)
+            raise
+
+    def _restore_base(self, flags: dict[int, tuple[torch.Tensor, bool]]) -> None:
+        """Undo the wrapping after a failed construction or load: the caller's model gets its own
+        modules and requires_grad flags (``flags``, from ``_grad_flags`` before the call) back."""
+        for config in self.peft_config.values():
+            _tuner(config).delete(self, None)
+        _strip_adapter_modules(self.base_model)
+        for p, requires_grad in flags.values():
+            p.requires_grad_(requires_grad)
+        self.peft_config = {}
+        self.active_adapter = None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -168,8 +254,7 @@ class PeftModel(nn.Module):
         self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False
     ) -> None:
         """Add a new adapter (frozen unless it becomes the trainable active one)."""
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"Adapter name {adapter_name!r} must be a non-empty string without '.'.")
+        check_adapter_name(adapter_name)
         if adapter_name == BASE_ADAPTER:
             raise ValueError(f"{BASE_ADAPTER!r} is reserved for 'no adapter' rows in mixed batches.")
         if adapter_name in self.peft_config:
@@ -193,8 +278,13 @@ class PeftModel(nn.Module):
         if peft_config.base_model_name_or_path is None:
             cfg = getattr(self.base_model, "config", None)
             peft_config.base_model_name_or_path = getattr(cfg, "name_or_path", None) or None
-        tuner.inject(self, peft_config, adapter_name)
-        tuner.inject_modules_to_save(self.base_model, peft_config, adapter_name)
+        before = {id(m) for m in self._adapter_modules()}
+        try:
+            tuner.inject(self, peft_config, adapter_name)
+            tuner.inject_modules_to_save(self.base_model, peft_config, adapter_name)
+        except BaseException:
+            self._discard_adapter(adapter_name, before)  # never a half-injected adapter
+            raise
         self.peft_config[adapter_name] = peft_config
         if self.active_adapter is None:
             self.set_adapter(adapter_name)
@@ -202,6 +292,20 @@ class PeftModel(nn.Module):
             for m in self._adapter_modules():
                 m.set_adapter(self.active_adapters)
             self._refresh_trainable()
+
+    def _discard_adapter(self, adapter_name: str, before: set[int]) -> None:
+        """Take back an adapter that failed to be added or loaded: its entries in every layer, what
+        its method keeps outside layers, and the wrappers made for it (ids not in ``before``)."""
+        for m in list(self._adapter_modules()):
+            if isinstance(m, AdapterLayer) and adapter_name in m.merged_adapters:
+                m.unmerge()
+            m.delete_adapter(adapter_name)
+        config = self.peft_config.pop(adapter_name, None)
+        if config is not None:
+            _tuner(config).delete(self, adapter_name)
+        _strip_adapter_modules(self.base_model, keep=before)
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the active (and, unless in inference mode, trainable) adapter.
@@ -260,6 +364,16 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"No adapter named {adapter_name!r}; this model has {list(self.peft_config)}.")
         config = self.peft_config[adapter_name]
+        merged = [
+            p
+            for p, m in self.base_model.named_modules()
+            if isinstance(m, AdapterLayer) and adapter_name in m.merged_adapters
+        ]
+        if merged:  # checked on every layer before any is changed: never a half-deleted adapter
+            raise ValueError(
+                f"Adapter {adapter_name!r} is merged into the base weights (e.g. of {merged[0]!r}); deleting it "
+                "would leave its delta in those weights. Call unmerge_adapter() first, then delete_adapter()."
+            )
         for m in self._adapter_modules():
             m.delete_adapter(adapter_name)
         _tuner(config).delete(self, adapter_name)
@@ -318,6 +432,14 @@ class PeftModel(nn.Module):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Add the adapters' deltas into the base weights (reversible with unmerge_adapter)."""
         names = adapter_names if adapter_names is not None else self.active_adapters
+        if isinstance(names, str):
+            names = [names]
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(
+                f"merge_adapter({adapter_names!r}): unknown adapters {unknown}; this model has "
+                f"{list(self.peft_config)}."
+            )
         for name in names:
             _tuner(self.peft_config[name]).check_mergeable(self.peft_config[name])
         layers = self._layers()
@@ -522,10 +644,16 @@ class PeftModel(nn.Module):
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a folder path.")
+        if not self.peft_config:
+            raise ValueError(
+                "This model holds no adapter (the last one was deleted or unloaded), so save_pretrained has "
+                f"nothing to write to {save_directory!r}. Add or load an adapter first."
+            )
         names = selected_adapters or list(self.peft_config)
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"No adapter named {name!r}; this model has {list(self.peft_config)}.")
+            check_adapter_name(name)  # a sub-folder of save_directory, never a path outside it
         if not is_main_process:
             return
         for name in names:
@@ -568,11 +696,12 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         state = load_tensors(directory, allow_pickle=allow_pickle, device=torch_device or "cpu")
         state = _remap_keys(state, key_mapping)
+        before = {id(m) for m in self._adapter_modules()}
         self.add_adapter(adapter_name, config)
         try:
             self._load_state(adapter_name, state)
-        except Exception:
-            self.delete_adapter(adapter_name)  # leave the model as it was before the call
+        except BaseException:
+            self._discard_adapter(adapter_name, before)  # leave the model as it was before the call
             raise
 
     def _load_state(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
@@ -580,6 +709,14 @@ class PeftModel(nn.Module):
         tuner = _tuner(config)
         state = {k.removeprefix(tuner.saved_prefix): v for k, v in state.items()}
         tuner.load_state_dict(self, config, adapter_name, state)
+        if any(p.is_meta for p in self.base_model.parameters()):
+            # The adapter's tensors were assigned (they hold the file's values); the base is empty.
+            warnings.warn(
+                "The base model's weights are on the meta device: the adapter's tensors were loaded, but "
+                "the base has no values yet. Load the base weights with load_state_dict(state, assign=True, "
+                "strict=False); to_empty() would also discard the adapter's loaded values.",
+                stacklevel=3,
+            )
 
     @classmethod
     def from_pretrained(
@@ -609,8 +746,14 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         state = load_tensors(directory, allow_pickle=allow_pickle, device=torch_device or "cpu")
         state = _remap_keys(state, key_mapping)
+        _check_unwrapped(model)
+        flags = _grad_flags(model)
         peft_model = cls(model, config, adapter_name)
-        peft_model._load_state(adapter_name, state)
+        try:
+            peft_model._load_state(adapter_name, state)
+        except BaseException:
+            peft_model._restore_base(flags)  # the caller's model as it was: a retry can succeed
+            raise
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -648,10 +791,7 @@ def get_peft_model(
     ``revision`` is recorded in the config, as PEFT does.
     """
     _warn_autocast(autocast_adapter_dtype)
+    _check_unwrapped(model)  # before touching the config
     if revision is not None:
         peft_config.revision = revision
-    if isinstance(model, PeftModel):
-        raise ValueError(
-            "This model is already wrapped; use model.add_adapter(name, config) to add another adapter."
-        )
     return PeftModel(model, peft_config, adapter_name)

@@ -375,9 +375,41 @@ class Tuner:
         model = peft_model.base_model
         kmap = self.key_map(model, config, adapter_name)
         params = dict(model.named_parameters())
-        # Files from the reference library may also carry full base weights (e.g. a resized
-        # ``embed_tokens.base_layer.weight`` when embeddings are targeted): load those too.
-        kmap.update({k: k for k in state if k not in kmap and k in params})
+        state = dict(state)
+        # The reference library also saves the full base weight of a targeted embedding
+        # (``embed_tokens.base_layer.weight``, e.g. after a vocabulary resize). Such a key names a
+        # weight every adapter shares, so it is only taken when it changes nothing, or when this
+        # adapter is the model's only one (as PEFT does on loading); any other base tensor is refused.
+        alone = set(getattr(peft_model, "peft_config", {})) <= {adapter_name}
+        own_layers = {
+            path
+            for path, module in model.named_modules()
+            if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names
+        }
+        differing: list[str] = []
+        for k in [k for k in state if k not in kmap and k in params]:
+            layer, sep, _ = k.rpartition(".base_layer.")
+            if not sep or layer not in own_layers:
+                continue  # not a shared base weight of this adapter's layers: copy_checked refuses it
+            dst, src = params[k], state[k]
+            if (
+                not dst.is_meta
+                and dst.shape == src.shape
+                and torch.equal(dst, src.to(device=dst.device, dtype=dst.dtype))
+            ):
+                del state[k]  # the base already holds exactly these values
+            elif alone:
+                kmap[k] = k
+            else:
+                differing.append(k)
+        if differing:
+            raise ValueError(
+                f"The adapter file carries base-model weights {differing[:5]} whose values differ from this "
+                f"model's. Loading them would change the base under the other adapters "
+                f"{sorted(set(peft_model.peft_config) - {adapter_name})} too, so adapter {adapter_name!r} is not "
+                "loaded. Load it on its own (PeftModel.from_pretrained on a fresh base model), or remove those "
+                "keys from the file if the base model already has the right weights."
+            )
         if getattr(config, "bias", "none") == "all":
             # PEFT's bias="all" files also hold a head copy's bias as ``<head>.modules_to_save.bias``
             # (the same tensor as ``<head>.bias``): load it into that copy.
@@ -386,7 +418,7 @@ class Tuner:
                     path = f"{k[: -len('bias')]}{adapter_name}.bias"
                     if path in params:
                         kmap[k] = path
-        copy_checked(kmap, params, state)
+        copy_checked(kmap, params, state, model)
 
     # -- lifecycle hooks (no-ops for layer-based methods) -------------------------------
     def extra_parameters(self, peft_model: Any, adapter_name: str) -> Iterator[nn.Parameter]:
@@ -422,12 +454,30 @@ class Tuner:
 
 
 def copy_checked(
-    kmap: dict[str, str], params: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+    kmap: dict[str, str],
+    params: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    model: nn.Module | None = None,
 ) -> None:
-    """Copy ``state[key]`` into ``params[kmap[key]]`` for every key, or explain what does not fit."""
+    """Copy ``state[key]`` into ``params[kmap[key]]`` for every key, or explain what does not fit.
+
+    Every key and shape is checked before anything is copied, so a refused file changes nothing.
+    A parameter on the meta device (a model built without memory) cannot be copied into: it is
+    replaced by the loaded tensor (as ``load_state_dict(assign=True)`` and PEFT's
+    ``low_cpu_mem_usage`` loading do), which needs ``model``, the module that ``params`` paths
+    are relative to.
+    """
     missing = [k for k in kmap if k not in state]
     unexpected = [k for k in state if k not in kmap]
     if unexpected:
+        base = [k for k in unexpected if k in params]
+        if base:
+            raise ValueError(
+                f"The adapter file has {len(base)} tensor(s) that name weights of the base model, not of this "
+                f"adapter: {base[:5]}. Loading them would change the base model (and every other adapter's "
+                "outputs), so nothing was loaded. Remove those keys from the file; base weights belong in the "
+                "base model's checkpoint."
+            )
         raise ValueError(
             f"The adapter file has {len(unexpected)} tensor(s) that fit no module of this model, "
             f"e.g. {unexpected[:3]}. The adapter was probably trained on a different architecture "
@@ -438,16 +488,31 @@ def copy_checked(
             f"The adapter file lacks {len(missing)} tensor(s) that its config implies, e.g. {missing[:3]}. "
             "The file is incomplete or does not belong to this adapter_config.json."
         )
+    for key, path in kmap.items():
+        dst, src = params[path], state[key]
+        if tuple(dst.shape) != tuple(src.shape):
+            raise ValueError(
+                f"Shape mismatch loading {key!r} into module {path.rsplit('.', 2)[0]!r}: the file has "
+                f"{tuple(src.shape)}, the model expects {tuple(dst.shape)}. The adapter was trained on a "
+                "model with other dimensions (or another rank pattern)."
+            )
+        if dst.is_meta and model is None:
+            raise ValueError(
+                f"Cannot load {key!r}: its parameter {path!r} is on the meta device (no memory). Materialise "
+                "the model first (e.g. load its weights with load_state_dict(..., assign=True)), then load "
+                "the adapter."
+            )
     with torch.no_grad():
         for key, path in kmap.items():
             dst, src = params[path], state[key]
-            if tuple(dst.shape) != tuple(src.shape):
-                raise ValueError(
-                    f"Shape mismatch loading {key!r} into module {path.rsplit('.', 2)[0]!r}: the file has "
-                    f"{tuple(src.shape)}, the model expects {tuple(dst.shape)}. The adapter was trained on a "
-                    "model with other dimensions (or another rank pattern)."
+            if dst.is_meta:
+                assert model is not None
+                owner_path, _, leaf = path.rpartition(".")
+                owner = model.get_submodule(owner_path)
+                owner._parameters[leaf] = nn.Parameter(
+                    src.to(dtype=dst.dtype), requires_grad=dst.requires_grad
                 )
-            if not dst.is_meta:
+            else:
                 dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
 
 
