@@ -114,6 +114,9 @@ def test_pickle_refused_unless_asked(tmp_path: Path) -> None:
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, allow_pickle=True)
     torch.testing.assert_close(out(loaded, inputs), out(model, inputs))
+    torch.save(next(iter(state.values())), tmp_path / "adapter_model.bin")  # a bare tensor, not a dict
+    with pytest.raises(ValueError, match="holds a Tensor, not an adapter state dict"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path, allow_pickle=True)
 
 
 def test_shape_mismatch_names_module_and_shapes(tmp_path: Path) -> None:

@@ -120,6 +120,13 @@ def load_tensors(directory: str, allow_pickle: bool = False, device: str = "cpu"
             state = torch.load(bin_path, map_location=device, weights_only=True)
         except Exception as exc:  # torch raises several types for bad pickles
             raise ValueError(f"{bin_path} could not be loaded with weights_only=True: {exc}") from exc
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise ValueError(
+                f"{bin_path} holds a {type(state).__name__}, not an adapter state dict (a dict of tensor "
+                "names to tensors, as PEFT's save_pretrained(safe_serialization=False) writes)."
+            )
         return dict(state)
     raise FileNotFoundError(
         f"No {WEIGHTS_NAME} in {directory!r}: the adapter's weights are missing. "
