@@ -188,3 +188,18 @@ def assert_rows_match_alone(
             model.set_adapter(name)  # type: ignore[operator]
             expected = forward(model, x[row : row + 1])
         torch.testing.assert_close(mixed[row : row + 1], expected, rtol=1e-5, atol=1e-5)
+
+
+def peft_classifier_adapter(path: str) -> nn.Module:
+    """A PEFT SEQ_CLS LoRA adapter on tiny BERT with a trained (non-initial) classifier head,
+    saved to ``path``; returns PEFT's model."""
+    import peft
+
+    theirs = peft.get_peft_model(
+        tiny_bert(), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"])
+    )
+    randomize_lora(theirs)
+    with torch.no_grad():
+        theirs.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
+    theirs.save_pretrained(path)
+    return theirs

@@ -10,7 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import MODELS, model_output, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama, tiny_mlp, tiny_t5
+from conftest import (
+    MODELS,
+    model_output,
+    peft_classifier_adapter,
+    randomize_lora,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_mlp,
+    tiny_t5,
+)
 from deltatune import LoraConfig, PeftModel, TaskType, get_peft_model
 from deltatune.methods.base import ModulesToSaveWrapper
 from deltatune.methods.lora import Linear
@@ -231,14 +241,7 @@ def test_set_adapter_on_merged_model_unmerges_first() -> None:
 
 def head_models(tmp_path: Path) -> tuple[nn.Module, PeftModel]:
     """The same SEQ_CLS LoRA adapter with a trained head, in PEFT and (loaded from its file) here."""
-    peft = pytest.importorskip("peft")
-    theirs = peft.get_peft_model(
-        tiny_bert(), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"])
-    )
-    randomize_lora(theirs)
-    with torch.no_grad():
-        theirs.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
-    theirs.save_pretrained(str(tmp_path))
+    theirs = peft_classifier_adapter(str(tmp_path))
     return theirs, PeftModel.from_pretrained(tiny_bert(), tmp_path)
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from conftest import MODELS, model_output, randomize_lora, tiny_bert, tiny_llama
+from conftest import MODELS, model_output, peft_classifier_adapter, randomize_lora, tiny_bert, tiny_llama
 from deltatune.io import WEIGHTS_NAME
 
 peft = pytest.importorskip("peft")
@@ -101,13 +101,7 @@ def test_classification_heads_saved_and_read_by_peft(task: str, tmp_path: Path) 
 
 def test_peft_classifier_adapter_loads_here(tmp_path: Path) -> None:
     inputs = MODELS["bert"][2]()
-    theirs = peft.get_peft_model(
-        tiny_bert(), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"])
-    )
-    randomize_lora(theirs)
-    with torch.no_grad():
-        theirs.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
-    theirs.save_pretrained(str(tmp_path))
+    theirs = peft_classifier_adapter(str(tmp_path))
     ours = dt.PeftModel.from_pretrained(tiny_bert(), tmp_path)
     torch.testing.assert_close(out(ours, inputs), out(theirs, inputs), atol=1e-5, rtol=0)
 
