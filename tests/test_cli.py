@@ -69,6 +69,11 @@ def test_train_inspect_eval_merge(workdir, capsys):
     assert main(["eval", adapter, "--eval-file", str(workdir / "train.jsonl")]) == 0
     acc = float(re.search(r"accuracy: ([\d.]+)", capsys.readouterr().out).group(1))
     assert acc > 0.75 and after >= before
+    # Without --eval-file, the built-in data only fits an adapter with its label count (3).
+    assert main(["eval", adapter]) == 2
+    assert "head has 2 labels and the built-in data has 3" in capsys.readouterr().err
+    assert main(["eval", adapter, "--task", "causal_lm", "--eval-file", str(workdir / "train.jsonl")]) == 2
+    assert "does not fit this adapter, which was trained as SEQ_CLS" in capsys.readouterr().err
 
     assert main(["merge", adapter, str(workdir / "merged")]) == 0
     from transformers import AutoModelForSequenceClassification
@@ -148,6 +153,11 @@ def test_causal_lm_train_and_generate(tmp_path, capsys):
         == 0
     )
     assert capsys.readouterr().out.strip()  # some decoded text
+    # eval takes the adapter's own task (no --task needed), and needs held-out data for it
+    assert main(["eval", str(tmp_path / "run" / "adapter"), "--eval-file", str(tmp_path / "sft.jsonl")]) == 0
+    assert re.search(r"loss: [\d.]+", capsys.readouterr().out)
+    assert main(["eval", str(tmp_path / "run" / "adapter")]) == 2
+    assert "pass --eval-file with held-out data for this causal_lm adapter" in capsys.readouterr().err
     save_tiny_cls_model(str(tmp_path / "cls"))
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_cls_records(20)))
     main(["train", "--model", str(tmp_path / "cls"), "--train-file", str(tmp_path / "c.jsonl"), "--output-dir",

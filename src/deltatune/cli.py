@@ -218,6 +218,10 @@ def _load_adapter_model(adapter: str, model_path: str | None, for_eval: bool = T
     return peft_model.eval(), tokenizer, config
 
 
+# An adapter file's task type → the trainer's task name (tasks the trainer can evaluate).
+_TRAIN_TASK_OF = {"SEQ_CLS": "seq_cls", "CAUSAL_LM": "causal_lm", "SEQ_2_SEQ_LM": "seq2seq"}
+
+
 def _eval(args: argparse.Namespace) -> int:
     from deltatune.train.data import Collator, DataSpec, encode, load_records
     from deltatune.train.loop import evaluate_model
@@ -225,6 +229,16 @@ def _eval(args: argparse.Namespace) -> int:
 
     opts = _options(RunOptions, args)
     model, tokenizer, config = _load_adapter_model(args.adapter, opts.model)
+    # The adapter's own task decides, unless --task (or the YAML file) names another one.
+    adapter_task = _TRAIN_TASK_OF.get(str(config.task_type))
+    explicit = opts.task != RunOptions.task
+    if adapter_task and explicit and opts.task != adapter_task:
+        raise CliError(
+            f"--task {opts.task} does not fit this adapter, which was trained as {config.task_type}; "
+            f"drop --task (or pass --task {adapter_task})."
+        )
+    if adapter_task and not explicit:
+        opts = dataclasses.replace(opts, task=adapter_task)
     if opts.eval_file:
         records = load_records(opts.eval_file)
         label_names = None
@@ -232,8 +246,14 @@ def _eval(args: argparse.Namespace) -> int:
         from deltatune.train.default_data import load_default_dataset
 
         _, records, label_names = load_default_dataset()
+        num_labels = getattr(getattr(model.get_base_model(), "config", None), "num_labels", None)
+        if num_labels != len(label_names):
+            raise CliError(
+                f"this adapter's head has {num_labels} labels and the built-in data has {len(label_names)}; "
+                "pass --eval-file with held-out data for this adapter."
+            )
     else:
-        raise CliError("pass --eval-file with the held-out data.")
+        raise CliError(f"pass --eval-file with held-out data for this {opts.task} adapter.")
     spec = DataSpec(task=opts.task, max_length=opts.max_length, text_column=opts.text_column, label_column=opts.label_column,
                     prompt_column=opts.prompt_column, completion_column=opts.completion_column,
                     messages_column=opts.messages_column, source_column=opts.source_column,
