@@ -269,7 +269,13 @@ def test_rerun_into_a_run_folder_needs_resume_or_overwrite(workdir, capsys):
     # --overwrite replaces the run and clears the old run's checkpoints (a later --resume must not find them)
     assert main([*_train_args(workdir, "rerun", "--max-steps", "1", "--overwrite")]) == 0
     assert not (workdir / "rerun" / "checkpoints").exists()
-    assert (workdir / "rerun" / "adapter" / "adapter_model.safetensors").read_bytes() != adapter
+    replaced = (workdir / "rerun" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert replaced != adapter
+    # --resume on a run without checkpoints would start afresh over its adapter: refused
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    assert re.search(r"--resume: .* holds a run .* but no checkpoint to continue from", _error(capsys))
+    assert (workdir / "rerun" / "adapter" / "adapter_model.safetensors").read_bytes() == replaced
 
 
 def test_failed_resume_names_the_difference_and_writes_nothing(workdir, capsys):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from deltatune.train import distributed as dist_utils
+from deltatune.train.checkpoint import checkpoint_dirs
 from deltatune.train.data import (
     Collator,
     DataError,
@@ -188,9 +189,17 @@ def check_output_dir(opts: TrainConfig) -> None:
     out = opts.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--output-dir {out!r} is a file, not a folder; pass a folder path for the run.")
-    if opts.resume or opts.overwrite or not os.path.isdir(out):
+    if opts.overwrite or not os.path.isdir(out):
         return
     found = [name for name in _RUN_FILES if os.path.exists(os.path.join(out, name))]
+    if opts.resume:
+        # A fresh start would replace the run's adapter: refuse when nothing can be resumed.
+        if found and not checkpoint_dirs(out):
+            raise ValueError(
+                f"--resume: {out!r} holds a run ({', '.join(found)}) but no checkpoint to continue from "
+                "(they are written with --save-every N). Pass a new --output-dir, or --overwrite to replace it."
+            )
+        return
     if found:
         raise ValueError(
             f"--output-dir {out!r} already holds a training run ({', '.join(found)}). Pass --resume to "
