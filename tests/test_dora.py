@@ -230,3 +230,56 @@ def test_dora_on_embedding_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="DoRA works on nn.Linear and GPT-2 Conv1D.*Embedding"):
         get_peft_model(base, LoraConfig(target_modules=["q_proj", "embed_tokens"], use_dora=True))
     assert [n for n, _ in base.named_modules()] == before  # nothing was injected
+
+
+class _FixedMask(torch.nn.Module):
+    """Dropout with a fixed mask (scaled as dropout scales), so both libraries drop alike."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask
+
+
+def test_dropout_in_training_matches_peft_on_biased_layers() -> None:
+    """With LoRA dropout active, DoRA's direction sees the dropped input and W x is recomputed
+    on it; the layer's bias must stay unscaled. Outputs and every gradient equal PEFT's, with
+    the magnitude moved away from ‖W‖ (where f = 1 would hide a wrong bias term)."""
+    from conftest import tiny_mlp
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 10, generator=g)
+    settings = {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["lin0", "lin1"],
+        "use_dora": True,
+        "lora_dropout": 0.3,
+    }
+    ours = get_peft_model(tiny_mlp(), LoraConfig(init_lora_weights=False, **settings))
+    theirs = peft.get_peft_model(tiny_mlp(), peft.LoraConfig(init_lora_weights=False, **settings))
+    for name in ("lin0", "lin1"):
+        mine, other = getattr(ours.base_model, name), getattr(theirs.base_model.model, name)
+        assert mine.base_layer.bias is not None
+        with torch.no_grad():
+            mine.lora_magnitude_vector["default"].mul_(1.3)
+            other.lora_A["default"].weight.copy_(mine.lora_A["default"].weight)
+            other.lora_B["default"].weight.copy_(mine.lora_B["default"].weight)
+            other.lora_magnitude_vector["default"].weight.copy_(mine.lora_magnitude_vector["default"])
+        mask = (torch.rand(mine.in_features, generator=g) > 0.3).float() / 0.7
+        mine.lora_dropout["default"] = _FixedMask(mask)
+        other.lora_dropout["default"] = _FixedMask(mask)
+    ours.train()
+    theirs.train()
+    y_ours, y_theirs = ours(x=x), theirs(x=x)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
+    y_ours.pow(2).sum().backward()
+    y_theirs.pow(2).sum().backward()
+    grads = {n.replace(".weight", ""): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            key = "base_model.model." + n.removeprefix("base_model.")
+            theirs_grad = grads[key.replace(".weight", "")]
+            torch.testing.assert_close(p.grad.reshape(theirs_grad.shape), theirs_grad, rtol=1e-5, atol=1e-5)

@@ -424,13 +424,14 @@ class Linear(LoraLayer):
         a, _ = self.factors(adapter_name)
         f, b_scaled, c = self._dora_factors(adapter_name)
         xd = self.lora_dropout[adapter_name](x.to(a.dtype))
-        lora = F.linear(F.linear(xd, a), b_scaled, c)
         if self._dropout_active(adapter_name):
             # With dropout, the direction sees the dropped input (as the reference does), so W x
-            # is recomputed on it instead of reusing the base output.
+            # is recomputed on it instead of reusing the base output. That W x has no bias, so
+            # no (1 - f)·bias correction either: the bias stays unscaled, as without dropout.
             w = self.base_weight().to(a.dtype)
             wx = F.linear(xd, w.T if self.fan_in_fan_out else w)
-            return (wx * (f - 1) + lora).to(base_out.dtype)
+            return (wx * (f - 1) + F.linear(F.linear(xd, a), b_scaled)).to(base_out.dtype)
+        lora = F.linear(F.linear(xd, a), b_scaled, c)
         return (base_out.to(f.dtype) * (f - 1) + lora).to(base_out.dtype)
 
     # -- forward ------------------------------------------------------------------------
