@@ -163,6 +163,30 @@ def test_generate_greedy_equals_step_by_step_forward(name: str) -> None:
     assert not torch.equal(out, base)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("argument", ["past_key_values", "cache"])
+def test_continuing_from_a_returned_cache_equals_one_forward(name: str, argument: str) -> None:
+    """Feeding the cache of a first call back (under either name transformers 5 accepts) gives
+    the logits of one forward over the whole sequence: the prefix is not added a second time."""
+    model = wrap(name)
+    x = ids()
+    mask = torch.ones_like(x)
+    with torch.no_grad():
+        full = model(input_ids=x, attention_mask=mask).logits
+        first = model(input_ids=x[:, :5], attention_mask=mask[:, :5], use_cache=True)
+        rest = model(input_ids=x[:, 5:], attention_mask=mask, **{argument: first.past_key_values}).logits
+    torch.testing.assert_close(rest, full[:, 5:], rtol=1e-5, atol=1e-5)
+
+
+def test_a_mask_in_the_cache_slot_is_refused() -> None:
+    """GPT-2's second positional argument is the cache: a mask passed there is an error, not
+    silently replaced by the prefix cache."""
+    model = wrap("gpt2")
+    x = ids()
+    with pytest.raises(ValueError, match="got a Tensor, not a key/value cache"):
+        model(x, torch.ones_like(x))
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
 def test_generate_sampling(name: str) -> None:
     model = wrap(name)

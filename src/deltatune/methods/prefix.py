@@ -117,6 +117,23 @@ def _cache_argument(fn: Any) -> str | None:
     return None
 
 
+def _take_cache_alias(inputs: dict[str, Any], name: str) -> None:
+    """Move a cache the caller passed under the other name ('past_key_values' ↔ 'cache', both
+    accepted by transformers 5) to ``name``, and refuse a value that is not a cache (e.g. an
+    attention mask passed positionally into the cache's slot) instead of replacing it silently."""
+    other = "past_key_values" if name == "cache" else "cache"
+    if inputs.get(other) is not None:
+        if inputs.get(name) is not None:
+            raise ValueError(f"Both {name}= and {other}= were given; pass the key/value cache once.")
+        inputs[name] = inputs.pop(other)
+    given = inputs.get(name)
+    if given is not None and not hasattr(given, "get_seq_length"):
+        raise ValueError(
+            f"{name}= got a {type(given).__name__}, not a key/value cache (a transformers Cache, such as "
+            "the past_key_values an earlier call returned). An attention mask goes in attention_mask=."
+        )
+
+
 def _backbone(model: nn.Module) -> tuple[str, nn.Module] | None:
     """The outermost submodule whose forward takes a key/value cache (e.g. ``bert`` in BertFor...)."""
     for path, module in model.named_modules():
@@ -244,6 +261,8 @@ class PrefixTuningTuner(PromptLearningTuner):
         if not plan.used:
             return None
         name = _cache_argument(model.forward)
+        if name is not None:
+            _take_cache_alias(inputs, name)
         if name is not None and _has_prefix(inputs.get(name)):
             # Continuing from a cache that already holds the prefix: only the masks grow.
             self._extend_masks(inputs, plan, n, length, encoder_decoder, for_generate)
