@@ -101,6 +101,39 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
         torch.testing.assert_close(results[0][k], results[1][k], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+def test_gradient_accumulation_weights_micro_batches_by_their_tokens(tmp_path, method):
+    """Causal LM rows with very different numbers of labelled tokens: 2 x grad-accum 4 gives
+    the adapter of one batch of 8 (the loss is one mean over all tokens of the step, not a mean
+    of per-micro-batch means). Prompt tuning's virtual tokens shift which positions count."""
+    from deltatune import PromptTuningConfig
+
+    tok = tokenizer()
+    # Plain text: every token is labelled, so whether the first position counts matters too.
+    records = [{"text": " ".join(str(j) for j in range(2 + 5 * (i % 3)))} for i in range(8)]
+    examples, _ = encode(records, tok, DataSpec(task="causal_lm", max_length=64))
+    counts = {int((torch.tensor(e["labels"]) != -100).sum()) for e in examples}
+    assert len(counts) == 3 and all(e["labels"][0] != -100 for e in examples)  # unequal micro-batches
+    results = []
+    for bs, accum in [(8, 1), (2, 4)]:
+        config = (
+            LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=LLAMA_ALL)
+            if method == "lora"
+            else PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+        )
+        model = get_peft_model(tiny_llama_lm(), config)
+        Trainer(
+            model,
+            examples,
+            Collator(0, "causal_lm"),
+            _cfg(tmp_path / f"{method}{bs}", batch_size=bs, grad_accum=accum, max_steps=2, lr=1e-3),
+            task="causal_lm",
+        ).train()
+        results.append(_lora_state(model))
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], atol=1e-5, rtol=1e-4)
+
+
 def test_gradient_clipping_bounds_the_update(tmp_path):
     model, train, _, collator = _cls_setup(n=16)
     trainer = Trainer(model, train, collator, _cfg(tmp_path, max_steps=1, max_grad_norm=1e-3, lr=1e-3))

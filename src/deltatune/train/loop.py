@@ -333,12 +333,10 @@ class Trainer:
             with self._autocast():
                 out = model(**batch, **self._extra_kwargs())
             labels = batch["labels"]
+            n = float(loss_items(labels, self.task, model))
             if self.task == "seq_cls":
-                n = float(labels.shape[0])
                 correct += float((out.logits.argmax(-1) == labels).sum())
                 count += n
-            else:
-                n = float((labels != -100).sum())
             loss_sum += float(out.loss) * n
             weight += n
         if not fsdp:
@@ -526,14 +524,19 @@ class Trainer:
         window_loss, window_n = 0.0, 0
         stopped = False
         while self.state.step < self.total_steps:
-            for k in range(cfg.grad_accum):
-                batch = next(batches)
+            # Each micro-batch's mean loss is weighted by its share of the step's loss terms (over
+            # all processes; DDP then averages), so the step's gradient is that of one big batch.
+            group = [next(batches) for _ in range(cfg.grad_accum)]
+            items = [loss_items(b["labels"], self.task, self.model) for b in group]
+            total = dist_utils.all_reduce_sum([float(sum(items))])[0]
+            for k, batch in enumerate(group):
                 n_tok = count_tokens(batch) * self.world
                 tokens += n_tok
                 window_tokens += n_tok
+                weight = items[k] * self.world / total if total > 0 else 1.0 / cfg.grad_accum
                 with dist_utils.no_sync(self.model, skip=k < cfg.grad_accum - 1), self._autocast():
                     out = self.model(**batch, **self._extra_kwargs())
-                    loss = out.loss / cfg.grad_accum
+                    loss = out.loss * weight
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:
@@ -729,6 +732,23 @@ def save_gathered_adapter(model: nn.Module, path: str, main: bool) -> None:
         atomic_write_text(os.path.join(tmp, "README.md"), _model_card(config, state))
 
 
+def loss_items(labels: torch.Tensor, task: str, model: nn.Module) -> int:
+    """How many terms the model's mean loss averages over for ``labels``: rows for
+    classification; labelled tokens otherwise. A causal LM predicts token t + 1 from t, so its
+    first position never counts, unless prompt tuning puts virtual tokens in front of it.
+    Weighting micro-batches by this makes gradient accumulation equal one big batch."""
+    if task == "seq_cls":
+        return int(labels.shape[0])
+    if task == "causal_lm" and not _prepends_virtual_tokens(model):
+        labels = labels[..., 1:]
+    return int((labels != -100).sum())
+
+
+def _prepends_virtual_tokens(model: nn.Module) -> bool:
+    config = getattr(dist_utils.unwrap(model), "active_peft_config", None)
+    return str(getattr(config, "peft_type", "")) == "PROMPT_TUNING"
+
+
 @torch.no_grad()
 def evaluate_model(
     model: nn.Module, examples: list[dict[str, Any]], collator: Collator, task: str, batch_size: int = 64
@@ -741,11 +761,9 @@ def evaluate_model(
         batch = {k: v.to(device) for k, v in collator(examples[lo : lo + batch_size]).items()}
         out = model(**batch)
         labels = batch["labels"]
+        n = float(loss_items(labels, task, model))
         if task == "seq_cls":
-            n = float(labels.shape[0])
             correct += float((out.logits.argmax(-1) == labels).sum())
-        else:
-            n = float((labels != -100).sum())
         loss_sum += float(out.loss) * n
         weight += n
     metrics = {"eval_loss": loss_sum / max(weight, 1.0)}
