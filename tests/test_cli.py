@@ -323,6 +323,11 @@ def test_every_command_turns_bad_input_into_one_line(workdir, tmp_path, capsys):
         (["inspect", str(tmp_path)], "No adapter_config.json"),
         (["eval", str(tmp_path / "nope")], "is not a folder"),
         (["generate", str(tmp_path / "nope"), "--prompt", "x"], "is not a folder"),
+        (
+            ["generate", str(tmp_path / "nope"), "--prompt", "x", "--temperature", "-1"],
+            "--temperature -1.0: use 0",
+        ),
+        (["generate", str(tmp_path / "nope"), "--prompt", "x", "--max-new-tokens", "0"], "at least 1 token"),
         (["merge", str(tmp_path / "nope"), str(tmp_path / "out")], "No adapter_config.json"),
         (["train", "--config", str(tmp_path / "nope.yaml")], "no such file"),
         (

@@ -552,6 +552,8 @@ def test_layer_replication_is_refused(tmp_path: object) -> None:
     ("settings", "message"),
     [
         ({"lora_dropout": "0.1"}, "lora_dropout='0.1' must be a number"),
+        ({"lora_alpha": float("nan")}, "lora_alpha=nan must be a finite number"),
+        ({"lora_alpha": "16"}, "lora_alpha='16' must be a finite number"),
         ({"lora_dropout": None}, "lora_dropout=None must be a number"),
         ({"target_modules": 5}, "target_modules=5: give a list"),
         ({"target_modules": ["q_proj", 3]}, "target_modules=.*give a list"),

@@ -396,6 +396,12 @@ def _inspect(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    if not args.temperature >= 0:  # also catches nan
+        raise CliError(
+            f"--temperature {args.temperature}: use 0 for greedy decoding or a value > 0 to sample."
+        )
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens {args.max_new_tokens}: ask for at least 1 token.")
     model, tokenizer, config = _load_adapter_model(args.adapter, args.model)
     if config is not None and str(config.task_type) not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
         raise CliError(

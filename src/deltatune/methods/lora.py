@@ -69,6 +69,14 @@ class LoraConfig(PeftConfig):
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         _check_types(self)
+        if (
+            isinstance(self.lora_alpha, bool)
+            or not isinstance(self.lora_alpha, (int, float))
+            or not math.isfinite(self.lora_alpha)
+        ):
+            raise ValueError(
+                f"lora_alpha={self.lora_alpha!r} must be a finite number (the scale is lora_alpha / r)."
+            )
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(
                 f"LoRA rank r must be a positive integer, got r={self.r!r}. Typical values: 8, 16, 32."
