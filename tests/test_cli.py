@@ -213,6 +213,20 @@ def test_default_run_shows_a_held_out_accuracy_gain(tmp_path, capsys):
     assert (tmp_path / "run" / "plot.png").exists() and (
         tmp_path / "run" / "adapter" / "adapter_model.safetensors"
     ).exists()
+    # The run's own config.yaml replays it (here shortened): the bundled model is recorded as the default.
+    argv = [
+        "train",
+        "--config",
+        str(tmp_path / "run" / "config.yaml"),
+        "--output-dir",
+        str(tmp_path / "again"),
+    ]
+    assert main([*argv, "--max-steps", "2"]) == 0
+    import yaml
+
+    first, again = (yaml.safe_load((tmp_path / d / "config.yaml").read_text()) for d in ("run", "again"))
+    assert first["model"] is None and again["method"] == first["method"] == "lora"
+    assert again["train"]["lr"] == first["train"]["lr"] and again["train"]["seed"] == first["train"]["seed"]
 
 
 def _error(capsys) -> str:

@@ -472,7 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--latency-batches", type=int, default=20, help="batches timed for the latency column (default: 20)"
     )
-    _add_dataclass_options(compare, RunOptions, skip={"method", "resume"})
+    compare.add_argument(
+        "--output-dir",
+        dest="output_dir",
+        default=argparse.SUPPRESS,
+        help="folder for one run per method and the table (default: 'runs/compare')",
+    )
+    _add_dataclass_options(compare, RunOptions, skip={"method", "resume", "output_dir"})
     compare.set_defaults(func=_compare)
 
     ev = sub.add_parser(

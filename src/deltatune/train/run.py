@@ -75,7 +75,7 @@ class RunOptions(TrainConfig):
     num_virtual_tokens: int = _opt(20, "prompt / prefix tuning: number of virtual tokens")
     method_args: dict[str, Any] = _opt({}, "more fields of the method's config, as key=value (repeatable)")
     lr: float | None = _opt(
-        None, "peak learning rate; default: the method's (lora 3e-3, ia3 1e-2, prompt 3e-2, full 5e-5, ...)"
+        None, "peak learning rate; default: the method's (lora 3e-3, ia3 5e-3, prompt 3e-2, full 5e-5, ...)"
     )  # type: ignore[assignment]
     device: str | None = _opt(None, "cpu, cuda, cuda:1 ...; default: cuda when present, else cpu")
 
@@ -262,7 +262,7 @@ def run(opts: RunOptions, log: Any = print) -> RunResult:
     }  # fmt: skip
     run_info = {
         "method": opts.method,
-        "model": opts.model or "all-MiniLM-L6-v2 (bundled)",
+        "model": opts.model,  # None: the bundled all-MiniLM-L6-v2 (so the file replays with --config)
         "task": opts.task,
         "data": {
             k: getattr(opts, k)
