@@ -90,3 +90,28 @@ def test_peftmodel_gradient_checkpointing_reaches_lora(use_reentrant):
     model(**Collator(tok.pad_token_id, "seq_cls")(train)).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if "lora_A" in n}
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_trainer_defaults_keep_the_model_inputs_of_a_datasets_dataset(tmp_path):
+    """With TrainingArguments' default remove_unused_columns=True, the Trainer keeps the dataset
+    columns that inspect.signature(model.forward) names: ours reports the base model's inputs."""
+    import inspect
+
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    tok = tokenizer()
+    rows, _ = encode(toy_cls_records(16, seed=1), tok, DataSpec(task="seq_cls"))
+    data = Dataset.from_list([{**r, "note": "unused"} for r in rows])
+    model = get_peft_model(tiny_bert_cls(), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"]))
+    params = inspect.signature(model.forward).parameters
+    assert {"input_ids", "attention_mask", "labels", "adapter_names"} <= set(params)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, max_steps=2, learning_rate=1e-2,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, data_collator=Collator(tok.pad_token_id, "seq_cls")
+    )
+    assert trainer.train().global_step == 2
+    assert "note" not in trainer._signature_columns  # the unused column was dropped, the inputs kept

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 import re
 import warnings
@@ -103,6 +104,47 @@ def _remap_keys(
                 break
         out[prefix + rest] = value
     return out
+
+
+class _SignedForward:
+    """A wrapper's bound forward whose ``inspect.signature`` is its base model's forward plus
+    ``adapter_names`` (the call itself goes to the wrapper's forward unchanged)."""
+
+    __slots__ = ("_call", "_model")
+
+    def __init__(self, call: Any, model: Any) -> None:
+        self._call = call
+        self._model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        try:
+            base = inspect.signature(self._model.base_model.forward)
+        except (TypeError, ValueError):  # a forward inspect cannot read: the wrapper's own
+            return inspect.signature(self._call)
+        params = list(base.parameters.values())
+        var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+        named = [
+            p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD and p.name != "adapter_names"
+        ]
+        extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+        return base.replace(parameters=[*named, extra, *var_kw])
+
+
+class _WithBaseSignature:
+    """Descriptor for ``PeftModel.forward``: instances get a ``_SignedForward``."""
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        if instance is None:
+            return self.func
+        return _SignedForward(self.func.__get__(instance, owner), instance)
 
 
 def _logical_numel(module: nn.Module) -> int:
@@ -559,12 +601,16 @@ class PeftModel(nn.Module):
                 return value.shape[0], value.device
         raise ValueError("adapter_names needs a tensor input to know the batch size.")
 
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+    def _forward_entry(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is not None:
             batch, device = self._batch_info(args, kwargs)
             with self._mixed_batch(adapter_names, batch, device):
                 return self._forward(args, kwargs, adapter_names)
         return self._forward(args, kwargs, None)
+
+    # transformers.Trainer keeps only the dataset columns that inspect.signature(model.forward)
+    # names (it looks through PEFT's own classes only), so forward reports the base model's.
+    forward = _WithBaseSignature(_forward_entry)  # type: ignore[assignment]
 
     def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: list[str] | None) -> Any:
         if not self._disabled and self.active_adapter is not None:
