@@ -15,10 +15,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from deltatune.io import CONFIG_NAME
+
 if TYPE_CHECKING:
     from deltatune.methods.base import Tuner
-
-CONFIG_NAME = "adapter_config.json"
 
 
 class TaskType(str, enum.Enum):

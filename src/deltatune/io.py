@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"  # same as deltatune.config.CONFIG_NAME (io imports nothing of ours)
+CONFIG_NAME = "adapter_config.json"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 

@@ -441,9 +441,7 @@ class PeftModel(nn.Module):
         for m in self._adapter_modules():
             m.disabled = True
         self._disabled = True
-        for name, config in self.peft_config.items():
-            for p in self._adapter_params(name, _tuner(config)):
-                p.requires_grad_(False)
+        self.set_requires_grad(list(self.peft_config), requires_grad=False)
 
     def enable_adapter_layers(self) -> None:
         """Undo ``disable_adapter_layers``: the active adapter applies (and trains) again."""
@@ -792,9 +790,8 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         state = load_tensors(directory, allow_pickle=allow_pickle, device=torch_device or "cpu")
         state = _remap_keys(state, key_mapping)
-        _check_unwrapped(model)
         flags = _grad_flags(model)
-        peft_model = cls(model, config, adapter_name)
+        peft_model = cls(model, config, adapter_name)  # refuses an already wrapped base first
         try:
             peft_model._load_state(adapter_name, state)
         except BaseException:
@@ -837,7 +834,7 @@ def get_peft_model(
     ``revision`` is recorded in the config, as PEFT does.
     """
     _warn_autocast(autocast_adapter_dtype)
-    _check_unwrapped(model)  # before touching the config
+    peft_model = PeftModel(model, peft_config, adapter_name)  # refuses an already wrapped base first
     if revision is not None:
         peft_config.revision = revision
-    return PeftModel(model, peft_config, adapter_name)
+    return peft_model

@@ -277,6 +277,9 @@ class Tuner:
     saved_prefix: ClassVar[str] = "base_model.model."
     layer_base: ClassVar[type[AdapterLayer]] = AdapterLayer
     default_targets: ClassVar[dict[str, list[str]] | None] = None
+    # Whether the method puts virtual positions in front of the input (and -100 in front of the
+    # labels): a causal LM's loss then also predicts each row's first label.
+    prepends_virtual_tokens: ClassVar[bool] = False
 
     # -- injection --------------------------------------------------------------------
     def check_config(self, model: nn.Module, config: PeftConfig) -> None:

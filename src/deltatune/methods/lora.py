@@ -69,14 +69,6 @@ class LoraConfig(PeftConfig):
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         _check_types(self)
-        if (
-            isinstance(self.lora_alpha, bool)
-            or not isinstance(self.lora_alpha, (int, float))
-            or not math.isfinite(self.lora_alpha)
-        ):
-            raise ValueError(
-                f"lora_alpha={self.lora_alpha!r} must be a finite number (the scale is lora_alpha / r)."
-            )
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(
                 f"LoRA rank r must be a positive integer, got r={self.r!r}. Typical values: 8, 16, 32."
@@ -134,6 +126,9 @@ class LoraConfig(PeftConfig):
 
 def _check_types(config: LoraConfig) -> None:
     """Wrong types name the field and what it takes (instead of a TypeError deep inside)."""
+    alpha = config.lora_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"lora_alpha={alpha!r} must be a finite number (the scale is lora_alpha / r).")
     if isinstance(config.lora_dropout, bool) or not isinstance(config.lora_dropout, (int, float)):
         raise ValueError(f"lora_dropout={config.lora_dropout!r} must be a number in [0, 1), e.g. 0.05.")
     targets = config.target_modules

@@ -134,6 +134,8 @@ def _init_ids(config: PromptTuningConfig, total: int, vocab: int) -> list[int] |
 
 
 class PromptTuningTuner(PromptLearningTuner):
+    prepends_virtual_tokens = True
+
     def build_encoder(self, peft_model: Any, config: PromptLearningConfig) -> nn.Module:
         assert isinstance(config, PromptTuningConfig)
         assert config.num_virtual_tokens is not None and config.token_dim is not None

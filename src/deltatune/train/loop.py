@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.config import method_for
 from deltatune.train import checkpoint as ckpt
 from deltatune.train import distributed as dist_utils
 from deltatune.train.data import Collator, count_tokens
@@ -243,6 +244,7 @@ class Trainer:
             raise ValueError("No training examples: the training data is empty.")
         self.config = config
         self.task = task
+        self._skip_first = skips_first_label(model, task)
         self.collator = collator
         self.train_examples = train_examples
         self.eval_examples = eval_examples or []
@@ -333,7 +335,7 @@ class Trainer:
             with self._autocast():
                 out = model(**batch, **self._extra_kwargs())
             labels = batch["labels"]
-            n = float(loss_items(labels, self.task, model))
+            n = float(loss_items(labels, self.task, self._skip_first))
             if self.task == "seq_cls":
                 correct += float((out.logits.argmax(-1) == labels).sum())
                 count += n
@@ -527,7 +529,7 @@ class Trainer:
             # Each micro-batch's mean loss is weighted by its share of the step's loss terms (over
             # all processes; DDP then averages), so the step's gradient is that of one big batch.
             group = [next(batches) for _ in range(cfg.grad_accum)]
-            items = [loss_items(b["labels"], self.task, self.model) for b in group]
+            items = [loss_items(b["labels"], self.task, self._skip_first) for b in group]
             total = dist_utils.all_reduce_sum([float(sum(items))])[0]
             for k, batch in enumerate(group):
                 n_tok = count_tokens(batch) * self.world
@@ -732,21 +734,25 @@ def save_gathered_adapter(model: nn.Module, path: str, main: bool) -> None:
         atomic_write_text(os.path.join(tmp, "README.md"), _model_card(config, state))
 
 
-def loss_items(labels: torch.Tensor, task: str, model: nn.Module) -> int:
+def loss_items(labels: torch.Tensor, task: str, skip_first: bool) -> int:
     """How many terms the model's mean loss averages over for ``labels``: rows for
-    classification; labelled tokens otherwise. A causal LM predicts token t + 1 from t, so its
-    first position never counts, unless prompt tuning puts virtual tokens in front of it.
-    Weighting micro-batches by this makes gradient accumulation equal one big batch."""
+    classification; labelled tokens otherwise, without each row's first label when
+    ``skip_first`` (see :func:`skips_first_label`). Weighting micro-batches by this makes
+    gradient accumulation equal one big batch."""
     if task == "seq_cls":
         return int(labels.shape[0])
-    if task == "causal_lm" and not _prepends_virtual_tokens(model):
+    if skip_first:
         labels = labels[..., 1:]
     return int((labels != -100).sum())
 
 
-def _prepends_virtual_tokens(model: nn.Module) -> bool:
+def skips_first_label(model: nn.Module, task: str) -> bool:
+    """A causal LM predicts token t + 1 from t, so its loss never covers a row's first label,
+    unless the model's method puts virtual positions in front of the input."""
+    if task != "causal_lm":
+        return False
     config = getattr(dist_utils.unwrap(model), "active_peft_config", None)
-    return str(getattr(config, "peft_type", "")) == "PROMPT_TUNING"
+    return config is None or not method_for(config).tuner_cls.prepends_virtual_tokens
 
 
 @torch.no_grad()
@@ -756,12 +762,13 @@ def evaluate_model(
     """Held-out loss (and accuracy for classification) of a model, one process, no training set-up."""
     device = next(model.parameters()).device
     model.eval()
+    skip_first = skips_first_label(model, task)
     loss_sum = weight = correct = 0.0
     for lo in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collator(examples[lo : lo + batch_size]).items()}
         out = model(**batch)
         labels = batch["labels"]
-        n = float(loss_items(labels, task, model))
+        n = float(loss_items(labels, task, skip_first))
         if task == "seq_cls":
             correct += float((out.logits.argmax(-1) == labels).sum())
         loss_sum += float(out.loss) * n
