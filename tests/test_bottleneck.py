@@ -24,9 +24,9 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from conftest import assert_rows_match_alone
 from deltatune import BottleneckConfig, PeftModel, get_peft_model
 from deltatune.methods.bottleneck import BottleneckLayer
+from helpers import assert_rows_match_alone
 
 DEC = dict(
     hidden_size=64,

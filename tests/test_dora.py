@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from conftest import assert_rows_match_alone
 from deltatune import LoraConfig, PeftModel, get_peft_model
+from helpers import assert_rows_match_alone
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
 
@@ -247,7 +247,7 @@ def test_dropout_in_training_matches_peft_on_biased_layers() -> None:
     """With LoRA dropout active, DoRA's direction sees the dropped input and W x is recomputed
     on it; the layer's bias must stay unscaled. Outputs and every gradient equal PEFT's, with
     the magnitude moved away from ‖W‖ (where f = 1 would hide a wrong bias term)."""
-    from conftest import tiny_mlp
+    from helpers import tiny_mlp
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 10, generator=g)

@@ -20,9 +20,9 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from conftest import assert_rows_match_alone
 from deltatune import IA3Config, PeftModel, get_peft_model
 from deltatune.methods.ia3 import IA3Layer
+from helpers import assert_rows_match_alone
 
 
 def tiny(kind: str) -> torch.nn.Module:

@@ -12,14 +12,6 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from conftest import (
-    assert_rows_match_alone,
-    randomize_lora,
-    state_changed_by_one_step,
-    tiny_bert,
-    tiny_llama,
-    tiny_mlp,
-)
 from deltatune.methods.ia3 import IA3Layer
 from deltatune.quant import (
     Linear4bit,
@@ -27,9 +19,22 @@ from deltatune.quant import (
     merge_quantized,
     quantize_model,
     quantize_nf4,
-    to_dense_linear,
 )
-from test_qlora import bnb_saved, dense_twin, ids  # noqa: F401  (bnb_saved is a fixture)
+from helpers import (
+    assert_rows_match_alone,
+    dense_twin,
+    randomize_lora,
+    state_changed_by_one_step,
+    tiny_bert,
+    tiny_llama,
+    tiny_mlp,
+    token_ids,
+)
+
+
+def ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
+    return token_ids(batch, length, seed)
+
 
 # Llama's (IA)³ defaults: k_proj and v_proj scale outputs, down_proj (feed-forward) scales inputs.
 N_LAYERS = 2 * 3
@@ -43,16 +48,6 @@ def ia3(base: nn.Module, seed: int = 0, **kw: object) -> dt.PeftModel:
 
 def vectors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if "ia3_l" in k}
-
-
-def bnb_dense_twin(model: nn.Module) -> nn.Module:
-    """A copy of a transformers+bitsandbytes model with nn.Linear layers holding the dequantised weights."""
-    twin = copy.deepcopy(model)
-    for path, m in list(twin.named_modules()):
-        if type(m).__module__.startswith("bitsandbytes"):
-            parent, _, child = path.rpartition(".")
-            setattr(twin.get_submodule(parent), child, to_dense_linear(m))
-    return twin
 
 
 # -- forward / backward on deltatune's Linear4bit ---------------------------------------------------
@@ -228,9 +223,9 @@ def test_merge_quantized_requantized_error_is_reported_exactly(base4, module):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_ia3_on_bitsandbytes_matches_dense_dequantised_reference(bnb_saved, bits):  # noqa: F811
+def test_ia3_on_bitsandbytes_matches_dense_dequantised_reference(bnb_saved, bits):
     base = bnb_saved(bits)
-    twin = bnb_dense_twin(base)
+    twin = dense_twin(base)
     q_model = ia3(base)
     k = q_model.base_model.model.layers[0].self_attn.k_proj
     assert type(k.base_layer).__module__.startswith("bitsandbytes")
@@ -254,7 +249,7 @@ def test_ia3_on_bitsandbytes_matches_dense_dequantised_reference(bnb_saved, bits
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_ia3_on_bitsandbytes_matches_peft(bnb_saved, bits, tmp_path):  # noqa: F811
+def test_ia3_on_bitsandbytes_matches_peft(bnb_saved, bits, tmp_path):
     """PEFT's own bitsandbytes (IA)³ layers run on CPU: our adapter loaded there gives the same
     logits on the same quantised model, and PEFT's adapter loaded here too."""
     x = ids()
@@ -271,7 +266,7 @@ def test_ia3_on_bitsandbytes_matches_peft(bnb_saved, bits, tmp_path):  # noqa: F
         torch.testing.assert_close(again(input_ids=x).logits, b, atol=1e-5, rtol=1e-5)
 
 
-def test_merge_quantized_ia3_on_bitsandbytes(bnb_saved):  # noqa: F811
+def test_merge_quantized_ia3_on_bitsandbytes(bnb_saved):
     model = ia3(bnb_saved(4))
     merged, report = merge_quantized(model, requantize=False, probe_inputs=ids())
     assert type(merged.model.layers[0].mlp.down_proj) is nn.Linear and len(report.layers) == N_LAYERS
@@ -282,7 +277,7 @@ def test_merge_quantized_ia3_on_bitsandbytes(bnb_saved):  # noqa: F811
         merge_quantized(ia3(bnb_saved(8)), requantize=True, probe_inputs=ids())
 
 
-def test_quantize_model_leaves_bitsandbytes_layers_alone(bnb_saved):  # noqa: F811
+def test_quantize_model_leaves_bitsandbytes_layers_alone(bnb_saved):
     model = bnb_saved(4)
     kinds = [type(m) for m in model.modules()]
     quantize_model(model)  # the bnb layers are already quantised (and nn.Linear subclasses)

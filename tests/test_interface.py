@@ -10,7 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (
+from deltatune import LoraConfig, PeftModel, TaskType, get_peft_model
+from deltatune.methods.base import ModulesToSaveWrapper
+from deltatune.methods.lora import Linear
+from helpers import (
     MODELS,
     model_output,
     peft_classifier_adapter,
@@ -21,9 +24,6 @@ from conftest import (
     tiny_mlp,
     tiny_t5,
 )
-from deltatune import LoraConfig, PeftModel, TaskType, get_peft_model
-from deltatune.methods.base import ModulesToSaveWrapper
-from deltatune.methods.lora import Linear
 
 LLAMA3_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

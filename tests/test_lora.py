@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import MODELS, model_output, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama, tiny_mlp, tiny_t5
 from deltatune import LoraConfig, PeftModel, get_peft_model
 from deltatune.methods.lora import Embedding, Linear
+from helpers import MODELS, model_output, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama, tiny_mlp, tiny_t5
 
 
 def wrap(name: str, **kw: object) -> tuple[PeftModel, nn.Module, dict[str, torch.Tensor]]:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import deltatune as dt
-from conftest import MODELS, model_output, randomize_lora
 from deltatune.methods.lora import _FusedLoraLinear
+from helpers import MODELS, model_output, randomize_lora
 
 
 @pytest.mark.parametrize("bias", [True, False])

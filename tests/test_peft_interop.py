@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from conftest import MODELS, model_output, peft_classifier_adapter, randomize_lora, tiny_bert, tiny_llama
 from deltatune.io import WEIGHTS_NAME
+from helpers import MODELS, model_output, peft_classifier_adapter, randomize_lora, tiny_bert, tiny_llama
 
 peft = pytest.importorskip("peft")
 

@@ -10,9 +10,25 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import MLP, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 from deltatune import PeftModel, PrefixTuningConfig, get_peft_model
-from test_prompt_tuning import greedy_by_forward, ids, inputs_for, llama3_8b_meta, no_eos, randomize
+from helpers import (
+    MLP,
+    greedy_by_forward,
+    inputs_for,
+    llama3_8b_meta,
+    no_eos,
+    randomize_prompt,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_t5,
+    token_ids,
+)
+
+
+def ids(batch: int = 2, length: int = 6, seed: int = 1) -> torch.Tensor:
+    return token_ids(batch, length, seed)
+
 
 N = 3
 TASKS = {
@@ -26,7 +42,7 @@ TASKS = {
 def wrap(name: str, seed: int = 5, n: int = N, **kw: Any) -> PeftModel:
     factory, task = TASKS[name]
     model = get_peft_model(no_eos(factory()), PrefixTuningConfig(task_type=task, num_virtual_tokens=n, **kw))
-    randomize(model, seed)
+    randomize_prompt(model, seed)
     return model
 
 
@@ -255,7 +271,7 @@ def test_we_load_peft(name: str, tmp_path: Any) -> None:
 
     factory, task = TASKS[name]
     theirs = peft.get_peft_model(factory(), peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=N))
-    randomize(theirs, 11)
+    randomize_prompt(theirs, 11)
     theirs.eval()
     theirs.save_pretrained(str(tmp_path))
     ours = PeftModel.from_pretrained(no_eos(factory()), tmp_path)
@@ -273,7 +289,7 @@ def test_mixed_batch_matches_each_adapter_alone(name: str) -> None:
     factory, task = TASKS[name]
     model = wrap(name, seed=5)
     model.add_adapter("other", PrefixTuningConfig(task_type=task, num_virtual_tokens=N))
-    randomize(model, 9)
+    randomize_prompt(model, 9)
     kw = inputs_for(name, ids(3))
     with torch.no_grad():
         mixed = model(**kw, adapter_names=["other", "__base__", "default"]).logits
@@ -292,7 +308,7 @@ def test_mixed_batch_matches_each_adapter_alone(name: str) -> None:
 def test_mixed_batch_generate(name: str) -> None:
     model = wrap(name, seed=5)
     model.add_adapter("other", PrefixTuningConfig(task_type=TASKS[name][1], num_virtual_tokens=N))
-    randomize(model, 9)
+    randomize_prompt(model, 9)
     x = ids(3)
     out = model.generate(
         input_ids=x, max_new_tokens=5, do_sample=False, adapter_names=["other", "__base__", "default"]

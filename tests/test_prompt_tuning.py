@@ -11,8 +11,24 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 from deltatune import PeftModel, PromptTuningConfig, get_peft_model
+from helpers import (
+    greedy_by_forward,
+    inputs_for,
+    llama3_8b_meta,
+    no_eos,
+    randomize_prompt,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_t5,
+    token_ids,
+)
+
+
+def ids(batch: int = 2, length: int = 6, seed: int = 1) -> torch.Tensor:
+    return token_ids(batch, length, seed)
+
 
 N = 4
 TASKS: dict[str, tuple[Callable[..., nn.Module], str]] = {
@@ -23,69 +39,11 @@ TASKS: dict[str, tuple[Callable[..., nn.Module], str]] = {
 }
 
 
-def ids(batch: int = 2, length: int = 6, seed: int = 1) -> torch.Tensor:
-    return torch.randint(1, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def inputs_for(name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    out = {"input_ids": x, "attention_mask": torch.ones_like(x)}
-    if name == "t5":
-        out["decoder_input_ids"] = x[:, :3]
-    return out
-
-
-def no_eos(model: nn.Module) -> nn.Module:
-    """Random tiny models emit their EOS id by chance; generate() would then stop that row early."""
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.eos_token_id = None
-    return model
-
-
 def wrap(name: str, seed: int = 5, n: int = N, **kw: Any) -> PeftModel:
     factory, task = TASKS[name]
     model = get_peft_model(no_eos(factory()), PromptTuningConfig(task_type=task, num_virtual_tokens=n, **kw))
-    randomize(model, seed)
+    randomize_prompt(model, seed)
     return model
-
-
-def randomize(model: Any, seed: int, std: float = 1.0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.prompt_encoder.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def greedy_by_forward(model: Any, x: torch.Tensor, steps: int, seq2seq: bool = False) -> torch.Tensor:
-    """Greedy decoding by recomputing the full forward each step (no cache): the reference."""
-    with torch.no_grad():
-        if seq2seq:
-            dec = torch.zeros(x.shape[0], 1, dtype=torch.long)
-            for _ in range(steps):
-                logits = model(input_ids=x, attention_mask=torch.ones_like(x), decoder_input_ids=dec).logits
-                dec = torch.cat([dec, logits[:, -1].argmax(-1, keepdim=True)], 1)
-            return dec
-        cur = x
-        for _ in range(steps):
-            logits = model(input_ids=cur, attention_mask=torch.ones_like(cur)).logits
-            cur = torch.cat([cur, logits[:, -1].argmax(-1, keepdim=True)], 1)
-        return cur
-
-
-def llama3_8b_meta() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    with torch.device("meta"):
-        return LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=4096,
-                intermediate_size=14336,
-                num_hidden_layers=32,
-                num_attention_heads=32,
-                num_key_value_heads=8,
-                vocab_size=128256,
-                tie_word_embeddings=False,
-            )
-        )
 
 
 # -- parameters ---------------------------------------------------------------------------
@@ -353,7 +311,7 @@ def test_we_load_peft(name: str, tmp_path: Any) -> None:
 
     factory, task = TASKS[name]
     theirs = peft.get_peft_model(factory(), peft.PromptTuningConfig(task_type=task, num_virtual_tokens=N))
-    randomize(theirs, 11)
+    randomize_prompt(theirs, 11)
     theirs.eval()
     theirs.save_pretrained(str(tmp_path))
     ours = PeftModel.from_pretrained(no_eos(factory()), tmp_path)
@@ -372,7 +330,7 @@ def test_mixed_batch_matches_each_adapter_alone(name: str) -> None:
     factory, task = TASKS[name]
     model = wrap(name, seed=5)
     model.add_adapter("other", PromptTuningConfig(task_type=task, num_virtual_tokens=N))
-    randomize(model, 9)
+    randomize_prompt(model, 9)
     x = ids(3)
     rows = ["other", "__base__", "default"]
     kw = inputs_for(name, x)
@@ -396,7 +354,7 @@ def test_mixed_batch_matches_each_adapter_alone(name: str) -> None:
 def test_mixed_batch_generate(name: str) -> None:
     model = wrap(name, seed=5)
     model.add_adapter("other", PromptTuningConfig(task_type=TASKS[name][1], num_virtual_tokens=N))
-    randomize(model, 9)
+    randomize_prompt(model, 9)
     x = ids(3)
     out = model.generate(
         input_ids=x, max_new_tokens=5, do_sample=False, adapter_names=["other", "__base__", "default"]

@@ -4,39 +4,26 @@ across 4-bit and dense bases, and merging into a quantised base with the error r
 from __future__ import annotations
 
 import copy
-import logging
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import deltatune as dt
-from conftest import randomize_lora, state_changed_by_one_step, tiny_llama
 from deltatune.quant import (
     Linear4bit,
     dequantize_weight,
     merge_quantized,
     quantize_model,
     quantize_nf4,
-    to_dense_linear,
 )
+from helpers import dense_twin, randomize_lora, state_changed_by_one_step, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 def ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
     return torch.randint(1, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def dense_twin(model: nn.Module) -> nn.Module:
-    """A copy of a quantised model whose Linear4bit layers are nn.Linear with the dequantised weight."""
-    twin = copy.deepcopy(model)
-    for path, m in list(twin.named_modules()):
-        if isinstance(m, Linear4bit):
-            parent, _, child = path.rpartition(".")
-            setattr(twin.get_submodule(parent), child, to_dense_linear(m))
-    return twin
 
 
 def adapted(base: nn.Module, seed: int = 0, **kw: object) -> dt.PeftModel:
@@ -238,36 +225,6 @@ def test_merge_quantized_needs_a_quantised_layer():
 # -- bitsandbytes layers ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bnb_saved(tmp_path_factory):
-    """A tiny Llama saved to disk, and a loader that quantises it with transformers + bitsandbytes on CPU."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    pytest.importorskip("bitsandbytes")
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("llama")
-    # Widths of at least 64: bitsandbytes' CPU 4-bit inference kernel fails on rows shorter than a block.
-    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(path)
-
-    def load(bits: int) -> nn.Module:
-        cfg = (
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-            if bits == 4
-            else BitsAndBytesConfig(load_in_8bit=True)
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                model = LlamaForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu")
-            except Exception as exc:  # pragma: no cover - depends on the machine
-                pytest.skip(f"bitsandbytes quantisation does not run here: {exc}")
-        # Train mode (no dropout in these models): bitsandbytes' CPU *eval* path switches 4-bit layers to a
-        # bf16 kernel, which would make every comparison with a dense fp32 reference approximate.
-        return model.train()
-
-    return load
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 def test_lora_on_bitsandbytes_layers_matches_peft(bnb_saved, bits, tmp_path):
     """Our adapter on transformers+bitsandbytes layers, saved, loaded by PEFT on the same quantised model:
@@ -294,11 +251,7 @@ def test_lora_on_bitsandbytes_layers_matches_peft(bnb_saved, bits, tmp_path):
 
 def test_dora_on_bitsandbytes_4bit_matches_dense_dequantised_reference(bnb_saved):
     base = bnb_saved(4)
-    twin = copy.deepcopy(base)
-    for path, m in list(twin.named_modules()):
-        if type(m).__name__ == "Linear4bit":
-            parent, _, child = path.rpartition(".")
-            setattr(twin.get_submodule(parent), child, to_dense_linear(m))
+    twin = dense_twin(base)
     q_model = adapted(base, use_dora=True)
     d_model = adapted(twin, use_dora=True)
     d_model.load_state_dict({k: v for k, v in q_model.state_dict().items() if "lora_" in k}, strict=False)

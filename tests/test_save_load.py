@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MODELS, model_output, tiny_llama
 from deltatune import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from deltatune.io import WEIGHTS_NAME
+from helpers import MODELS, model_output, tiny_llama
 
 
 def trained(name: str = "llama", **kw: object) -> tuple[PeftModel, dict[str, torch.Tensor]]:
