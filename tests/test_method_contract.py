@@ -1,18 +1,20 @@
 """The contract every registered method keeps, checked for each one automatically.
 
 Each method in ``deltatune.registered_methods()`` runs here with a small example config on the
-tiny Llama, GPT-2, BERT (sequence classification) and T5, plus the variants listed in VARIANTS.
+tiny Llama, GPT-2, BERT (sequence classification) and T5, plus the variants listed in VARIANTS
+(a plain torch MLP among them).
 A new method is tested by registering it (and, if its config has required fields, adding them
 to REQUIRED_SETTINGS). The contract:
 
 - only adapter parameters train: the base model's own tensors stay frozen and bit-for-bit equal;
-- save / load round trip: a saved adapter loads onto a fresh base with the same outputs;
+- save / load round trip: the adapter folder (config, weights, model card) loads onto a fresh base
+  with the same outputs;
 - disable = base: inside ``disable_adapter()`` the model computes the base model's outputs;
 - merge = unmerged (for mergeable methods): merging, unmerging and ``merge_and_unload()`` keep the
   outputs; a method that cannot merge refuses clearly and changes nothing;
 - mixed batch = each alone: a batch whose rows use different adapters (or none) gives each row
   what that adapter alone gives;
-- greedy ``generate()`` equals step-by-step greedy decoding by full forwards (causal LMs);
+- greedy ``generate()`` equals step-by-step greedy decoding by full forwards (causal and seq2seq LMs);
 - PEFT parity where PEFT has the method: our file loads in PEFT and PEFT's file loads here, with
   the same outputs.
 
@@ -39,17 +41,20 @@ from helpers import (
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
+    tiny_mlp,
     tiny_t5,
     token_ids,
 )
 
-# Architectures: factory, task type.
-ARCHS: dict[str, tuple[Callable[[], nn.Module], str]] = {
+# Architectures every method runs on: factory, task type.
+ARCHS: dict[str, tuple[Callable[[], nn.Module], str | None]] = {
     "llama": (tiny_llama, "CAUSAL_LM"),
     "gpt2": (tiny_gpt2, "CAUSAL_LM"),
     "bert": (tiny_bert, "SEQ_CLS"),
     "t5": (tiny_t5, "SEQ_2_SEQ_LM"),
 }
+# A user's own torch model (no transformers config, no task type): for the variants that name it.
+OTHER_ARCHS: dict[str, tuple[Callable[[], nn.Module], str | None]] = {"mlp": (tiny_mlp, None)}
 
 # Fields a method's config requires (no default) for a small example.
 REQUIRED_SETTINGS: dict[str, dict[str, Any]] = {
@@ -59,6 +64,8 @@ REQUIRED_SETTINGS: dict[str, dict[str, Any]] = {
 
 # Variants of a method that take other code paths: name -> (peft_type, settings, architectures).
 VARIANTS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
+    "lora": ("LORA", {}, ["mlp"]),
+    "ia3": ("IA3", {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"]}, ["mlp"]),
     "lora-dora": ("LORA", {"use_dora": True}, ["llama", "gpt2"]),
     "lora-rslora": ("LORA", {"use_rslora": True, "r": 4, "lora_alpha": 16}, ["llama"]),
     "lora-embedding": ("LORA", {"target_modules": ["embed_tokens", "q_proj", "down_proj"]}, ["llama"]),
@@ -66,6 +73,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
     "bottleneck-pfeiffer": ("BOTTLENECK", {"placement": "pfeiffer"}, ["llama"]),
     "bottleneck-parallel": ("BOTTLENECK", {"placement": "parallel"}, ["llama", "bert"]),
     "prefix-projection": ("PREFIX_TUNING", {"prefix_projection": True, "encoder_hidden_size": 16}, ["llama"]),
+}
+
+# The second adapter of the mixed-batch test differs in shape where the method allows it.
+SECOND_ADAPTER: dict[str, dict[str, Any]] = {
+    "LORA": {"r": 2, "lora_alpha": 3},
+    "BOTTLENECK": {"bottleneck_size": 4},
 }
 
 # Methods known not to merge (any other method must merge exactly).
@@ -85,17 +98,17 @@ class Case:
     settings: dict[str, Any]
 
     @property
-    def task(self) -> str:
-        return ARCHS[self.arch][1]
+    def task(self) -> str | None:
+        return {**ARCHS, **OTHER_ARCHS}[self.arch][1]
 
     def base(self) -> nn.Module:
-        return no_eos(ARCHS[self.arch][0]())
+        return no_eos({**ARCHS, **OTHER_ARCHS}[self.arch][0]())
 
     def config(self, **extra: Any) -> dt.PeftConfig:
         return make_config(self.peft_type, self.task, **{**self.settings, **extra})
 
 
-def make_config(peft_type: str, task: str, **settings: Any) -> dt.PeftConfig:
+def make_config(peft_type: str, task: str | None, **settings: Any) -> dt.PeftConfig:
     """The registered config class of ``peft_type`` with the given fields (as a saved file would give)."""
     from deltatune.config import config_from_dict
 
@@ -118,6 +131,8 @@ CASES = _cases()
 
 
 def inputs(case: Case, batch: int = 3, length: int = 6, seed: int = 1) -> dict[str, torch.Tensor]:
+    if case.arch == "mlp":
+        return {"x": torch.randn(batch, 10, generator=torch.Generator().manual_seed(seed))}
     x = token_ids(batch, length, seed)
     out = {"input_ids": x, "attention_mask": torch.ones_like(x)}
     if case.arch == "t5":
@@ -208,7 +223,11 @@ def test_save_load_round_trip(case: Case, tmp_path: Path) -> None:
         "the adapter changes nothing"
     )
     model.save_pretrained(tmp_path)
-    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     loaded = dt.PeftModel.from_pretrained(case.base(), tmp_path)
     assert loaded.peft_config["default"].peft_type == case.peft_type
     assert type(loaded.peft_config["default"]) is type(model.peft_config["default"])
@@ -258,7 +277,7 @@ def test_merge_equals_unmerged_or_is_refused(case: Case) -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_mixed_batch_rows_equal_each_adapter_alone(case: Case) -> None:
     model, base_ids = adapted(case)
-    model.add_adapter("b", case.config())
+    model.add_adapter("b", case.config(**SECOND_ADAPTER.get(case.peft_type, {})))
     model.eval()  # a new adapter's dropout starts in training mode (as in PEFT)
     perturb({n: p for n, p in added_parameters(model, base_ids).items() if ".b." in f".{n}."}, seed=9)
     kw = inputs(case)
@@ -275,12 +294,12 @@ def test_mixed_batch_rows_equal_each_adapter_alone(case: Case) -> None:
         torch.testing.assert_close(*same_positions(mixed[i], alone[name][i]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.values[0].task == "CAUSAL_LM"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.values[0].task in ("CAUSAL_LM", "SEQ_2_SEQ_LM")])
 def test_greedy_generate_equals_step_by_step_forward(case: Case) -> None:
     model, _ = adapted(case)
     x = token_ids(2, 5)
     out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=False)
-    assert torch.equal(out, greedy_by_forward(model, x, 5))
+    assert torch.equal(out, greedy_by_forward(model, x, 5, seq2seq=case.task == "SEQ_2_SEQ_LM"))
 
 
 def _peft_type(case: Case) -> str | None:
