@@ -31,6 +31,11 @@ from helpers import (
     token_ids,
 )
 
+# A known bug, kept visible: merge_quantized runs its eval-mode reference forward first; on CPU that
+# makes bitsandbytes repack the 4-bit codes and round their absmax to bf16, and the merged dense
+# weights inherit the rounding (the merged model's logits are off by ~0.04 on the tiny Llama).
+BNB4_MERGE_BUG = "merging a bitsandbytes 4-bit base uses weights whose absmax bitsandbytes rounded to bf16"
+
 
 def ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
     return token_ids(batch, length, seed)
@@ -266,15 +271,28 @@ def test_ia3_on_bitsandbytes_matches_peft(bnb_saved, bits, tmp_path):
         torch.testing.assert_close(again(input_ids=x).logits, b, atol=1e-5, rtol=1e-5)
 
 
-def test_merge_quantized_ia3_on_bitsandbytes(bnb_saved):
-    model = ia3(bnb_saved(4))
-    merged, report = merge_quantized(model, requantize=False, probe_inputs=ids())
+@pytest.mark.parametrize(
+    "bits", [pytest.param(4, marks=pytest.mark.xfail(strict=True, reason=BNB4_MERGE_BUG)), 8]
+)
+def test_merge_quantized_ia3_on_bitsandbytes(bnb_saved, bits):
+    """The merged dense model computes what the vectors compute on the dequantised base."""
+    model = ia3(bnb_saved(bits))
+    reference = ia3(dense_twin(bnb_saved(bits)), seed=1)
+    reference.load_state_dict(vectors(model), strict=False)
+    x = ids()
+    with torch.no_grad():
+        expected = reference.eval()(input_ids=x).logits
+        assert (expected - bnb_saved(bits)(input_ids=x).logits).abs().max() > 1e-2  # the vectors matter
+    merged, report = merge_quantized(model, requantize=False, probe_inputs=x)
     assert type(merged.model.layers[0].mlp.down_proj) is nn.Linear and len(report.layers) == N_LAYERS
-    # The reference runs in eval mode, where bitsandbytes' CPU kernel computes 4-bit layers in bf16:
-    # the report shows that rounding rather than 0.
-    assert 0 <= report.mean_abs < 0.02 * report.layers[0].ref_mean_abs
-    with pytest.raises(ValueError, match="8-bit"):
-        merge_quantized(ia3(bnb_saved(8)), requantize=True, probe_inputs=ids())
+    # The report's reference is the adapted model in eval mode, where bitsandbytes' CPU kernels round
+    # (4-bit: bf16 compute; 8-bit: int8 activations): small, not zero, errors.
+    assert report.mean_abs < 0.02 * report.layers[0].ref_mean_abs
+    if bits == 8:
+        with pytest.raises(ValueError, match="8-bit"):
+            merge_quantized(ia3(bnb_saved(8)), requantize=True, probe_inputs=x)
+    with torch.no_grad():  # train mode: the layers left in 4 bits compute in fp32 (see bnb_saved)
+        torch.testing.assert_close(merged.train()(input_ids=x).logits, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_quantize_model_leaves_bitsandbytes_layers_alone(bnb_saved):

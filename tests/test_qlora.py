@@ -21,6 +21,11 @@ from helpers import dense_twin, randomize_lora, state_changed_by_one_step, tiny_
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
+# A known bug, kept visible: merge_quantized runs its eval-mode reference forward first; on CPU that
+# makes bitsandbytes repack the 4-bit codes and round their absmax to bf16, and the merged dense
+# weights inherit the rounding (the merged model's logits are off by ~0.04 on the tiny Llama).
+BNB4_MERGE_BUG = "merging a bitsandbytes 4-bit base uses weights whose absmax bitsandbytes rounded to bf16"
+
 
 def ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
     return torch.randint(1, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
@@ -262,14 +267,26 @@ def test_dora_on_bitsandbytes_4bit_matches_dense_dequantised_reference(bnb_saved
         )
 
 
-def test_merge_quantized_on_bitsandbytes_4bit(bnb_saved):
-    model = adapted(bnb_saved(4))
+@pytest.mark.parametrize(
+    "bits", [pytest.param(4, marks=pytest.mark.xfail(strict=True, reason=BNB4_MERGE_BUG)), 8]
+)
+def test_merge_quantized_on_bitsandbytes(bnb_saved, bits):
+    """The merged dense model computes what the adapter computes on the dequantised base."""
+    model = adapted(bnb_saved(bits))
+    reference = adapted(dense_twin(bnb_saved(bits)))
+    reference.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" in k}, strict=False)
     x = ids()
+    with torch.no_grad():
+        expected = reference.eval()(input_ids=x).logits
+        assert (expected - bnb_saved(bits)(input_ids=x).logits).abs().max() > 1e-3  # the adapter matters
     merged, report = merge_quantized(model, requantize=False, probe_inputs=x)
-    # The reference runs in eval mode, where bitsandbytes' CPU kernel computes the 4-bit layers in bf16:
-    # the report shows that rounding (a few 1e-3) rather than 0.
-    assert 0 <= report.mean_abs < 0.02 * report.layers[0].ref_mean_abs
     assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
-    merged8, _ = merge_quantized(adapted(bnb_saved(8)), requantize=False, probe_inputs=x)
-    with pytest.raises(ValueError, match="8-bit"):
-        merge_quantized(adapted(bnb_saved(8)), requantize=True, probe_inputs=x)
+    assert len(report.layers) == 2 * len(TARGETS) and report.output_max_abs is not None
+    # The report's reference is the adapted model in eval mode, where bitsandbytes' CPU kernels round
+    # (4-bit: bf16 compute; 8-bit: int8 activations): small, not zero, errors.
+    assert report.mean_abs < 0.02 * report.layers[0].ref_mean_abs
+    if bits == 8:
+        with pytest.raises(ValueError, match="8-bit"):
+            merge_quantized(adapted(bnb_saved(8)), requantize=True, probe_inputs=x)
+    with torch.no_grad():  # train mode: the layers left in 4 bits compute in fp32 (see bnb_saved)
+        torch.testing.assert_close(merged.train()(input_ids=x).logits, expected, atol=1e-4, rtol=1e-4)
