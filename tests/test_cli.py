@@ -11,7 +11,7 @@ import torch
 
 from deltatune.cli import build_parser, inspect_adapter, main
 from deltatune.train.run import RunOptions
-from train_utils import save_tiny_cls_model, save_tiny_lm, toy_cls_records, toy_sft_records
+from train_utils import save_tiny_cls_model, save_tiny_lm, tokenizer, toy_cls_records, toy_sft_records
 
 
 @pytest.fixture(scope="module")
@@ -139,20 +139,21 @@ def test_causal_lm_train_and_generate(tmp_path, capsys):
     ]  # fmt: skip
     assert main(args) == 0
     assert "held-out loss" in capsys.readouterr().out
-    assert (
-        main(
-            [
-                "generate",
-                str(tmp_path / "run" / "adapter"),
-                "--prompt",
-                "question 3:",
-                "--max-new-tokens",
-                "4",
-            ]
-        )
-        == 0
-    )
-    assert capsys.readouterr().out.strip()  # some decoded text
+    adapter = str(tmp_path / "run" / "adapter")
+    assert main(["generate", adapter, "--prompt", "question 3:", "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    # The same greedy continuation, computed here from the adapter through the Python API.
+    from transformers import AutoModelForCausalLM
+
+    from deltatune import PeftModel
+
+    lm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tmp_path / "lm")), adapter).eval()
+    enc = tokenizer()("question 3:", return_tensors="pt")
+    with torch.no_grad():
+        out = lm.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=4)
+    new = out[0, enc["input_ids"].shape[1] :]
+    assert len(new) == 4
+    assert printed == tokenizer().decode(new, skip_special_tokens=True) + "\n"
     # eval takes the adapter's own task (no --task needed), and needs held-out data for it
     assert main(["eval", str(tmp_path / "run" / "adapter"), "--eval-file", str(tmp_path / "sft.jsonl")]) == 0
     assert re.search(r"loss: [\d.]+", capsys.readouterr().out)
@@ -160,8 +161,8 @@ def test_causal_lm_train_and_generate(tmp_path, capsys):
     assert "pass --eval-file with held-out data for this causal_lm adapter" in capsys.readouterr().err
     save_tiny_cls_model(str(tmp_path / "cls"))
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_cls_records(20)))
-    main(["train", "--model", str(tmp_path / "cls"), "--train-file", str(tmp_path / "c.jsonl"), "--output-dir",
-          str(tmp_path / "c"), "--max-steps", "1", "--quiet"])  # fmt: skip
+    assert main(["train", "--model", str(tmp_path / "cls"), "--train-file", str(tmp_path / "c.jsonl"),
+                 "--output-dir", str(tmp_path / "c"), "--max-steps", "1", "--quiet"]) == 0  # fmt: skip
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "c" / "adapter"), "--prompt", "x"]) == 2
     assert "needs a CAUSAL_LM" in capsys.readouterr().err

@@ -72,12 +72,20 @@ def test_ia3_wraps_linear4bit_with_fp32_vectors(base4):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_vectors_are_fp32_over_a_16bit_4bit_base(dtype):
-    model = ia3(quantize_model(tiny_llama().to(dtype)))
+    """fp32 vectors over a 16-bit 4-bit base; the output is fp32's on the dequantised weights, to 16-bit precision."""
+    base4 = quantize_model(tiny_llama().to(dtype))
+    reference = ia3(dense_twin(base4).float(), seed=1)  # the twin first: get_peft_model wraps in place
+    model = ia3(base4)
     layers = [m for m in model.modules() if isinstance(m, IA3Layer)]
     assert len(layers) == N_LAYERS and all(m.ia3_l["default"].dtype == torch.float32 for m in layers)
+    reference.load_state_dict(vectors(model), strict=False)
     with torch.no_grad():
         out = model(input_ids=ids()).logits
-    assert out.dtype == dtype and torch.isfinite(out).all()
+        expected = reference(input_ids=ids()).logits
+        with reference.disable_adapter():
+            assert (expected - reference(input_ids=ids()).logits).abs().max() > 0.1  # the vectors matter
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, atol=0.02, rtol=0.02)
 
 
 def test_forward_and_backward_match_dense_dequantised_reference(base4):
@@ -413,8 +421,12 @@ def test_quantize_model_skips_prompt_encoder():
     quantize_model(model)
     assert all(type(model.get_submodule(n)) is nn.Linear for n in encoder_linears)
     assert isinstance(model.base_model.model.layers[0].self_attn.q_proj, Linear4bit)
+    twin = dense_twin(model)  # the same model with the 4-bit layers dequantised into nn.Linear
     with torch.no_grad():
-        assert torch.isfinite(model(input_ids=ids()).logits).all()
+        out = model(input_ids=ids()).logits
+        torch.testing.assert_close(out, twin(input_ids=ids()).logits, atol=1e-5, rtol=1e-5)
+        with model.disable_adapter():
+            assert (out - model(input_ids=ids()).logits).abs().max() > 1e-3  # the prefix is still applied
 
 
 def test_quantize_model_refuses_merged_adapters():

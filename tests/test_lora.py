@@ -204,12 +204,23 @@ def test_generate_passes_through() -> None:
 
 
 def test_half_precision_base_keeps_fp32_adapters() -> None:
-    base = tiny_llama().to(torch.bfloat16)
-    model = get_peft_model(base, LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    """A bf16 base keeps fp32 adapters, and computes what fp32 does on the same (bf16-rounded) weights."""
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(tiny_llama().to(torch.bfloat16), config)
+    randomize_lora(model)
     layer = model.base_model.model.layers[0].self_attn.q_proj
     assert layer.lora_A["default"].weight.dtype == torch.float32
-    out = model(input_ids=torch.tensor([[1, 2, 3]])).logits
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    reference = get_peft_model(tiny_llama().to(torch.bfloat16).float(), config)
+    reference.load_state_dict(model.state_dict())  # the same adapter (the base: bf16 values upcast)
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+        expected = reference(input_ids=ids).logits
+        with reference.disable_adapter():
+            plain = reference(input_ids=ids).logits
+    assert out.dtype == torch.bfloat16
+    assert (expected - plain).abs().max() > 0.2  # the adapter matters more than the tolerance below
+    torch.testing.assert_close(out.float(), expected, atol=0.02, rtol=0.02)
 
 
 def test_safe_merge_refuses_nan() -> None:
