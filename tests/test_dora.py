@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import peft
 import pytest
 import torch
@@ -135,17 +133,15 @@ def test_mixed_batch_rows_match_single_adapter_runs() -> None:
 
 
 def test_eval_cache_follows_weight_changes() -> None:
-    """Cached eval factors must be recomputed as soon as m, A or B change (exactness)."""
+    """Eval outputs follow a change of m, A or B at once: equal to a fresh model's with the new values."""
     model = get_peft_model(tiny("llama"), dora_config("llama"))
     before = logits(model, ids())
     assert torch.equal(logits(model, ids()), before)  # cached path gives the same numbers
     perturb_magnitudes(model)
     after = logits(model, ids())
     assert not torch.allclose(after, before)
-    fresh = copy.deepcopy(model)
-    for module in fresh.modules():
-        if hasattr(module, "_dora_cache"):
-            module._dora_cache.clear()
+    fresh = get_peft_model(tiny("llama"), dora_config("llama")).eval()  # nothing computed or cached yet
+    fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(logits(fresh, ids()), after, rtol=0, atol=0)
 
 
