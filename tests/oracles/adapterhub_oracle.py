@@ -17,7 +17,7 @@ import os
 import sys
 
 import torch
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
 import adapters
 from adapters import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
@@ -62,12 +62,43 @@ CASES: dict[str, dict] = {
         "kw": {"reduction_factor": 4, "ln_before": True, "ln_after": True, "scaling": 2.0},
     },
 }
+# The same presets on pre-LayerNorm decoders.
+for _arch in ("llama", "gpt2"):
+    for _preset, _cls in (("houlsby", "DoubleSeqBnConfig"), ("pfeiffer", "SeqBnConfig"), ("parallel", "ParBnConfig")):
+        CASES[f"{_arch}_{_preset}"] = {"cls": _cls, "kw": {"reduction_factor": 4}, "arch": _arch}
 CLASSES = {"DoubleSeqBnConfig": DoubleSeqBnConfig, "SeqBnConfig": SeqBnConfig, "ParBnConfig": ParBnConfig}
 DROPOUT = 0.1
 
 
-def base_model() -> BertModel:
+def base_model(arch: str = "bert") -> torch.nn.Module:
     torch.manual_seed(0)
+    if arch == "llama":
+        return LlamaModel(
+            LlamaConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=100,
+                attn_implementation="eager",
+            )
+        ).eval()
+    if arch == "gpt2":
+        cfg = GPT2Config(
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            vocab_size=100,
+            n_positions=64,
+            resid_pdrop=DROPOUT,
+            embd_pdrop=DROPOUT,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+            attn_implementation="eager",
+        )
+        return GPT2Model(cfg).eval()
     cfg = BertConfig(
         hidden_size=32,
         num_hidden_layers=2,
@@ -86,7 +117,7 @@ def main(out: str) -> None:
     for case, spec in CASES.items():
         folder = os.path.join(out, case)
         os.makedirs(folder, exist_ok=True)
-        model = base_model()
+        model = base_model(spec.get("arch", "bert"))
         model.save_pretrained(os.path.join(folder, "base"))
         with torch.no_grad():
             base_out = model(input_ids=ids).last_hidden_state

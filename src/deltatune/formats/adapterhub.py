@@ -259,3 +259,62 @@ def read_adapterhub(
     state = _load_weights(directory, allow_pickle, device)
     model_type = str(data.get("model_type") or "")
     return config, convert_state(state, model_type, bool(fields.get("ln_before")))
+
+
+def describe_adapterhub(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``deltatune inspect`` shows of an AdapterHub folder, without unpickling anything."""
+    from safetensors import safe_open
+
+    data = _read_json(directory)
+    assert isinstance(data, dict)
+    try:
+        fields: dict[str, Any] | None = bottleneck_fields(data["config"])
+        problem = None
+    except ValueError as exc:
+        fields, problem = None, str(exc)
+    shapes: dict[str, list[int]] = {}
+    weights = os.path.join(directory, SAFETENSORS_NAME)
+    if not os.path.isfile(weights):
+        weights = os.path.join(directory, PICKLE_NAME)
+    elif os.path.isfile(weights):
+        try:
+            with safe_open(weights, "pt") as fh:
+                for key in fh.keys():  # noqa: SIM118
+                    shapes[key] = list(fh.get_slice(key).get_shape())
+        except Exception as exc:  # safetensors raises SafetensorError or OSError for a damaged file
+            problem = problem or f"{weights} is corrupt or truncated ({exc})"
+    # The input LayerNorm is registered twice (adapter_down.0 and adapter_norm_before): count it once.
+    ln_before = bool(fields and fields.get("ln_before"))
+    counted = {k: s for k, s in shapes.items() if not (ln_before and ".adapter_down.0." in k)}
+    n = 0
+    for shape in counted.values():
+        size = 1
+        for d in shape:
+            size *= d
+        n += size
+    placement = fields["placement"] if fields else "?"
+    return {
+        "method": f"BOTTLENECK (AdapterHub {data.get('version', '')}, placement={placement})",
+        "task_type": None,
+        "base_model": data.get("model_name") or data.get("model_class"),
+        "target_modules": None,
+        "modules_to_save": None,
+        "parameters": n,
+        "tensors": len(counted),
+        "file_bytes": os.path.getsize(weights) if os.path.isfile(weights) else 0,
+        "config": {
+            **(fields or {}),
+            "adapterhub_config": data["config"],
+            "model_type": data.get("model_type"),
+        },
+        "shapes": shapes,
+        "format": "adapterhub",
+        "weights_file": os.path.basename(weights),
+        "loadable": problem is None,
+        "problem": problem,
+        "note": (
+            f"weights in {PICKLE_NAME}, a pickle: not opened (load with allow_pickle=True if you trust it)"
+            if weights.endswith(PICKLE_NAME) and os.path.isfile(weights)
+            else None
+        ),
+    }
