@@ -16,11 +16,10 @@ import json
 import os
 import sys
 
-import torch
-from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
-
 import adapters
+import torch
 from adapters import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
 SEED_TRAIN = 1234
 
@@ -55,7 +54,12 @@ CASES: dict[str, dict] = {
     },
     "seq_no_ln_after": {
         "cls": "SeqBnConfig",
-        "kw": {"reduction_factor": 8, "original_ln_after": False, "scaling": "learned", "non_linearity": "tanh"},
+        "kw": {
+            "reduction_factor": 8,
+            "original_ln_after": False,
+            "scaling": "learned",
+            "non_linearity": "tanh",
+        },
     },
     "parallel_ln": {
         "cls": "ParBnConfig",
@@ -64,7 +68,11 @@ CASES: dict[str, dict] = {
 }
 # The same presets on pre-LayerNorm decoders.
 for _arch in ("llama", "gpt2"):
-    for _preset, _cls in (("houlsby", "DoubleSeqBnConfig"), ("pfeiffer", "SeqBnConfig"), ("parallel", "ParBnConfig")):
+    for _preset, _cls in (
+        ("houlsby", "DoubleSeqBnConfig"),
+        ("pfeiffer", "SeqBnConfig"),
+        ("parallel", "ParBnConfig"),
+    ):
         CASES[f"{_arch}_{_preset}"] = {"cls": _cls, "kw": {"reduction_factor": 4}, "arch": _arch}
 CLASSES = {"DoubleSeqBnConfig": DoubleSeqBnConfig, "SeqBnConfig": SeqBnConfig, "ParBnConfig": ParBnConfig}
 DROPOUT = 0.1
