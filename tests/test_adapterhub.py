@@ -70,9 +70,12 @@ def _oracle_python() -> str:
     if stamp.exists():
         return str(python)
     shutil.rmtree(venv, ignore_errors=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
     steps = [
         [sys.executable, "-m", "venv", str(venv)],
-        [str(python), "-m", "pip", "install", "--quiet", "-r", str(REQUIREMENTS)],
+        # torch first, as scripts/setup.sh does (DELTATUNE_TORCH picks another CPU build)
+        [*pip, os.environ.get("DELTATUNE_TORCH", "torch==2.13.0")],
+        [*pip, "-r", str(REQUIREMENTS)],
     ]
     for cmd in steps:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -314,3 +317,10 @@ def test_inspect_shows_an_adapterhub_folder(reference: Path) -> None:
     assert info["config"]["ln_before"] is True and info["config"]["leave_out"] == [0]
     info = inspect_adapter(str(reference / "llama_pfeiffer" / "adapter"))
     assert info["parameters"] == int((reference / "llama_pfeiffer" / "params.txt").read_text())
+
+
+def test_a_saved_prediction_head_is_named_in_a_warning(reference: Path, tmp_path: Path) -> None:
+    folder = _edited_copy(reference, "pfeiffer", tmp_path)
+    (folder / "head_config.json").write_text("{}")
+    with pytest.warns(UserWarning, match="prediction head.*adapter only"):
+        PeftModel.from_pretrained(_base(reference, "pfeiffer"), folder)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from deltatune.io import CONFIG_NAME
 
 SAFETENSORS_NAME = "adapter.safetensors"
 PICKLE_NAME = "pytorch_adapter.bin"
+HEAD_CONFIG_NAME = "head_config.json"  # written beside the adapter by save_adapter(..., with_head=True)
 
 # AdapterHub's module (relative to a numbered block) → deltatune's bottleneck site, per model type.
 _BERT = {"attention.output": "attention.output", "output": "output"}
@@ -257,6 +259,12 @@ def read_adapterhub(
     fields = bottleneck_fields(data["config"])
     config = config_from_dict({"peft_type": "BOTTLENECK", **fields})
     state = _load_weights(directory, allow_pickle, device)
+    if os.path.isfile(os.path.join(directory, HEAD_CONFIG_NAME)):
+        warnings.warn(
+            f"{os.fspath(directory)!r} also holds an AdapterHub prediction head ({HEAD_CONFIG_NAME}); deltatune "
+            "loads the bottleneck adapter only. Give the base model its task head yourself.",
+            stacklevel=4,
+        )
     model_type = str(data.get("model_type") or "")
     return config, convert_state(state, model_type, bool(fields.get("ln_before")))
 
