@@ -319,6 +319,19 @@ def test_mixed_batch(kind: str) -> None:
     assert_rows_match_alone(model, x, names, run)
 
 
+def test_mixed_batch_of_different_presets_on_bert() -> None:
+    """Each row goes through its own adapter's whole placement, original_ln_after=False included."""
+    model = get_peft_model(
+        tiny("bert"), BottleneckConfig(bottleneck_size=8, init="normal", placement="pfeiffer")
+    )
+    model.add_adapter("h", BottleneckConfig(bottleneck_size=4, init="normal", placement="houlsby"))
+    model.add_adapter(
+        "raw", BottleneckConfig(bottleneck_size=4, init="normal", placement="seq_bn", original_ln_after=False)
+    )
+    x = ids(batch=4)
+    assert_rows_match_alone(model, x, ["raw", "default", "__base__", "h"], run)
+
+
 def test_mixed_batch_parallel() -> None:
     model = get_peft_model(
         tiny("llama"), BottleneckConfig(bottleneck_size=8, init="normal", placement="parallel")

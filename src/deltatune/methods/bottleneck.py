@@ -463,7 +463,7 @@ class BottleneckLayer(AdapterLayer):
         h = dropout(dense(hidden_states))
         z = self._z(names, h, r, norm)
         if self.row_groups is None:
-            after = self.block(names[0]).config.original_ln_after
+            after = self.block(names[-1]).config.original_ln_after  # the last adapter's, as AdapterHub
             return norm(z + r) if after else z
         out = norm(z + r)
         for name, rows in self.row_groups:
