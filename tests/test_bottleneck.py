@@ -404,3 +404,19 @@ def test_bad_inputs() -> None:
 def test_layers_to_transform() -> None:
     model = get_peft_model(tiny("llama"), BottleneckConfig(bottleneck_size=8, layers_to_transform=[1]))
     assert sites(model) == ["model.layers.1.self_attn", "model.layers.1.mlp"]
+
+
+def test_unload_removes_the_residual_hook_also_after_a_deep_copy() -> None:
+    import copy
+
+    model = get_peft_model(
+        tiny("llama"), BottleneckConfig(bottleneck_size=8, init="normal", placement="pfeiffer")
+    )
+    twin = copy.deepcopy(model)
+    x = ids()
+    before = run(model, x)
+    torch.testing.assert_close(run(twin, x), before, rtol=0, atol=0)
+    plain = twin.unload()
+    assert not any(m._forward_pre_hooks for m in plain.modules())
+    torch.testing.assert_close(run(plain, x), run(tiny("llama"), x), rtol=0, atol=0)
+    torch.testing.assert_close(run(model, x), before, rtol=0, atol=0)  # the original still has its hooks

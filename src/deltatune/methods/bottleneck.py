@@ -366,11 +366,10 @@ class BottleneckLayer(AdapterLayer):
         self.parts = parts
         self.bottleneck = nn.ModuleDict()
         self._residual: torch.Tensor | None = None
-        self._hook = (
+        # A plain attribute, not a submodule: the LayerNorm belongs to the block, not to this layer.
+        object.__setattr__(self, "_residual_source", residual_source)
+        if residual_source is not None:
             residual_source.register_forward_pre_hook(self._capture_residual)
-            if residual_source is not None
-            else None
-        )
         self.add_adapter(adapter_name, config)
 
     def _capture_residual(self, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -397,9 +396,12 @@ class BottleneckLayer(AdapterLayer):
             self.active_adapters.append(adapter_name)
 
     def unload(self) -> nn.Module:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        source = self._residual_source
+        if source is not None:  # drop this layer's hook (found by owner, so a deep copy drops its own)
+            hooks = source._forward_pre_hooks
+            for key in [k for k, fn in hooks.items() if getattr(fn, "__self__", None) is self]:
+                del hooks[key]
+            object.__setattr__(self, "_residual_source", None)
         return self.base_layer
 
     def block(self, name: str) -> BottleneckBlock:
@@ -443,7 +445,7 @@ class BottleneckLayer(AdapterLayer):
             return self._forward_post_ln(names, *args, **kwargs)
         r = self._residual
         self._residual = None
-        if self._hook is None:  # a sub-layer without a known LayerNorm reads the residual stream
+        if self._residual_source is None:  # a sub-layer without a known LayerNorm: its input is r
             r = args[0] if args else next(iter(kwargs.values()), None)
         if r is None and self._needs_residual(names):
             raise RuntimeError(
