@@ -397,6 +397,10 @@ def test_bad_inputs() -> None:
         BottleneckConfig(scaling="fixed")
     with pytest.raises(ValueError, match="dropout=1.5"):
         BottleneckConfig(dropout=1.5)
+    with pytest.raises(ValueError, match="dropout='0.1'"):
+        BottleneckConfig(dropout="0.1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ln_after='yes' must be True or False"):
+        BottleneckConfig(ln_after="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="ffn_modules=\\['nope'\\] matched no module"):
         get_peft_model(Net(), BottleneckConfig(attention_modules=["mixer"], ffn_modules=["nope"]))
 

@@ -221,7 +221,20 @@ class BottleneckConfig(PeftConfig):
             raise ValueError(f"scaling={self.scaling!r}: use a number, 'learned' or 'channel'.")
         else:
             self.scaling = float(self.scaling)
-        if not 0.0 <= float(self.dropout) < 1.0:
+        for name in (
+            "original_ln_before",
+            "original_ln_after",
+            "adapter_residual_before_ln",
+            "ln_before",
+            "ln_after",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False.")
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0 <= self.dropout < 1
+        ):
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1).")
         if self.leave_out is not None and not all(isinstance(i, int) for i in self.leave_out):
             raise ValueError(f"leave_out={self.leave_out!r} must be a list of layer indices, e.g. [0, 1].")
