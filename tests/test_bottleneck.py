@@ -424,3 +424,33 @@ def test_unload_removes_the_residual_hook_also_after_a_deep_copy() -> None:
     assert not any(m._forward_pre_hooks for m in plain.modules())
     torch.testing.assert_close(run(plain, x), run(tiny("llama"), x), rtol=0, atol=0)
     torch.testing.assert_close(run(model, x), before, rtol=0, atol=0)  # the original still has its hooks
+
+
+@pytest.mark.parametrize(
+    ("kind", "placement"), [("bert", "pfeiffer"), ("bert", "houlsby"), ("llama", "pfeiffer")]
+)
+def test_a_file_from_an_older_deltatune_keeps_its_meaning(kind: str, placement: str, tmp_path) -> None:
+    """Saved before the AdapterHub switches: no original_ln_before, layer_norm=True, BERT keys on
+    ``output.dense``. The adapter read h: h + f(LN_adapter(h))."""
+    from safetensors.torch import load_file, save_file
+
+    model = get_peft_model(
+        tiny(kind),
+        BottleneckConfig(
+            bottleneck_size=8, init="normal", placement=placement, original_ln_before=False, ln_before=True
+        ),
+    )
+    model.eval()
+    out = run(model, ids())
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    old = {k: v for k, v in cfg.items() if k in ("peft_type", "task_type", "bottleneck_size", "placement")}
+    old.update(layer_norm=True, non_linearity=cfg["non_linearity"], scaling=1.0, reduction_factor=None)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(old))
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    if kind == "bert":
+        state = {k.replace(".output.bottleneck.", ".output.dense.bottleneck."): v for k, v in state.items()}
+    save_file(state, tmp_path / "adapter_model.safetensors")
+    loaded = PeftModel.from_pretrained(tiny(kind), tmp_path)
+    assert loaded.peft_config["default"].original_ln_before is False
+    torch.testing.assert_close(run(loaded, ids()), out, rtol=0, atol=1e-6)

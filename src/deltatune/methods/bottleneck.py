@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -243,6 +244,24 @@ class BottleneckConfig(PeftConfig):
                 "placement='houlsby' adapts both sub-layers: give both attention_modules and ffn_modules, or "
                 "neither (for architectures deltatune knows)."
             )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BottleneckConfig:
+        """As every config; a file saved before the AdapterHub switches existed (no
+        ``original_ln_before`` key) keeps its meaning: every adapter read ``h``, and the size
+        default was d // 16 for every placement."""
+        if "original_ln_before" not in data and "layer_norm" in data:
+            data = {**data, "original_ln_before": False}
+            if data.get("bottleneck_size") is None and data.get("reduction_factor") is None:
+                data["reduction_factor"] = 16
+            if data.get("placement") == "parallel":
+                warnings.warn(
+                    "This parallel bottleneck adapter was saved by an older deltatune, whose parallel adapters "
+                    "on pre-LayerNorm models (Llama, GPT-2, T5) read the FFN's normalised input; they now read "
+                    "the residual stream, as AdapterHub's. On those models its outputs differ; retrain it.",
+                    stacklevel=2,
+                )
+        return super().from_dict(data)
 
     @property
     def is_parallel(self) -> bool:
@@ -652,6 +671,9 @@ class BottleneckTuner(Tuner):
         numbered block on, and only when that matches every key one to one."""
         kmap = self.key_map(peft_model.base_model, config, adapter_name)
         if state and not set(state) <= set(kmap):
+            # Older deltatune files put BERT's adapters on the sub-layer's dense layer.
+            state = {_OLD_BERT_SITE.sub(".output.bottleneck.", k): v for k, v in state.items()}
+        if state and not set(state) <= set(kmap):
             state = _align_prefix(state, list(kmap)) or state
         super().load_state_dict(peft_model, config, adapter_name, state)
 
@@ -659,6 +681,7 @@ class BottleneckTuner(Tuner):
         raise ValueError(MERGE_ERROR)
 
 
+_OLD_BERT_SITE = re.compile(r"\.output\.dense\.bottleneck\.")
 _BLOCK = re.compile(r"(?:^|\.)((?:layers|layer|h|block|blocks)\.\d+\..*)$")
 
 
