@@ -37,7 +37,6 @@ LOCATIONS: dict[str, dict[str, str]] = {
     "roberta": _BERT,
     "llama": _DECODER,
     "mistral": _DECODER,
-    "qwen2": _DECODER,
     "gpt2": {"attention_adapters": "attn", "output_adapters": "mlp"},
 }
 
