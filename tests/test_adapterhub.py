@@ -46,7 +46,7 @@ BERT_CASES = [
     "parallel_ln",
 ]
 DECODER_CASES = [f"{arch}_{p}" for arch in ("llama", "gpt2") for p in PRESETS]
-CASES = BERT_CASES + DECODER_CASES
+CASES = [*BERT_CASES, "xlmr_pfeiffer", *DECODER_CASES]
 
 
 @contextlib.contextmanager

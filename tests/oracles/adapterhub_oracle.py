@@ -19,7 +19,16 @@ import sys
 import adapters
 import torch
 from adapters import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
-from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2Model,
+    LlamaConfig,
+    LlamaModel,
+    XLMRobertaConfig,
+    XLMRobertaModel,
+)
 
 SEED_TRAIN = 1234
 
@@ -74,6 +83,7 @@ for _arch in ("llama", "gpt2"):
         ("parallel", "ParBnConfig"),
     ):
         CASES[f"{_arch}_{_preset}"] = {"cls": _cls, "kw": {"reduction_factor": 4}, "arch": _arch}
+CASES["xlmr_pfeiffer"] = {"cls": "SeqBnConfig", "kw": {"reduction_factor": 8}, "arch": "xlmr"}
 CLASSES = {"DoubleSeqBnConfig": DoubleSeqBnConfig, "SeqBnConfig": SeqBnConfig, "ParBnConfig": ParBnConfig}
 DROPOUT = 0.1
 
@@ -92,6 +102,19 @@ def base_model(arch: str = "bert") -> torch.nn.Module:
                 attn_implementation="eager",
             )
         ).eval()
+    if arch == "xlmr":
+        cfg = XLMRobertaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            vocab_size=100,
+            pad_token_id=1,
+            hidden_dropout_prob=DROPOUT,
+            attention_probs_dropout_prob=0.0,
+            attn_implementation="eager",
+        )
+        return XLMRobertaModel(cfg).eval()
     if arch == "gpt2":
         cfg = GPT2Config(
             n_embd=32,

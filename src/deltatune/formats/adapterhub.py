@@ -3,7 +3,7 @@
 ``model.save_adapter(dir, name)`` writes ``adapter_config.json`` (``{"config": {...BnConfig...},
 "model_type": ..., "name": ..., "version": "adapters.x"}``, no ``peft_type``) and the weights as
 ``adapter.safetensors`` or ``pytorch_adapter.bin`` (a pickle), keyed like
-``encoder.layer.0.attention.output.adapters.<name>.adapter_down.0.weight`` (BERT) or
+``encoder.layer.0.attention.output.adapters.<name>.adapter_down.0.weight`` (BERT, RoBERTa, XLM-RoBERTa) or
 ``layers.0.output_adapters.adapters.<name>.adapter_up.weight`` (Llama). This module turns such a
 folder into a :class:`~deltatune.methods.bottleneck.BottleneckConfig` and deltatune's saved keys
 (``<sub-layer>.bottleneck.down.weight``). A setting deltatune cannot compute is refused with an
@@ -35,6 +35,7 @@ _DECODER = {"attention_adapters": "self_attn", "output_adapters": "mlp"}
 LOCATIONS: dict[str, dict[str, str]] = {
     "bert": _BERT,
     "roberta": _BERT,
+    "xlm-roberta": _BERT,
     "llama": _DECODER,
     "mistral": _DECODER,
     "gpt2": {"attention_adapters": "attn", "output_adapters": "mlp"},

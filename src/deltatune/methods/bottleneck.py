@@ -120,6 +120,7 @@ SUBLAYERS: dict[str, SubLayers] = {
     ),
     "bert": _BERT,
     "roberta": _BERT,
+    "xlm-roberta": _BERT,
     "t5": SubLayers(
         attention=r"(.*\.)?layer\.0\.SelfAttention",
         ffn=r"(.*\.)?DenseReluDense",
