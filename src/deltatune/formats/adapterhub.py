@@ -132,7 +132,8 @@ def bottleneck_fields(ah: dict[str, Any]) -> dict[str, Any]:
         raise _refuse(
             "mh_adapter/output_adapter/is_parallel",
             (mh, out, par),
-            "adapters on the attention sub-layer only, or parallel ones beside attention",
+            "a layout with no deltatune placement; those are houlsby (True, True, False), "
+            "pfeiffer (False, True, False) and parallel (False, True, True)",
         )
     fields: dict[str, Any] = {"placement": placement}
     factor = ah.get("reduction_factor", 16)
