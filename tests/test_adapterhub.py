@@ -282,8 +282,7 @@ def test_load_adapter_mixed_batch_merge_refusal_and_own_format(reference: Path, 
         _base(reference, "pfeiffer"), BottleneckConfig(placement="seq_bn", reduction_factor=8)
     )
     model.load_adapter(reference / "pfeiffer" / "adapter", adapter_name="ah")
-    model.set_adapter("ah")
-    model.eval()
+    model.set_adapter("ah")  # the base is in eval mode: so is the new adapter (its dropout is off)
     torch.testing.assert_close(_run(model, ids), io["eval"], rtol=0, atol=1e-5)
     with torch.no_grad():  # one forward, each row its own adapter (or none)
         mixed = model(input_ids=ids, adapter_names=["ah", "__base__", "default"]).last_hidden_state

@@ -422,9 +422,9 @@ class BottleneckLayer(AdapterLayer):
             raise ValueError(f"Adapter {adapter_name!r} already exists on this layer.")
         params = [p for p in self.base_layer.parameters()]
         device = params[0].device if params else None
-        self.bottleneck[adapter_name] = BottleneckBlock(
-            self.hidden_size, config.size_for(self.hidden_size), config, device
-        )
+        block = BottleneckBlock(self.hidden_size, config.size_for(self.hidden_size), config, device)
+        block.train(self.base_layer.training)  # an adapter added to a model in eval mode drops out nothing
+        self.bottleneck[adapter_name] = block
         if adapter_name not in self.active_adapters:
             self.active_adapters.append(adapter_name)
 
