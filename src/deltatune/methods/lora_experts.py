@@ -101,6 +101,9 @@ def _linear(
     if real.has_bias:
         y = y + getattr(real, f"{name}_bias")[ids]
     for a, b, s in terms:  # a (E, r, in), b (E, out, r)
+        pad = -a.shape[1] % (16 // a.element_size())  # grouped_mm wants rows of whole 16-byte units
+        if pad:  # zero directions change nothing
+            a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
         h = grouped_mm(x.to(a.dtype), a.transpose(-2, -1), offs) * s  # (S, r), scaled while narrow
         y = y + grouped_mm(h, b.transpose(-2, -1).contiguous(), offs).to(y.dtype)
     return y
@@ -109,8 +112,11 @@ def _linear(
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows ``offs[e-1]:offs[e]`` of x (S, in) times w[e] (in, out): (S, out)."""
     if x.device.type == "cpu" and hasattr(F, "grouped_mm"):
-        return F.grouped_mm(x, w, offs=offs)
-    # Other devices: grouped_mm's kernels there want bf16 and recent GPUs; a loop is always right.
+        try:
+            return F.grouped_mm(x, w, offs=offs)
+        except RuntimeError:  # e.g. a width that is no multiple of 16 bytes: the loop below is always right
+            pass
+    # Other devices: grouped_mm's kernels there want bf16 and recent GPUs.
     outs, start = [], 0
     for e, end in enumerate(offs.tolist()):
         outs.append(x[start:end] @ w[e])
