@@ -388,3 +388,61 @@ def test_mixtral_8x7b_on_meta_reports_peft_s_line() -> None:
     ours = _meta_mixtral(lambda m: dt.get_peft_model(m, dt.LoraConfig(**kw)))  # type: ignore[arg-type]
     assert ours == theirs
     assert ours == "trainable params: 359,665,664 || all params: 47,062,458,368 || trainable%: 0.7642\n"
+
+
+def test_qlora_base_experts_stay_dense_and_their_lora_merges() -> None:
+    """quantize_model puts the attention in 4 bits; the fused experts stay dense (as with
+    bitsandbytes), so their LoRA runs and merges exactly over the 4-bit model."""
+    from deltatune.quant import quantize_model
+
+    model = quantize_model(tiny_moe("mixtral"))
+    ours = dt.get_peft_model(model, dt.LoraConfig(r=4, target_modules=[], target_parameters=EXPERTS))
+    randomize(ours)
+    ids = inputs()
+    unmerged = logits(ours, ids)
+    with ours.disable_adapter():
+        assert (logits(ours, ids) - unmerged).abs().max() > 1e-3
+    ours.merge_adapter()
+    torch.testing.assert_close(logits(ours, ids), unmerged, atol=1e-5, rtol=0)
+
+
+def test_non_float_expert_weights_refused() -> None:
+    model = tiny_moe("mixtral")
+    for layer in model.model.layers:
+        layer.mlp.experts.down_proj = nn.Parameter(
+            layer.mlp.experts.down_proj.data.to(torch.int8), requires_grad=False
+        )
+    with pytest.raises(ValueError, match="floating point"):
+        dt.get_peft_model(model, dt.LoraConfig(target_modules=[], target_parameters=["down_proj"]))
+
+
+def test_cli_trains_expert_lora_that_peft_reads(tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from deltatune.cli import main
+    from train_utils import VOCAB, tokenizer, toy_sft_records
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("mixtral", **{**COMMON, "vocab_size": VOCAB}, **MOE["mixtral"])
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "lm")
+    tokenizer().save_pretrained(tmp_path / "lm")
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_sft_records(8)))
+    args = [
+        "train", "--task", "causal_lm", "--model", str(tmp_path / "lm"), "--train-file", str(tmp_path / "sft.jsonl"),
+        "--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--quiet", "--lr", "0.01",
+        "--target-parameters", "mlp.experts.gate_up_proj,mlp.experts.down_proj",
+    ]  # fmt: skip
+    assert main(args) == 0
+    adapter = tmp_path / "run" / "adapter"
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert saved["target_parameters"] == EXPERTS and saved["lora_dropout"] == 0.0
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "lm").eval()
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    ours = dt.PeftModel.from_pretrained(copy.deepcopy(base), adapter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(base, adapter)
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=1e-5, rtol=0)
+    assert any(
+        (p != 0).any() for n, p in ours.get_adapter_state_dict().items() if "experts" in n and "lora_B" in n
+    )  # the step trained the experts' factors
