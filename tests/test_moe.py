@@ -352,6 +352,13 @@ def test_default_table_is_peft_s_in_full() -> None:
 
     for model_type, targets in theirs.items():
         assert LORA_DEFAULT_TARGETS.get(model_type) == targets, model_type
+    # and (IA)³'s two tables
+    from peft.utils import constants
+
+    from deltatune.methods.ia3 import IA3_DEFAULT_FEEDFORWARD, IA3_DEFAULT_TARGETS
+
+    assert IA3_DEFAULT_TARGETS == constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
+    assert IA3_DEFAULT_FEEDFORWARD == constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 
 
 def _meta_mixtral(build: Callable[[nn.Module], nn.Module]) -> str:
