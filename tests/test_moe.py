@@ -423,7 +423,7 @@ def test_non_float_expert_weights_refused() -> None:
         dt.get_peft_model(model, dt.LoraConfig(target_modules=[], target_parameters=["down_proj"]))
 
 
-def test_cli_trains_expert_lora_that_peft_reads(tmp_path: Path) -> None:
+def test_cli_trains_expert_lora_that_peft_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from deltatune.cli import main
@@ -441,6 +441,9 @@ def test_cli_trains_expert_lora_that_peft_reads(tmp_path: Path) -> None:
     ]  # fmt: skip
     assert main(args) == 0
     adapter = tmp_path / "run" / "adapter"
+    capsys.readouterr()
+    assert main(["inspect", str(adapter)]) == 0
+    assert f"target_parameters: {EXPERTS}" in capsys.readouterr().out
     saved = json.loads((adapter / "adapter_config.json").read_text())
     assert saved["target_parameters"] == EXPERTS and saved["lora_dropout"] == 0.0
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "lm").eval()

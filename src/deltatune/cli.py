@@ -385,8 +385,8 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"target modules:  {info['target_modules']}")
     if info["modules_to_save"]:
         print(f"modules to save: {info['modules_to_save']}")
-    for key in ("r", "lora_alpha", "use_dora", "num_virtual_tokens"):
-        if key in info["config"] and info["config"][key] not in (None, False):
+    for key in ("r", "lora_alpha", "use_dora", "target_parameters", "num_virtual_tokens"):
+        if key in info["config"] and info["config"][key] not in (None, False, []):
             print(f"{key + ':':<17}{info['config'][key]}")
     print(f"parameters:      {info['parameters']:,d} in {info['tensors']} tensors")
     print(f"file size:       {info['file_bytes'] / 1024:.1f} KiB")
