@@ -387,7 +387,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"modules to save: {info['modules_to_save']}")
     for key in ("r", "lora_alpha", "use_dora", "target_parameters", "num_virtual_tokens"):
         if key in info["config"] and info["config"][key] not in (None, False, []):
-            print(f"{key + ':':<17}{info['config'][key]}")
+            print(f"{key + ':':<16} {info['config'][key]}")
     print(f"parameters:      {info['parameters']:,d} in {info['tensors']} tensors")
     print(f"file size:       {info['file_bytes'] / 1024:.1f} KiB")
     return 0
