@@ -320,6 +320,7 @@ def test_second_adapter_reuses_the_wrappers_and_switches() -> None:
     [
         ({"lora_dropout": 0.1}, "lora_dropout"),
         ({"use_dora": True}, "DoRA"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
         ({"target_parameters": ["nonexistent_proj"]}, "matched no parameter"),
     ],
 )

@@ -310,9 +310,10 @@ def check_param_config(config: Any) -> None:
     """Refuse settings that have no meaning for LoRA on a parameter (PEFT refuses the same)."""
     if config.lora_dropout:
         raise ValueError(
-            f"lora_dropout={config.lora_dropout} with target_parameters: the update is added to the weight "
-            "itself (W + s·B A), so there is no separate LoRA input to drop. Set lora_dropout=0 (PEFT refuses "
-            "it for target_parameters too)."
+            f"lora_dropout={config.lora_dropout} with target_parameters={config.target_parameters} (on a "
+            "mixture-of-experts model, 'all-linear' adapts the experts and router this way): the update is added "
+            "to the weight itself (W + s·B A), so there is no separate LoRA input to drop. Set lora_dropout=0 "
+            "(PEFT refuses it for target_parameters too)."
         )
     if config.use_dora:
         raise ValueError(
@@ -321,6 +322,12 @@ def check_param_config(config: Any) -> None:
         )
     if config.fan_in_fan_out:
         raise ValueError("fan_in_fan_out=True does not apply to target_parameters; leave it False.")
+    if config.init_lora_weights not in (True, False, "gaussian"):
+        raise ValueError(
+            f"init_lora_weights={config.init_lora_weights!r} with target_parameters: only the default init "
+            "(True), 'gaussian' and False are defined for LoRA on a parameter (PiSSA, OLoRA and LoftQ factor "
+            "a 2-D weight). Use the default init, or apply that init to target_modules only."
+        )
 
 
 def check_param_names(names: object) -> None:
