@@ -97,15 +97,15 @@ def _linear(
     """x (S, in) through each row's expert of parameter ``name``, plus its LoRA terms: (S, out)."""
     w = getattr(real, name)
     wt = w if real.is_transposed else w.transpose(-2, -1)  # (E, in, out)
-    y = grouped_mm(x.to(w.dtype), wt, offs)
+    y = grouped_mm(x.to(w.dtype), wt, offs)  # a fresh tensor its backward does not need: add in place
     if real.has_bias:
-        y = y + getattr(real, f"{name}_bias")[ids]
+        y.add_(getattr(real, f"{name}_bias")[ids])
     for a, b, s in terms:  # a (E, r, in), b (E, out, r)
         pad = -a.shape[1] % (16 // a.element_size())  # grouped_mm wants rows of whole 16-byte units
         if pad:  # zero directions change nothing
             a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
         h = grouped_mm(x.to(a.dtype), a.transpose(-2, -1), offs) * s  # (S, r), scaled while narrow
-        y = y + grouped_mm(h, b.transpose(-2, -1).contiguous(), offs).to(y.dtype)
+        y.add_(grouped_mm(h, b.transpose(-2, -1).contiguous(), offs).to(y.dtype))
     return y
 
 
