@@ -480,3 +480,41 @@ def test_cli_trains_expert_lora_that_peft_reads(tmp_path: Path, capsys: pytest.C
     assert any(
         (p != 0).any() for n, p in ours.get_adapter_state_dict().items() if "experts" in n and "lora_B" in n
     )  # the step trained the experts' factors
+
+
+V4_LAYERS = {
+    "mixtral": ("block_sparse_moe", {"w1": (48, 32), "w3": (48, 32), "w2": (32, 48)}),
+    "qwen3_moe": ("mlp", {"gate_proj": (16, 32), "up_proj": (16, 32), "down_proj": (32, 16)}),
+}
+
+
+@pytest.mark.parametrize("model_type", list(V4_LAYERS))
+def test_transformers4_expert_adapter_loads_as_peft_converts_it(model_type: str, tmp_path: Path) -> None:
+    """An adapter trained when every expert was a Linear layer (keys ``experts.<e>.w1.lora_A``): PEFT
+    converts it to the fused layout on loading; deltatune gives the same model."""
+    from safetensors.torch import save_file
+
+    block, layers = V4_LAYERS[model_type]
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for i in range(2):
+        for e in range(4):
+            for leaf, (out_f, in_f) in layers.items():
+                prefix = f"base_model.model.model.layers.{i}.{block}.experts.{e}.{leaf}"
+                state[f"{prefix}.lora_A.weight"] = torch.randn(4, in_f, generator=gen) * 0.3
+                state[f"{prefix}.lora_B.weight"] = torch.randn(out_f, 4, generator=gen) * 0.3
+        prefix = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        state[f"{prefix}.lora_A.weight"] = torch.randn(4, 32, generator=gen) * 0.3
+        state[f"{prefix}.lora_B.weight"] = torch.randn(32, 4, generator=gen) * 0.3
+    tmp_path.mkdir(exist_ok=True)
+    save_file(state, str(tmp_path / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", *layers]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(tiny_moe(model_type), tmp_path)
+        ours = dt.PeftModel.from_pretrained(tiny_moe(model_type), tmp_path)
+    ids = inputs()
+    assert ours.peft_config["default"].target_parameters == ["down_proj", "gate_up_proj"]
+    assert (logits(ours, ids) - logits(tiny_moe(model_type), ids)).abs().max() > 1e-3
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=1e-5, rtol=0)

@@ -829,6 +829,12 @@ class LoraTuner(Tuner):
         others = [c for name, c in peft_model.peft_config.items() if name != adapter_name]
         lora_param.inject_parameters(model, config, adapter_name, others)
 
+    def load_state_dict(
+        self, peft_model: Any, config: PeftConfig, adapter_name: str, state: dict[str, torch.Tensor]
+    ) -> None:
+        state = lora_param.convert_v4_state(peft_model.base_model, state)  # old per-expert MoE files
+        super().load_state_dict(peft_model, config, adapter_name, state)
+
     def target_paths(self, model: nn.Module, config: PeftConfig) -> list[str]:
         assert isinstance(config, LoraConfig)
         if config.target_parameters and not config.target_modules and config.target_modules is not None:

@@ -524,3 +524,66 @@ def _regex_leaves(model: nn.Module, regex: str, renames: dict[str, str]) -> set[
         if old not in leaves and any(re.fullmatch(regex, f"{c}.{old}") for c in containers.get(new, ())):
             leaves.add(old)
     return leaves
+
+
+# Adapters trained on transformers 4, where each expert was a Linear layer: keys such as
+# ``layers.0.block_sparse_moe.experts.3.w1.lora_A.weight``. Their factors become the fused layout.
+_V4_BLOCK = {"mixtral": (".block_sparse_moe.", ".mlp.")}
+_V4_EXPERT_KEY = re.compile(
+    r"^(?P<owner>.*\.experts)\.(?P<e>\d+)\.(?P<leaf>[A-Za-z0-9_]+)\.(?P<ab>lora_[AB])\.weight$"
+)
+
+
+def convert_v4_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers-4 MoE adapter's tensors, keyed and laid out for the fused experts.
+
+    Per expert e, old layers fused into one parameter (w1 and w3 into gate_up_proj) concatenate
+    their A along the rank, A_e = [A1_e; A3_e] (2r, in), and put their B block-diagonally,
+    B_e = [[B1_e, 0], [0, B3_e]] (2·out, 2r): W'_e = [W1_e + B1_e A1_e; W3_e + B3_e A3_e], exact.
+    Then the experts are stacked as in :class:`ParamLora` (A rows by expert, B columns expert-fastest).
+    Keys of other layers pass through (renamed where transformers renamed their block).
+    """
+    family = moe_family(model)
+    if family is None or not any(_V4_EXPERT_KEY.match(k) for k in state):
+        return state
+    old, new = _V4_BLOCK.get(family, ("", ""))
+    renames, fused = MOE_RENAMES[family], MOE_FUSED[family]
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[tuple[str, str], dict[str, dict[int, torch.Tensor]]] = {}
+    for key, value in state.items():
+        key = key.replace(old, new) if old else key
+        m = _V4_EXPERT_KEY.match(key)
+        if m is None or m["leaf"] not in renames:
+            out[key] = value
+            continue
+        groups.setdefault((m["owner"], renames[m["leaf"]]), {}).setdefault(f"{m['leaf']}.{m['ab']}", {})[
+            int(m["e"])
+        ] = value
+    wrappers = {
+        (_unwrapped(path), module.parameter_name): path
+        for path, module in model.named_modules()
+        if isinstance(module, ParamLora)
+    }
+    for (owner, param), parts in groups.items():
+        path = wrappers.get((owner, param))
+        if path is None:
+            raise ValueError(
+                f"The adapter file has per-expert tensors for {owner}.{param} (a transformers-4 layout), but this "
+                f"model does not adapt {param!r}; its config's target_modules should name those layers."
+            )
+        leaves = fused.get(param, [next(o for o, n in renames.items() if n == param)])
+        a_parts, b_parts = [], []
+        for leaf in leaves:
+            a, b = parts.get(f"{leaf}.lora_A"), parts.get(f"{leaf}.lora_B")
+            if a is None or b is None:
+                raise ValueError(
+                    f"The adapter file lacks {owner}.<expert>.{leaf} LoRA tensors needed for {param}."
+                )
+            count = max(a) + 1
+            a_parts.append(torch.stack([a[e] for e in range(count)]))  # (E, r, in)
+            b_parts.append(torch.stack([b[e] for e in range(count)]))  # (E, out, r)
+        a3 = torch.cat(a_parts, dim=1)  # (E, n·r, in)
+        b3 = torch.stack([torch.block_diag(*(bp[e] for bp in b_parts)) for e in range(a3.shape[0])])
+        out[f"{path}.lora_A.weight"] = a3.reshape(-1, a3.shape[-1])
+        out[f"{path}.lora_B.weight"] = b3.permute(1, 2, 0).reshape(b3.shape[1], -1)
+    return out
