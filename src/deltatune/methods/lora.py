@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, register_method
-from deltatune.methods import lora_param
+from deltatune.methods import lora_param, moe_targets
 from deltatune.methods.base import AdapterLayer, Tuner, adapter_dtype, adapter_factory, stored_weight
 from deltatune.targeting import (
     LORA_DEFAULT_TARGETS,
@@ -820,9 +820,9 @@ class LoraTuner(Tuner):
         """LoRA on the targeted modules, then on the parameters ``target_parameters`` names."""
         assert isinstance(config, LoraConfig)
         model = peft_model.base_model
-        if lora_param.moe_family(model) is not None:  # transformers 5 fused these experts
+        if moe_targets.moe_family(model) is not None:  # transformers 5 fused these experts
             leaves = {p.split(".")[-1] for p in all_linear_targets(model, config.task_type)}
-            lora_param.convert_moe_targets(model, config, sorted(leaves))
+            moe_targets.convert_moe_targets(model, config, sorted(leaves))
         if config.target_parameters:
             lora_param.check_param_config(config)  # refuse before any module is wrapped
         super().inject(peft_model, config, adapter_name)
@@ -832,7 +832,7 @@ class LoraTuner(Tuner):
     def load_state_dict(
         self, peft_model: Any, config: PeftConfig, adapter_name: str, state: dict[str, torch.Tensor]
     ) -> None:
-        state = lora_param.convert_v4_state(peft_model.base_model, state)  # old per-expert MoE files
+        state = moe_targets.convert_v4_state(peft_model.base_model, state)  # old per-expert MoE files
         super().load_state_dict(peft_model, config, adapter_name, state)
 
     def target_paths(self, model: nn.Module, config: PeftConfig) -> list[str]:
