@@ -125,8 +125,9 @@ def both(model_type: str, **config: object) -> tuple[nn.Module, nn.Module]:
     base = tiny_moe(model_type)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, **config)).eval()
-    ours = dt.get_peft_model(copy.deepcopy(base), dt.LoraConfig(r=4, lora_alpha=8, **config)).eval()
+        config = {"r": 4, "lora_alpha": 8, **config}
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config)).eval()  # type: ignore[arg-type]
+    ours = dt.get_peft_model(copy.deepcopy(base), dt.LoraConfig(**config)).eval()  # type: ignore[arg-type]
     return theirs, ours
 
 
@@ -518,3 +519,23 @@ def test_transformers4_expert_adapter_loads_as_peft_converts_it(model_type: str,
     assert ours.peft_config["default"].target_parameters == ["down_proj", "gate_up_proj"]
     assert (logits(ours, ids) - logits(tiny_moe(model_type), ids)).abs().max() > 1e-3
     torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=1e-5, rtol=0)
+
+
+VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
+    "rslora": ("mixtral", {"use_rslora": True, "lora_alpha": 16}),
+    "patterns": ("qwen3_moe", {"rank_pattern": {"down_proj": 2}, "alpha_pattern": {"gate_up_proj": 3}}),
+    "gaussian": ("olmoe", {"init_lora_weights": "gaussian"}),
+    "bias-all": ("gpt_oss", {"bias": "all"}),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_config_variants_match_peft(variant: str, tmp_path: Path) -> None:
+    model_type, settings = VARIANTS[variant]
+    theirs, ours = both(model_type, target_modules=["q_proj"], target_parameters=EXPERTS, **settings)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    randomize(theirs)
+    theirs.save_pretrained(tmp_path)
+    loaded = dt.PeftModel.from_pretrained(tiny_moe(model_type), tmp_path)
+    ids = inputs()
+    torch.testing.assert_close(logits(loaded, ids), logits(theirs, ids), atol=1e-5, rtol=0)
