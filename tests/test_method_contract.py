@@ -63,6 +63,7 @@ REQUIRED_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 # Variants of a method that take other code paths: name -> (peft_type, settings, architectures).
+# (The ReLU bottleneck presets get 8 hidden units: d / 16 = 2 on these tiny models can both be dead.)
 VARIANTS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
     "lora": ("LORA", {}, ["mlp"]),
     "ia3": ("IA3", {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"]}, ["mlp"]),
@@ -70,8 +71,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
     "lora-rslora": ("LORA", {"use_rslora": True, "r": 4, "lora_alpha": 16}, ["llama"]),
     "lora-embedding": ("LORA", {"target_modules": ["embed_tokens", "q_proj", "down_proj"]}, ["llama"]),
     "lora-all-linear": ("LORA", {"target_modules": "all-linear", "lora_dropout": 0.1}, ["bert"]),
-    "bottleneck-pfeiffer": ("BOTTLENECK", {"placement": "pfeiffer"}, ["llama"]),
-    "bottleneck-parallel": ("BOTTLENECK", {"placement": "parallel"}, ["llama", "bert"]),
+    "bottleneck-pfeiffer": ("BOTTLENECK", {"placement": "pfeiffer", "bottleneck_size": 8}, ["llama"]),
+    "bottleneck-parallel": ("BOTTLENECK", {"placement": "parallel", "bottleneck_size": 8}, ["llama", "bert"]),
     "prefix-projection": ("PREFIX_TUNING", {"prefix_projection": True, "encoder_hidden_size": 16}, ["llama"]),
 }
 
