@@ -1,6 +1,9 @@
 """deltatune: parameter-efficient fine-tuning for PyTorch and Hugging Face transformers."""
 
-from deltatune import methods  # noqa: F401  (registers every method)
+from deltatune import (
+    methods,  # noqa: F401  (registers every method)
+    quant,  # noqa: F401  (4-bit bases for adapters; the LoftQ initialisation of LoRA)
+)
 from deltatune.config import PeftConfig, PeftType, TaskType, register_method, registered_methods
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config

@@ -1,4 +1,4 @@
-"""One module per method family; importing this package registers them all."""
+"""One module (or small package) per method family; importing this package registers them all."""
 
 from deltatune.methods import (
     bottleneck,  # noqa: F401  (registers bottleneck adapters)
@@ -7,6 +7,3 @@ from deltatune.methods import (
     prefix,  # noqa: F401  (registers prefix tuning)
     prompt,  # noqa: F401  (registers prompt tuning)
 )
-
-# LoRA on quantised bases (QLoRA) and the LoftQ initialisation register into lora.py.
-from deltatune.quant import loftq, qlora  # noqa: E402, F401

@@ -174,9 +174,9 @@ class PrefixTuningTuner(PromptLearningTuner):
 
     def inject(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> None:
         assert isinstance(config, PrefixTuningConfig)
-        self.check_config(peft_model.base_model, config)
-        _kv_fields(config, peft_model.base_model)
-        fill_model_fields(config, peft_model.base_model)
+        self.check_config(peft_model.get_base_model(), config)
+        _kv_fields(config, peft_model.get_base_model())
+        fill_model_fields(config, peft_model.get_base_model())
         if config.num_layers is None or config.num_attention_heads is None:
             raise ValueError(
                 "Could not read the model's layer and head counts; set num_layers and num_attention_heads."
@@ -247,7 +247,7 @@ class PrefixTuningTuner(PromptLearningTuner):
         self, peft_model: Any, inputs: dict[str, Any], adapter_names: list[str] | None, for_generate: bool
     ) -> Any:
         """Add the prefix cache and extended masks to ``inputs``; returns the cache (``None``: no adapter rows)."""
-        model = peft_model.base_model
+        model = peft_model.get_base_model()
         config = peft_model.active_peft_config
         n = int(config.num_virtual_tokens)
         encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
@@ -314,7 +314,7 @@ class PrefixTuningTuner(PromptLearningTuner):
     def forward(
         self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
-        model = peft_model.base_model
+        model = peft_model.get_base_model()
         inputs = bind_inputs(model.forward, args, kwargs)
         cache = self._prepare(peft_model, inputs, adapter_names, for_generate=False)
         if cache is None or _cache_argument(model.forward) is not None:
@@ -340,7 +340,7 @@ class PrefixTuningTuner(PromptLearningTuner):
     def generate(
         self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
-        model = peft_model.base_model
+        model = peft_model.get_base_model()
         inputs = dict(kwargs)
         if args:
             if "input_ids" in inputs or len(args) > 1:

@@ -143,7 +143,7 @@ class PromptTuningTuner(PromptLearningTuner):
         encoder = PromptEmbedding(total, config.token_dim)
         if config.inference_mode or config.prompt_tuning_init == PromptTuningInit.RANDOM.value:
             return encoder
-        words = peft_model.base_model.get_input_embeddings()
+        words = peft_model.get_base_model().get_input_embeddings()
         ids = _init_ids(config, total, words.weight.shape[0])
         if ids is not None and not words.weight.is_meta:
             with torch.no_grad():
@@ -171,7 +171,7 @@ class PromptTuningTuner(PromptLearningTuner):
         self, peft_model: Any, inputs: dict[str, Any], adapter_names: list[str] | None, for_generate: bool
     ) -> dict[str, Any] | None:
         """Inputs with the soft prompt in front; ``None`` when no row uses an adapter."""
-        model = peft_model.base_model
+        model = peft_model.get_base_model()
         config = peft_model.active_peft_config
         n = int(config.num_virtual_tokens)
         ids, embeds = inputs.pop("input_ids", None), inputs.pop("inputs_embeds", None)
@@ -222,7 +222,7 @@ class PromptTuningTuner(PromptLearningTuner):
     def forward(
         self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
-        model = peft_model.base_model
+        model = peft_model.get_base_model()
         inputs = bind_inputs(model.forward, args, kwargs)
         self._prepend(peft_model, inputs, adapter_names, for_generate=False)
         return model(**inputs)
@@ -230,7 +230,7 @@ class PromptTuningTuner(PromptLearningTuner):
     def generate(
         self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
-        model = peft_model.base_model
+        model = peft_model.get_base_model()
         inputs = dict(kwargs)
         if args:
             if "input_ids" in inputs or len(args) > 1:

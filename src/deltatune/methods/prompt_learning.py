@@ -260,7 +260,7 @@ class PromptLearningTuner(Tuner):
             )
 
     def inject(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> None:
-        model = peft_model.base_model
+        model = peft_model.get_base_model()
         self.check_config(model, config)
         assert isinstance(config, PromptLearningConfig)
         fill_model_fields(config, model)
@@ -308,7 +308,7 @@ class PromptLearningTuner(Tuner):
     # -- files ------------------------------------------------------------------------
     def state_dict(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> dict[str, torch.Tensor]:
         out = {EMBEDDINGS_KEY: self.virtual_tokens(peft_model, adapter_name).detach()}
-        model = peft_model.base_model
+        model = peft_model.get_base_model()
         params = dict(model.named_parameters())
         for key, path in self.key_map(model, config, adapter_name).items():
             out[HEAD_PREFIX + key] = params[path]
@@ -332,7 +332,7 @@ class PromptLearningTuner(Tuner):
                     key = key[len(prefix) :]
                     break
             heads[key] = value
-        model = peft_model.base_model
+        model = peft_model.get_base_model()
         copy_checked(self.key_map(model, config, adapter_name), dict(model.named_parameters()), heads)
 
     def load_virtual_tokens(
