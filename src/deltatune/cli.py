@@ -540,10 +540,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (a value, a file, a missing method), not a deltatune bug."""
     from safetensors import SafetensorError
 
-    from deltatune.train.methods import MethodUnavailable
-
     return (CliError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError, MethodUnavailable, SafetensorError)  # fmt: skip
+            PermissionError, SafetensorError)  # fmt: skip
 
 
 def _interrupted_message(args: argparse.Namespace) -> str:

@@ -23,11 +23,9 @@ from deltatune.config import CONFIG_NAME, TASK_HEADS, PeftConfig, method_for
 from deltatune.io import WEIGHTS_NAME, atomic_directory, atomic_write_text, load_tensors, save_tensors
 from deltatune.methods.base import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper, Tuner
 
-SAVED_PREFIX = "base_model.model."  # the ecosystem's key prefix for adapter tensors
 
-
-def _tuner(config: PeftConfig) -> Tuner:
-    return method_for(config).tuner_cls()
+def _tuner(config: PeftConfig) -> Tuner[Any]:
+    return method_for(config).tuner
 
 
 # Keyword arguments of PEFT's loaders that only steer Hub downloads: without effect on a local

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig, PeftType, register_method
+from deltatune.config import CliRecipe, PeftConfig, PeftType, register_method
 from deltatune.methods.base import AdapterLayer, Tuner
 from deltatune.targeting import DEFAULT_LAYERS_PATTERNS, _layer_index, linear_types, model_type, name_matches
 
@@ -395,4 +395,9 @@ class BottleneckTuner(Tuner):
         raise ValueError(MERGE_ERROR)
 
 
-register_method(PeftType.BOTTLENECK.value, BottleneckConfig, BottleneckTuner)
+register_method(
+    PeftType.BOTTLENECK.value,
+    BottleneckConfig,
+    BottleneckTuner,
+    cli=[CliRecipe("bottleneck", "bottleneck adapters after attention / FFN blocks", 1e-3)],
+)

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig, PeftType, register_method
+from deltatune.config import CliRecipe, PeftConfig, PeftType, register_method
 from deltatune.methods.base import AdapterLayer, Tuner, replace_module
 from deltatune.stored_weights import adapter_factory, quantized_merge_error, stored_weight
 from deltatune.targeting import find_targets, model_type, name_matches, resolved_targets
@@ -357,4 +357,9 @@ class IA3Tuner(Tuner[IA3Config]):
                     layer.ia3_l[adapter_name].copy_(combined)
 
 
-register_method(PeftType.IA3.value, IA3Config, IA3Tuner)
+register_method(
+    PeftType.IA3.value,
+    IA3Config,
+    IA3Tuner,
+    cli=[CliRecipe("ia3", "(IA)3: learned rescaling of keys, values and FFN activations", 5e-3)],
+)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig, PeftType, register_method
+from deltatune.config import CliRecipe, PeftConfig, PeftType, register_method
 from deltatune.methods.prompt_learning import (
     PromptLearningConfig,
     PromptLearningTuner,
@@ -356,4 +356,16 @@ class PrefixTuningTuner(PromptLearningTuner):
         return model.generate(**inputs)
 
 
-register_method(PeftType.PREFIX_TUNING, PrefixTuningConfig, PrefixTuningTuner)
+register_method(
+    PeftType.PREFIX_TUNING,
+    PrefixTuningConfig,
+    PrefixTuningTuner,
+    cli=[
+        CliRecipe(
+            "prefix",
+            "prefix tuning: trained per-layer key/value prefixes",
+            1e-2,
+            config_defaults={"num_virtual_tokens": 20},
+        )
+    ],
+)

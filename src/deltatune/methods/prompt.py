@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig, PeftType, register_method
+from deltatune.config import CliRecipe, PeftConfig, PeftType, register_method
 from deltatune.methods.prompt_learning import (
     PromptLearningConfig,
     PromptLearningTuner,
@@ -240,4 +240,16 @@ class PromptTuningTuner(PromptLearningTuner):
         return model.generate(**(prepared if prepared is not None else inputs))
 
 
-register_method(PeftType.PROMPT_TUNING, PromptTuningConfig, PromptTuningTuner)
+register_method(
+    PeftType.PROMPT_TUNING,
+    PromptTuningConfig,
+    PromptTuningTuner,
+    cli=[
+        CliRecipe(
+            "prompt",
+            "prompt tuning: trained virtual token embeddings",
+            3e-2,
+            config_defaults={"num_virtual_tokens": 20},
+        )
+    ],
+)
