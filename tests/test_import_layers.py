@@ -27,7 +27,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # Adapter layers and tuners, one package or file per method; LoRA over 4-bit bases; LoftQ.
     ("layers", ("deltatune.methods", "deltatune.quant.qlora", "deltatune.quant.loftq")),
     # The wrapper model and what works on whole (wrapped) models.
-    ("wrapper", ("deltatune.model", "deltatune.peft_compat", "deltatune.quant.whole_model")),
+    (
+        "wrapper",
+        ("deltatune.model", "deltatune.peft_compat", "deltatune.wrapping", "deltatune.quant.whole_model"),
+    ),
     # Training, the command line and the public package entry points.
     ("train/cli", ("deltatune.train", "deltatune.cli", "deltatune.__main__", "deltatune.quant", "deltatune")),
 ]

@@ -31,8 +31,9 @@ from deltatune.train.data import (
     model_max_length,
     require_columns,
 )
-from deltatune.train.loop import TrainConfig, Trainer, TrainResult, _opt
+from deltatune.train.loop import TrainConfig, Trainer, TrainResult
 from deltatune.train.methods import get_method
+from deltatune.train.options import _opt
 
 
 @dataclass
