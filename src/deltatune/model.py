@@ -411,6 +411,7 @@ class PeftModel(nn.Module):
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's ``generate`` with the active adapter (``adapter_names``: one per row)."""
         if adapter_names is not None:
             with self._mixed_batch(adapter_names, args, kwargs):
                 return self._generate(args, kwargs, adapter_names)

@@ -96,6 +96,7 @@ class AdapterLayer(nn.Module):
                 yield from entry.parameters()
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the adapter's entries from every container; a merged adapter must be unmerged first."""
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged into the base weights; unmerge it first.")
         for c in self.adapter_containers:
@@ -226,6 +227,8 @@ class ModulesToSaveWrapper(nn.Module):
             yield from self.modules_to_save[adapter_name].parameters()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The active adapter's trained copy (the original when disabled); a mixed batch: each
+        group of rows through its own copy, or the original for rows without one."""
         if self.disabled or not self.active_adapters:
             return self.original_module(*args, **kwargs)
         if self.row_groups is None:
@@ -484,11 +487,14 @@ class Tuner(Generic[ConfigT]):
     def forward(
         self, peft_model: AdapterHost, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
+        """The wrapper's forward with this method's adapters active. Layer-based methods run the
+        base model (their layers do the rest); prompt learning changes the inputs first."""
         return peft_model.get_base_model()(*args, **kwargs)
 
     def generate(
         self, peft_model: AdapterHost, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
+        """``generate`` with this method's adapters active (see :meth:`forward`)."""
         base: Any = peft_model.get_base_model()
         return base.generate(*args, **kwargs)
 

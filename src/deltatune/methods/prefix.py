@@ -35,6 +35,7 @@ from deltatune.methods.prompt_learning import (
     encoders,
     extend_mask,
     fill_model_fields,
+    generate_inputs,
     text_config,
 )
 
@@ -105,6 +106,7 @@ class PrefixEncoder(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self) -> torch.Tensor:
+        """The per-layer key/value prefixes, through the reparameterisation MLP when it is on."""
         if self.projected:
             return self.transform(self.embedding.weight)
         return self.embedding.weight
@@ -314,6 +316,8 @@ class PrefixTuningTuner(PromptLearningTuner):
     def forward(
         self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
+        """The base model with each row's key/value prefixes as the attention cache it starts from
+        (handed to the backbone when the top model takes no cache, e.g. a classifier)."""
         model = peft_model.get_base_model()
         inputs = bind_inputs(model.forward, args, kwargs)
         cache = self._prepare(peft_model, inputs, adapter_names, for_generate=False)
@@ -340,12 +344,9 @@ class PrefixTuningTuner(PromptLearningTuner):
     def generate(
         self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
+        """``generate`` starting from the prefix cache; the mask covers the prefix positions."""
         model = peft_model.get_base_model()
-        inputs = dict(kwargs)
-        if args:
-            if "input_ids" in inputs or len(args) > 1:
-                raise TypeError("Pass generate() inputs by keyword (input_ids=..., attention_mask=...).")
-            inputs["input_ids"] = args[0]
+        inputs = generate_inputs(args, kwargs)
         if _cache_argument(model.forward) is None:
             raise ValueError(
                 f"{type(model).__name__} cannot generate with a prefix: its forward takes no cache."

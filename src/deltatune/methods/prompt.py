@@ -31,6 +31,7 @@ from deltatune.methods.prompt_learning import (
     copy_into,
     encoders,
     extend_mask,
+    generate_inputs,
     is_causal,
 )
 
@@ -103,6 +104,7 @@ class PromptEmbedding(nn.Module):
         self.embedding = nn.Embedding(total, token_dim)
 
     def forward(self) -> torch.Tensor:
+        """The soft prompt table, (total virtual tokens, token_dim)."""
         return self.embedding.weight
 
 
@@ -222,6 +224,7 @@ class PromptTuningTuner(PromptLearningTuner):
     def forward(
         self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
+        """The base model on the inputs with each row's soft prompt in front of its embeddings."""
         model = peft_model.get_base_model()
         inputs = bind_inputs(model.forward, args, kwargs)
         self._prepend(peft_model, inputs, adapter_names, for_generate=False)
@@ -230,12 +233,9 @@ class PromptTuningTuner(PromptLearningTuner):
     def generate(
         self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
+        """``generate`` on the inputs with the soft prompts in front (see :meth:`forward`)."""
         model = peft_model.get_base_model()
-        inputs = dict(kwargs)
-        if args:
-            if "input_ids" in inputs or len(args) > 1:
-                raise TypeError("Pass generate() inputs by keyword (input_ids=..., attention_mask=...).")
-            inputs["input_ids"] = args[0]
+        inputs = generate_inputs(args, kwargs)
         prepared = self._prepend(peft_model, inputs, adapter_names, for_generate=True)
         return model.generate(**(prepared if prepared is not None else inputs))
 

@@ -143,6 +143,16 @@ def bind_inputs(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[
     return out
 
 
+def generate_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``generate()``'s inputs as keywords: a positional argument can only be ``input_ids``."""
+    inputs = dict(kwargs)
+    if args:
+        if "input_ids" in inputs or len(args) > 1:
+            raise TypeError("Pass generate() inputs by keyword (input_ids=..., attention_mask=...).")
+        inputs["input_ids"] = args[0]
+    return inputs
+
+
 def accepts(fn: Any, name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters

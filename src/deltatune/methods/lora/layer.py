@@ -321,6 +321,7 @@ class Embedding(LoraLayer):
         return (rows @ b.T) * self.scaling[adapter_name]
 
     def forward_active(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``y = E[ids] + Σ s · (B A)ᵀ[ids]`` over the adapters ``names``: ids (...) → (..., dim)."""
         y = self.base_layer(x, *args, **kwargs)
         for name in names:
             y = y + self.lookup(name, x).to(y.dtype)
@@ -329,6 +330,7 @@ class Embedding(LoraLayer):
     def forward_mixed(
         self, x: torch.Tensor, row_groups: list[tuple[str, torch.Tensor]], *args: Any, **kwargs: Any
     ) -> torch.Tensor:
+        """Each group of rows looks up its own adapter's update (none for base rows)."""
         y = self.base_layer(x, *args, **kwargs)
         for name, rows in row_groups:
             if name in self.lora_embedding_A:

@@ -1,5 +1,5 @@
 """The source tree's shape: imports run one way, down through named layers, with no cycle;
-no source file grows past what a reader takes in.
+no source file grows past what a reader takes in; no logic is written twice.
 
 The import graph is read from the source (``ast``), so an import inside a function (a "lazy"
 import) is an arrow like any other. Imports under ``if TYPE_CHECKING:`` are not: they never
@@ -176,3 +176,43 @@ def test_imports_run_down_through_the_layers() -> None:
 def test_no_source_file_over_600_lines(path: Path) -> None:
     lines = len(path.read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(SRC)} has {lines} lines; split it (limit {MAX_LINES})."
+
+
+DUPLICATE_LINES = 6
+
+
+def _is_listing(line: str) -> bool:
+    """Lines that repeat without repeating logic: imports, and items of argument / name lists."""
+    return line.startswith(("from ", "import ", ")", "]", '"')) or line.endswith((",", "(", "["))
+
+
+def duplicated_blocks(files: dict[str, list[str]], n: int = DUPLICATE_LINES) -> list[list[tuple[str, int]]]:
+    """Places where the same ``n`` consecutive code lines (stripped; blank lines and comments
+    skipped) occur more than once, unless every line of the block is a listing."""
+    seen: dict[tuple[str, ...], list[tuple[str, int]]] = {}
+    for name, lines in files.items():
+        code = [(i + 1, line.strip()) for i, line in enumerate(lines)]
+        code = [(i, line) for i, line in code if line and not line.startswith("#")]
+        for k in range(len(code) - n + 1):
+            window = tuple(line for _, line in code[k : k + n])
+            if not all(_is_listing(line) for line in window):
+                seen.setdefault(window, []).append((name, code[k][0]))
+    return [places for places in seen.values() if len(places) > 1]
+
+
+def test_no_logic_is_written_twice() -> None:
+    files = {
+        str(p.relative_to(SRC)): p.read_text(encoding="utf-8").splitlines()
+        for p in sorted((SRC / PACKAGE).rglob("*.py"))
+    }
+    dups = duplicated_blocks(files)
+    assert not dups, f"blocks of {DUPLICATE_LINES}+ identical lines in several places: {dups[:5]}"
+
+
+def test_duplicate_finder_finds_a_copied_block() -> None:
+    body = ["def f(x):", "    y = x + 1", "    z = y * 2", "    w = z - 3", "    v = w / 4", "    return v"]
+    found = duplicated_blocks({"a.py": body, "b.py": ["# copy", *body]})
+    assert found == [[("a.py", 1), ("b.py", 2)]]
+    assert not duplicated_blocks(
+        {"a.py": ["from x import (", "    a,", "    b,", "    c,", "    d,", ")"] * 2}
+    )
