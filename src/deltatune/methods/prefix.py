@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.config import CliRecipe, PeftConfig, PeftType, register_method
+from deltatune.config import CliRecipe, PeftType, register_method
 from deltatune.methods.prompt_learning import (
     PromptLearningConfig,
     PromptLearningTuner,
@@ -164,8 +164,8 @@ def _refuse_checkpointing(model: nn.Module) -> None:
         )
 
 
-class PrefixTuningTuner(PromptLearningTuner):
-    def check_config(self, model: nn.Module, config: PeftConfig) -> None:
+class PrefixTuningTuner(PromptLearningTuner[PrefixTuningConfig]):
+    def check_config(self, model: nn.Module, config: PrefixTuningConfig) -> None:
         super().check_config(model, config)
         if _cache_argument(model.forward) is None and _backbone(model) is None:
             raise ValueError(
@@ -174,8 +174,7 @@ class PrefixTuningTuner(PromptLearningTuner):
                 "so its attention cannot take a prefix. Use prompt tuning (PromptTuningConfig) or LoRA instead."
             )
 
-    def inject(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> None:
-        assert isinstance(config, PrefixTuningConfig)
+    def inject(self, peft_model: Any, config: PrefixTuningConfig, adapter_name: str) -> None:
         self.check_config(peft_model.get_base_model(), config)
         _kv_fields(config, peft_model.get_base_model())
         fill_model_fields(config, peft_model.get_base_model())
@@ -187,15 +186,14 @@ class PrefixTuningTuner(PromptLearningTuner):
             config.encoder_hidden_size = config.token_dim
         super().inject(peft_model, config, adapter_name)
 
-    def build_encoder(self, peft_model: Any, config: PromptLearningConfig) -> nn.Module:
-        assert isinstance(config, PrefixTuningConfig)
+    def build_encoder(self, peft_model: Any, config: PrefixTuningConfig) -> nn.Module:
         return PrefixEncoder(config)
 
     def virtual_tokens(self, peft_model: Any, adapter_name: str) -> torch.Tensor:
         return encoders(peft_model)[adapter_name]()
 
     def load_virtual_tokens(
-        self, peft_model: Any, config: PeftConfig, adapter_name: str, value: torch.Tensor
+        self, peft_model: Any, config: PrefixTuningConfig, adapter_name: str, value: torch.Tensor
     ) -> None:
         bank = encoders(peft_model)
         encoder = bank[adapter_name]
@@ -208,7 +206,6 @@ class PrefixTuningTuner(PromptLearningTuner):
                 "continuing with the prefixes as trainable parameters (prefix_projection has no effect now).",
                 stacklevel=3,
             )
-            assert isinstance(config, PrefixTuningConfig)
             plain = PrefixEncoder(PrefixTuningConfig(**{**config.to_dict(), "prefix_projection": False}))
             plain.to(encoder.embedding.weight.device)
             requires_grad = encoder.embedding.weight.requires_grad

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.config import CliRecipe, PeftConfig, PeftType, register_method
+from deltatune.config import CliRecipe, PeftType, register_method
 from deltatune.methods.prompt_learning import (
     PromptLearningConfig,
     PromptLearningTuner,
@@ -135,11 +135,10 @@ def _init_ids(config: PromptTuningConfig, total: int, vocab: int) -> list[int] |
     return ids[:total]
 
 
-class PromptTuningTuner(PromptLearningTuner):
+class PromptTuningTuner(PromptLearningTuner[PromptTuningConfig]):
     prepends_virtual_tokens = True
 
-    def build_encoder(self, peft_model: Any, config: PromptLearningConfig) -> nn.Module:
-        assert isinstance(config, PromptTuningConfig)
+    def build_encoder(self, peft_model: Any, config: PromptTuningConfig) -> nn.Module:
         assert config.num_virtual_tokens is not None and config.token_dim is not None
         total = config.num_virtual_tokens * (config.num_transformer_submodules or 1)
         encoder = PromptEmbedding(total, config.token_dim)
@@ -157,7 +156,7 @@ class PromptTuningTuner(PromptLearningTuner):
         return encoders(peft_model)[adapter_name]()
 
     def load_virtual_tokens(
-        self, peft_model: Any, config: PeftConfig, adapter_name: str, value: torch.Tensor
+        self, peft_model: Any, config: PromptTuningConfig, adapter_name: str, value: torch.Tensor
     ) -> None:
         encoder = encoders(peft_model)[adapter_name]
         assert isinstance(encoder, PromptEmbedding)

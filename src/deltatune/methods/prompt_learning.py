@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -250,7 +250,10 @@ def extend_mask(
     return plan.join(plan.prefix_mask(n, mask).to(mask.device), mask, base_at_end)
 
 
-class PromptLearningTuner(Tuner):
+PLConfigT = TypeVar("PLConfigT", bound=PromptLearningConfig)
+
+
+class PromptLearningTuner(Tuner[PLConfigT]):
     """Shared lifecycle of prompt-learning methods; subclasses build the encoder and the forward."""
 
     saved_prefix: ClassVar[str] = ""
@@ -260,19 +263,18 @@ class PromptLearningTuner(Tuner):
         return False
 
     # -- encoder ----------------------------------------------------------------------
-    def build_encoder(self, peft_model: Any, config: PromptLearningConfig) -> nn.Module:
+    def build_encoder(self, peft_model: Any, config: PLConfigT) -> nn.Module:
         raise NotImplementedError
 
-    def check_config(self, model: nn.Module, config: PeftConfig) -> None:
+    def check_config(self, model: nn.Module, config: PLConfigT) -> None:
         if not isinstance(config, PromptLearningConfig):
             raise TypeError(
                 f"{type(self).__name__} needs a prompt-learning config, got {type(config).__name__}."
             )
 
-    def inject(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> None:
+    def inject(self, peft_model: Any, config: PLConfigT, adapter_name: str) -> None:
         model = peft_model.get_base_model()
         self.check_config(model, config)
-        assert isinstance(config, PromptLearningConfig)
         fill_model_fields(config, model)
         encoder = self.build_encoder(peft_model, config)
         ref = next(model.parameters(), None)
@@ -296,7 +298,7 @@ class PromptLearningTuner(Tuner):
         elif adapter_name in bank:
             del bank[adapter_name]
 
-    def check_mergeable(self, config: PeftConfig) -> None:
+    def check_mergeable(self, config: PLConfigT) -> None:
         raise ValueError(
             f"{config.peft_type} adapters cannot be merged into the model's weights: they add virtual tokens to "
             "every input instead of changing a weight. Keep the adapter loaded (PeftModel) for inference."
@@ -316,7 +318,7 @@ class PromptLearningTuner(Tuner):
         raise NotImplementedError
 
     # -- files ------------------------------------------------------------------------
-    def state_dict(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+    def state_dict(self, peft_model: Any, config: PLConfigT, adapter_name: str) -> dict[str, torch.Tensor]:
         out = {EMBEDDINGS_KEY: self.virtual_tokens(peft_model, adapter_name).detach()}
         model = peft_model.get_base_model()
         params = dict(model.named_parameters())
@@ -325,7 +327,7 @@ class PromptLearningTuner(Tuner):
         return out
 
     def load_state_dict(
-        self, peft_model: Any, config: PeftConfig, adapter_name: str, state: dict[str, torch.Tensor]
+        self, peft_model: Any, config: PLConfigT, adapter_name: str, state: dict[str, torch.Tensor]
     ) -> None:
         state = dict(state)
         if EMBEDDINGS_KEY not in state:
@@ -346,7 +348,7 @@ class PromptLearningTuner(Tuner):
         copy_checked(self.key_map(model, config, adapter_name), dict(model.named_parameters()), heads)
 
     def load_virtual_tokens(
-        self, peft_model: Any, config: PeftConfig, adapter_name: str, value: torch.Tensor
+        self, peft_model: Any, config: PLConfigT, adapter_name: str, value: torch.Tensor
     ) -> None:
         raise NotImplementedError
 
