@@ -19,6 +19,7 @@ from deltatune.methods.base import AdapterLayer, ModulesToSaveWrapper, replace_m
 from deltatune.model import PeftModel
 from deltatune.quant.nf4 import Linear4bit
 from deltatune.quant.qlora import is_quantized_linear
+from deltatune.wrapping import count_parameters
 
 __all__ = [
     "DEFAULT_SKIP_MODULES",
@@ -146,14 +147,11 @@ def logical_param_count(module: nn.Module) -> int:
 
     = ``sum(p.numel() for p in module.parameters())`` + ``out * in`` for every
     :class:`Linear4bit` inside (their weights are buffers, not parameters). Any
-    submodule with a ``logical_param_count()`` method contributes that number.
+    submodule with a ``logical_param_count()`` method contributes that number, and a
+    bitsandbytes 4-bit parameter counts two values per packed byte: the "all params" figure
+    of ``print_trainable_parameters()``.
     """
-    total = sum(p.numel() for p in module.parameters())
-    for m in module.modules():
-        fn = getattr(m, "logical_param_count", None)
-        if callable(fn):
-            total += int(fn())
-    return total
+    return count_parameters(module)[1]
 
 
 def memory_footprint(model: nn.Module) -> dict[str, float]:
