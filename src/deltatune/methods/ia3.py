@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from deltatune.config import CliRecipe, PeftConfig, PeftType, register_method
-from deltatune.methods.base import AdapterLayer, Tuner, replace_module
+from deltatune.methods.base import AdapterHost, AdapterLayer, Tuner, replace_module
 from deltatune.stored_weights import adapter_factory, quantized_merge_error, stored_weight
 from deltatune.targeting import find_targets, model_type, name_matches, resolved_targets
 
@@ -305,7 +305,7 @@ class IA3Tuner(Tuner[IA3Config]):
         is_ff = name_matches(path, config.feedforward_modules)
         return IA3Layer(module, adapter_name, config, is_feedforward=is_ff)
 
-    def inject(self, peft_model: Any, config: IA3Config, adapter_name: str) -> None:
+    def inject(self, peft_model: AdapterHost, config: IA3Config, adapter_name: str) -> None:
         model = peft_model.get_base_model()
         self.check_config(model, config)
         for path in self.target_paths(model, config):
@@ -323,7 +323,12 @@ class IA3Tuner(Tuner[IA3Config]):
                 replace_module(model, path, self.create_layer(path, module, config, adapter_name))
 
     def add_weighted_adapter(
-        self, peft_model: Any, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any
+        self,
+        peft_model: AdapterHost,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        **kwargs: Any,
     ) -> None:
         """New vectors l = Σ wᵢ lᵢ per module (a linear combination of the scales).
 

@@ -10,12 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.methods.base import AdapterHost
 from deltatune.methods.lora.config import LoraConfig
 from deltatune.methods.lora.layer import Embedding, Linear, LoraLayer
 
 
 def add_weighted_adapter(
-    peft_model: Any,
+    peft_model: AdapterHost,
     adapters: list[str],
     weights: list[float],
     adapter_name: str,
@@ -105,7 +106,7 @@ def add_weighted_adapter(
                 copies[adapter_name].load_state_dict(copies[adapters[0]].state_dict())
 
 
-def _lora_factors(layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _lora_factors(layer: nn.Module, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of an adapter with ΔW = s·B A: (r, in) and (out, r); for embeddings (r, vocab), (dim, r)."""
     if isinstance(layer, (Embedding, Linear)):
         return layer.factors(adapter_name)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from deltatune.methods.base import AdapterLayer, Tuner
+from deltatune.methods.base import AdapterHost, AdapterLayer, Tuner
 from deltatune.methods.lora import arithmetic
 from deltatune.methods.lora.config import LoraConfig
 from deltatune.methods.lora.layer import (
@@ -84,6 +84,11 @@ class LoraTuner(Tuner[LoraConfig]):
         return cls(module, adapter_name, config, path=path)  # type: ignore[call-arg]
 
     def add_weighted_adapter(
-        self, peft_model: Any, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any
+        self,
+        peft_model: AdapterHost,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        **kwargs: Any,
     ) -> None:
         arithmetic.add_weighted_adapter(peft_model, adapters, weights, adapter_name, **kwargs)
