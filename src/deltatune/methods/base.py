@@ -26,9 +26,7 @@ import torch
 from torch import nn
 
 from deltatune.config import TASK_HEADS, PeftConfig
-from deltatune.stored_weights import (  # noqa: F401  (re-exported for adapter layers)
-    STORED_WEIGHTS,
-    StoredWeight,
+from deltatune.stored_weights import (  # noqa: F401  (what adapter layers need of their base, here too)
     adapter_dtype,
     adapter_factory,
     quantized_merge_error,

@@ -135,7 +135,7 @@ def quantize_model(
                 "quantising them would bake the merge into the 4-bit codes. Call unmerge_adapter() first "
                 "(or quantise the base before adding adapters)."
             )
-    # Adapter layers read their base on every call (through base.STORED_WEIGHTS), so swapping
+    # Adapter layers read their base on every call (through the stored-weight registry), so swapping
     # the base is all it takes: they then compute what they would if added after quantising.
     for path, module in targets:
         replace_module(model, path, Linear4bit.from_linear(module, block_size, double_quant, compute_dtype))
