@@ -297,8 +297,9 @@ def test_failed_resume_names_the_difference_and_writes_nothing(workdir, capsys):
     config = (workdir / "ck" / "config.yaml").read_text()
     capsys.readouterr()
     assert (
-        main(_train_args(workdir, "ck", "--max-steps", "6", "--save-every", "2", "--resume", "--r", "4")) == 2
-    )
+        main(_train_args(workdir, "ck", "--max-steps", "6", "--save-every", "2", "--resume", "--r", "4",
+                         "--resume-changes", "max_steps,r")) == 2
+    )  # fmt: skip
     line = _error(capsys)
     assert "Cannot resume from" in line and "(8, 32) saved, (4, 32) now" in line, line
     assert (workdir / "ck" / "config.yaml").read_text() == config
