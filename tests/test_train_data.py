@@ -86,7 +86,9 @@ def test_too_long_records_truncate_with_count_or_refuse():
     assert report.truncated == 1
     assert len(examples[0]["input_ids"]) == 16 and examples[0]["input_ids"][-1] == tokenizer().sep_token_id
     assert "1 truncated" in report.summary("train")
-    with pytest.raises(DataError, match=r"Record 0 \(counting from 0\) is 52 tokens long, over the limit of 16"):
+    with pytest.raises(
+        DataError, match=r"Record 0 \(counting from 0\) is 52 tokens long, over the limit of 16"
+    ):
         encode(records, tokenizer(), DataSpec(task="seq_cls", max_length=16, on_too_long="refuse"))
 
 
