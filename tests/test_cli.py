@@ -182,6 +182,7 @@ def test_compare_table_on_a_tiny_model(workdir, capsys):
         if line.startswith("| ") and "---" not in line
     }
     assert {"lora", "ia3", "full"} <= set(rows) and "1.00x" in rows["lora"]
+    assert "| 1.00x (1.00-1.00) |" in rows["lora"] and "interleaved rounds" in text
     data = json.loads((workdir / "cmp" / "compare.json").read_text())
     by = {r["method"]: r for r in data}
     assert by["full"]["trainable"] == by["full"]["total"] > by["lora"]["trainable"] > by["ia3"]["trainable"]

@@ -178,7 +178,12 @@ def _compare(args: argparse.Namespace) -> int:
 
     opts = _options(RunOptions, args)
     methods = args.methods.split(",") if args.methods else None
-    compare(opts, methods=methods, output=args.output, latency_batches=args.latency_batches)
+    if args.timing_rounds < 0:
+        raise CliError(f"--timing-rounds {args.timing_rounds}: give 0 (no step timing) or more rounds.")
+    compare(
+        opts, methods=methods, output=args.output, latency_batches=args.latency_batches,
+        timing_rounds=args.timing_rounds,
+    )  # fmt: skip
     return 0
 
 
@@ -554,6 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument(
         "--latency-batches", type=int, default=20, help="batches timed for the latency column (default: 20)"
+    )
+    compare.add_argument(
+        "--timing-rounds",
+        type=int,
+        default=5,
+        help="interleaved rounds of training steps, all methods in one process, for the time column "
+        "(0: the training loops' wall clocks instead) (default: 5)",
     )
     compare.add_argument(
         "--output-dir",

@@ -217,6 +217,17 @@ _FREE_ON_RESUME = {
 _NOT_REPLAYED = {"resume", "overwrite", "resume_changes"}
 
 
+def data_spec(opts: RunOptions, label_names: list[str] | None = None) -> DataSpec:
+    """How the run reads its records: task, length limit, packing and column names."""
+    return DataSpec(
+        task=opts.task, max_length=opts.max_length, on_too_long=opts.on_too_long, text_column=opts.text_column,
+        text_pair_column=opts.text_pair_column, label_column=opts.label_column, prompt_column=opts.prompt_column,
+        completion_column=opts.completion_column, messages_column=opts.messages_column,
+        source_column=opts.source_column, target_column=opts.target_column, packing=opts.packing,
+        label_names=label_names,
+    )  # fmt: skip
+
+
 def method_options(opts: RunOptions) -> dict[str, Any]:
     """What the method's build function receives: the LoRA-family and prompt options, then --method-arg."""
     return {
@@ -421,13 +432,7 @@ def run(opts: RunOptions, log: Any = print) -> RunResult:
         remove_incomplete(opts.output_dir)  # temporary folders a killed run left behind
     data = load_run_data(opts)
     train_records, eval_records, label_names = data.train, data.evals, data.label_names
-    spec = DataSpec(
-        task=opts.task, max_length=opts.max_length, on_too_long=opts.on_too_long, text_column=opts.text_column,
-        text_pair_column=opts.text_pair_column, label_column=opts.label_column, prompt_column=opts.prompt_column,
-        completion_column=opts.completion_column, messages_column=opts.messages_column,
-        source_column=opts.source_column, target_column=opts.target_column, packing=opts.packing,
-        label_names=label_names,
-    )  # fmt: skip
+    spec = data_spec(opts, label_names)
     num_labels = None
     if opts.task == "seq_cls":
         cols = [opts.text_column, opts.label_column] + (
