@@ -233,3 +233,10 @@ def test_the_before_evaluation_is_capped_and_says_so(model_dir, tmp_path, capsys
     assert (
         "before training: held-out accuracy" in out and "on a sample of 5 of the 10 held-out records" in out
     )
+
+
+def test_a_held_out_label_that_no_training_record_has_is_refused(model_dir, tmp_path, capsys):
+    train = _jsonl(tmp_path / "t.jsonl", [{"text": f"t {i}", "label": "ab"[i % 2]} for i in range(12)])
+    evals = _jsonl(tmp_path / "e.jsonl", [{"text": "x", "label": "a"}, {"text": "y", "label": "new"}])
+    assert main([*_train(model_dir, train, tmp_path / "o"), "--eval-file", evals]) == 2
+    assert "The held-out data has label(s) ['new'] that no training record has" in _error(capsys)

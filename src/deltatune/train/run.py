@@ -450,6 +450,17 @@ def run(opts: RunOptions, log: Any = print) -> RunResult:
         else:
             num_labels = len(label_names)
         classes = distinct_labels(train_records, opts.label_column)
+        unseen = (
+            sorted(set(distinct_labels(eval_records, opts.label_column)) - set(classes))
+            if eval_records
+            else []
+        )
+        if unseen and not data.label_names:
+            raise DataError(
+                f"The held-out data has label(s) {unseen[:5]} that no training record has: the model could "
+                "never learn them, and the accuracy would count them as errors. Add training records with "
+                "those labels, or drop them from the held-out data."
+            )
         if len(classes) < 2:
             raise DataError(
                 f"The training data has a single class (label {classes[0]!r} in every record): a classifier "
