@@ -143,11 +143,13 @@ def test_inspect_names_a_bad_config_file(tmp_path, capsys, content, message):
     assert str(tmp_path / "adapter_config.json") in line and message in line, line
 
 
-def test_eval_names_a_non_utf8_adapter_config(tmp_path, capsys):
+@pytest.mark.parametrize("cmd", ["eval", "merge", "generate"])
+def test_commands_name_a_non_utf8_adapter_config(tmp_path, capsys, cmd):
     (tmp_path / "adapter_config.json").write_bytes(b'{"peft_type": "LORA", "r": "\xff"}')
-    assert main(["eval", str(tmp_path)]) == 2
-    line = _error(capsys, "eval")
-    assert "adapter_config.json" in line, line
+    extra = {"eval": [], "merge": [str(tmp_path / "out")], "generate": ["--prompt", "x"]}[cmd]
+    assert main([cmd, str(tmp_path), *extra]) == 2
+    line = _error(capsys, cmd)
+    assert f"{tmp_path / 'adapter_config.json'}: not a readable adapter config (UnicodeDecodeError" in line, line
 
 
 def test_an_invalid_regex_is_a_one_line_error(root, capsys):

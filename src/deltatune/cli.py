@@ -194,7 +194,7 @@ def _load_adapter_model(adapter: str, model_path: str | None, for_eval: bool = T
     from transformers import AutoTokenizer
 
     from deltatune import PeftModel
-    from deltatune.config import CONFIG_NAME, PeftConfig
+    from deltatune.config import CONFIG_NAME
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -214,14 +214,7 @@ def _load_adapter_model(adapter: str, model_path: str | None, for_eval: bool = T
         if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
             cls = transformers.AutoModel
         return cls.from_pretrained(adapter).eval(), AutoTokenizer.from_pretrained(adapter), None
-    config_path = os.path.join(adapter, CONFIG_NAME)
-    try:
-        config = PeftConfig.from_pretrained(adapter)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CliError(
-            f"{config_path}: not a readable adapter config ({type(exc).__name__}: {str(exc)[:200]}). "
-            "It must be a UTF-8 JSON object; save the adapter again or copy it again from its source."
-        ) from exc
+    config = _adapter_config(adapter)
     base = model_path or config.base_model_name_or_path
     if not base or not os.path.isdir(base):
         raise CliError(
@@ -244,6 +237,20 @@ def _load_adapter_model(adapter: str, model_path: str | None, for_eval: bool = T
     tokenizer = AutoTokenizer.from_pretrained(base)
     peft_model = PeftModel.from_pretrained(model, adapter)
     return peft_model.eval(), tokenizer, config
+
+
+def _adapter_config(adapter: str) -> Any:
+    """The folder's adapter config; a file that is not a UTF-8 JSON object is named in the error."""
+    from deltatune.config import CONFIG_NAME, PeftConfig
+
+    try:
+        return PeftConfig.from_pretrained(adapter)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CliError(
+            f"{os.path.join(adapter, CONFIG_NAME)}: not a readable adapter config ({type(exc).__name__}: "
+            f"{str(exc)[:200]}). It must be a UTF-8 JSON object; save the adapter again or copy it again "
+            "from its source."
+        ) from exc
 
 
 # An adapter file's task type → the trainer's task name (tasks the trainer can evaluate).
@@ -369,13 +376,13 @@ def _check_merge_output(adapter: str, base: str | None, output: str, overwrite: 
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from deltatune.config import CONFIG_NAME, PeftConfig
+    from deltatune.config import CONFIG_NAME
 
     if not os.path.isfile(os.path.join(args.adapter, CONFIG_NAME)):
         if os.path.isdir(args.adapter) and os.path.isfile(os.path.join(args.adapter, "config.json")):
             raise CliError(f"{args.adapter} holds a full model, not an adapter: there is nothing to merge.")
         raise CliError(f"No {CONFIG_NAME} in {args.adapter!r}: pass the adapter folder a training run saved.")
-    base = args.model or PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
+    base = args.model or _adapter_config(args.adapter).base_model_name_or_path
     _check_merge_output(args.adapter, base, args.output, args.overwrite)
     model, tokenizer, config = _load_adapter_model(args.adapter, args.model)
     merged = model.merge_and_unload()
