@@ -149,7 +149,9 @@ def test_commands_name_a_non_utf8_adapter_config(tmp_path, capsys, cmd):
     extra = {"eval": [], "merge": [str(tmp_path / "out")], "generate": ["--prompt", "x"]}[cmd]
     assert main([cmd, str(tmp_path), *extra]) == 2
     line = _error(capsys, cmd)
-    assert f"{tmp_path / 'adapter_config.json'}: not a readable adapter config (UnicodeDecodeError" in line, line
+    assert f"{tmp_path / 'adapter_config.json'}: not a readable adapter config (UnicodeDecodeError" in line, (
+        line
+    )
 
 
 def test_an_invalid_regex_is_a_one_line_error(root, capsys):
@@ -160,7 +162,11 @@ def test_an_invalid_regex_is_a_one_line_error(root, capsys):
 
 def test_a_huge_rank_is_refused_before_allocating(root, capsys):
     assert main([*_train(root, "huge"), "--r", "1000000000"]) == 2
-    assert "--r 1000000000: a rank above the model's largest dimension" in _error(capsys, "train")
+    assert "--r 1000000000: above 32, the largest rank a weight matrix of this model" in _error(
+        capsys, "train"
+    )
+    assert main([*_train(root, "huge"), "--r", "33"]) == 2
+    assert "--r 33: above 32" in _error(capsys, "train")
     assert main([*_train(root, "huge"), "--method-arg", 'rank_pattern={"query": 999999999}']) == 2
     assert "rank_pattern['query'] 999999999" in _error(capsys, "train")
     assert not (root / "huge").exists()

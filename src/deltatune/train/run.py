@@ -369,8 +369,10 @@ BEFORE_EVAL_LIMIT = 1000  # held-out examples scored before training (a seeded s
 
 def check_sizes(model: nn.Module, opts: RunOptions) -> None:
     """Refuse sizes that would only allocate memory (or crash) before anything is learnt: a rank
-    above every dimension of the model, and more virtual tokens than the model has positions."""
-    largest = max((max(p.shape) for p in model.parameters() if p.dim() > 0), default=0)
+    above the largest rank any weight matrix of the model can have (min of its two sizes: a
+    low-rank update of higher rank is impossible), and more virtual tokens than the model has
+    positions."""
+    largest = max((min(p.shape[0], p.shape[1]) for p in model.parameters() if p.dim() >= 2), default=0)
     ranks = {"--r": opts.r}
     pattern = opts.method_args.get("rank_pattern")
     if isinstance(pattern, dict):
@@ -378,8 +380,9 @@ def check_sizes(model: nn.Module, opts: RunOptions) -> None:
     for what, r in ranks.items():
         if isinstance(r, int) and not isinstance(r, bool) and r > largest:
             raise ValueError(
-                f"{what} {r}: a rank above the model's largest dimension ({largest}) adds nothing and would "
-                f"allocate {r:,d} rows per adapted layer; use a rank well below the layer sizes (e.g. 8-64)."
+                f"{what} {r}: above {largest}, the largest rank a weight matrix of this model can have, so "
+                f"it adds nothing and would allocate {r:,d} rows per adapted layer; use a rank well below "
+                "the layer sizes (e.g. 8-64)."
             )
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     limit = positions if isinstance(positions, int) and positions > 0 else 100_000
