@@ -338,7 +338,8 @@ def _eval(args: argparse.Namespace) -> int:
             )
     else:
         raise CliError(f"pass --eval-file with held-out data for this {opts.task} {what.split(',')[0]}.")
-    spec = DataSpec(task=opts.task, max_length=opts.max_length, text_column=opts.text_column, label_column=opts.label_column,
+    spec = DataSpec(task=opts.task, max_length=opts.max_length, text_column=opts.text_column,
+                    text_pair_column=opts.text_pair_column, label_column=opts.label_column,
                     prompt_column=opts.prompt_column, completion_column=opts.completion_column,
                     messages_column=opts.messages_column, source_column=opts.source_column,
                     target_column=opts.target_column, label_names=label_names)  # fmt: skip
@@ -589,8 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("adapter", help="adapter folder (e.g. runs/deltatune/adapter)")
     ev.add_argument("--config", help="YAML file of options")
     _add_dataclass_options(ev, RunOptions, skip={f.name for f in dataclasses.fields(RunOptions)} - {
-        "model", "task", "train_file", "eval_file", "max_length", "text_column", "label_column", "prompt_column",
-        "completion_column", "messages_column", "source_column", "target_column", "eval_batch_size"})  # fmt: skip
+        "model", "task", "train_file", "eval_file", "max_length", "text_column", "text_pair_column", "label_column",
+        "prompt_column", "completion_column", "messages_column", "source_column", "target_column",
+        "eval_batch_size"})  # fmt: skip
     ev.set_defaults(func=_eval)
 
     merge = sub.add_parser(
