@@ -116,6 +116,11 @@ def test_config_yaml_replays_the_run_exactly(root, capsys):
     assert sorted(a) == sorted(b) and any("lora_A" in k for k in a)
     for key in a:
         assert a[key].equal(b[key]), key
+    # the record also tells eval the columns (and the adapter its label names)
+    capsys.readouterr()
+    ev = ["eval", str(root / "orig" / "adapter"), "--config", str(root / "orig" / "config.yaml")]
+    assert main([*ev, "--eval-file", str(root / "custom.jsonl")]) == 0
+    assert "eval data: 40 records" in capsys.readouterr().out
     config = json.loads((root / "replay" / "adapter" / "adapter_config.json").read_text())
     assert (
         config["r"] == 16
