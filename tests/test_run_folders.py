@@ -88,6 +88,18 @@ def test_an_allowed_change_resumes_and_keeps_the_record(root, capsys):
     assert max(steps) == 6
 
 
+def test_an_allowed_lr_change_is_the_lr_that_trains(root, capsys):
+    """The optimizer state stored with a checkpoint carries the old lr: the new one must win."""
+    extra = ("--save-every", "2", "--log-every", "1", "--scheduler", "constant")
+    assert main(_args(root, "lr", *extra)) == 0
+    args = [*_args(root, "lr", *extra, "--resume"), "--max-steps", "6", "--lr", "0.02"]
+    assert main([*args, "--resume-changes", "max_steps,lr"]) == 0
+    rows = [json.loads(x) for x in (root / "lr" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert [lrs[s] for s in range(1, 7)] == [0.01] * 4 + [0.02] * 2
+    capsys.readouterr()
+
+
 def test_resume_changes_must_name_options(root, capsys):
     assert main(_args(root, "r3", "--save-every", "2")) == 0
     capsys.readouterr()
@@ -160,6 +172,7 @@ def test_resume_after_a_kill_before_the_first_checkpoint_starts_afresh(root, cap
     assert steps and set(steps) == {4}  # the old run's rows are gone (this run logs at its last step)
 
 
+@pytest.mark.slow
 def test_a_real_kill_before_the_first_checkpoint_then_resume(root, tmp_path):
     out = tmp_path / "killed"
     cmd = [

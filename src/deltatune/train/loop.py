@@ -448,6 +448,7 @@ class Trainer:
                 _assign(params[name], value)
         dist_utils.load_optimizer_state(self.model, self.optimizer, c.optimizer)
         self.scheduler.load_state_dict(c.scheduler)
+        self._apply_settings_to_optimizer()
         ckpt.set_rng_state(c.rng)
         self.state = c.state
         self.best = c.best
@@ -455,6 +456,19 @@ class Trainer:
         if self.main:
             _write_jsonl(self._metrics_path(), self.history)
             print(f"Resumed from {path} (step {self.state.step} of {self.total_steps}).")
+
+    def _apply_settings_to_optimizer(self) -> None:
+        """This run's lr, betas and weight decay over those stored with a checkpoint's optimizer
+        state (equal unless a resume was allowed to change them): the settings say what trains."""
+        cfg = self.config
+        fn = self.scheduler.lr_lambdas[0]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = cfg.lr
+            group["lr"] = cfg.lr * fn(self.scheduler.last_epoch)
+            group["betas"] = (cfg.adam_betas[0], cfg.adam_betas[1])
+            group["weight_decay"] = cfg.weight_decay
+        self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _clear_previous_run(self) -> None:
         """A fresh start: the old metrics go, and old checkpoints too (else a later --resume would
