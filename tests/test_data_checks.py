@@ -205,6 +205,14 @@ def test_a_huge_record_is_tokenised_from_its_start_only():
     assert len(sft[0]["input_ids"]) == 32 and tok.longest < 10_000
 
 
+def test_a_huge_chat_turn_is_tokenised_from_its_start_only():
+    tok = _Recording(tokenizer())
+    huge = "the quick brown fox jumps over the lazy dog " * 50_000
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": huge}]
+    examples, report = encode([{"messages": chat}], tok, DataSpec(task="causal_lm", max_length=32))
+    assert len(examples[0]["input_ids"]) == 32 and report.truncated == 1 and tok.longest < 10_000
+
+
 def test_one_huge_word_is_still_tokenised_correctly():
     word = "a" * 50_000  # no whitespace to cut at: the head alone gives one [UNK]
     examples, _ = encode([{"text": word, "label": 0}], tokenizer(), DataSpec(task="seq_cls", max_length=8))

@@ -540,12 +540,27 @@ def _plain(tok: Any, text: str, max_tokens: int | None = None) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def _chat_segments(messages: list[dict[str, Any]], tok: Any, where: str) -> list[tuple[list[int], bool]]:
+def _short_turn(m: dict[str, Any], tok: Any, max_tokens: int) -> dict[str, Any]:
+    """A chat turn whose very long text content is cut to what the first ``max_tokens`` tokens need."""
+    content = m["content"]
+    if not isinstance(content, str):
+        return m
+    head, was_cut = _cut(content, max_tokens)
+    if not was_cut or len(_plain(tok, head)) <= max_tokens:
+        return m
+    return {**m, "content": head}
+
+
+def _chat_segments(
+    messages: list[dict[str, Any]], tok: Any, where: str, max_tokens: int | None = None
+) -> list[tuple[list[int], bool]]:
     """(token ids, trained?) pieces of a chat; only assistant turns are trained."""
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and "role" in m and "content" in m for m in messages
     ):
         raise DataError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} dicts.")
+    if max_tokens is not None:
+        messages = [_short_turn(m, tok, max_tokens) for m in messages]
     segments: list[tuple[list[int], bool]] = []
     template = getattr(tok, "chat_template", None)
     if template:
@@ -608,7 +623,7 @@ def _encode_sft(
     out = []
     for i, r in enumerate(records):
         if mode == "chat":
-            segments = _chat_segments(r[spec.messages_column], tok, where(i))
+            segments = _chat_segments(r[spec.messages_column], tok, where(i), n)
         elif mode == "prompt":
             segments = [(bos + _plain(tok, _text(r, spec.prompt_column, where(i)), n), False),
                         (_plain(tok, _text(r, spec.completion_column, where(i)), n) + _eos(tok), True)]  # fmt: skip
