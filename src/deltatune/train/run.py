@@ -194,20 +194,11 @@ def load_run_data(opts: RunOptions) -> RunData:
     )  # fmt: skip
 
 
-def prepare_data(
-    opts: RunOptions, tokenizer: Any = None
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str] | None]:
-    """(train records, eval records, label names) from the options."""
-    data = load_run_data(opts)
-    return data.train, data.evals, data.label_names
-
-
 _COLUMNS = (
     "text_column", "text_pair_column", "label_column", "prompt_column", "completion_column",
     "messages_column", "source_column", "target_column",
 )  # fmt: skip
 _DATA = ("train_file", "eval_file", "eval_fraction", "max_length", "on_too_long", "packing", *_COLUMNS)
-_METHOD = ("r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens")
 # Options that say how to run, not what is trained: a resume may change them freely.
 _FREE_ON_RESUME = {
     "resume", "overwrite", "quiet", "log_every", "plot", "keep_checkpoints", "save_every", "device",
@@ -315,14 +306,14 @@ def check_resume_settings(opts: RunOptions, lr: float) -> dict[str, tuple[Any, A
         raise ValueError(
             f"--resume-changes {','.join(sorted(unknown))}: not option names (use the flag name with _, e.g. max_steps)."
         )
-    default = RunOptions()
+    if "method_options" in recorded:  # no method_args key there means: none were given
+        old.setdefault("method_args", {})
     changed = {}
-    for key in sorted(set(old) | set(new)):
+    for key in sorted(old):  # a record from an older deltatune may lack some settings: not compared
         if key in _FREE_ON_RESUME:
             continue
-        before = old.get(key, getattr(default, key, None))
-        now = new.get(key, getattr(default, key, None))
-        if before != now and not (key == "method_args" and not before and not now):
+        before, now = old[key], new.get(key, getattr(RunOptions(), key, None))
+        if before != now:
             changed[key] = (before, now)
     refused = {k: v for k, v in changed.items() if k not in allowed}
     if refused:
