@@ -238,3 +238,18 @@ def test_a_damaged_trainer_state_is_named(root, capsys, out, content, message):
     assert main(_args(root, out, "--save-every", "2", "--resume")) == 2
     line = _error(capsys)
     assert str(state) in line and re.search(message, line), line
+
+
+def test_a_record_from_an_older_deltatune_resumes(root, capsys):
+    """Records written before the data columns were recorded: what they lack is not compared."""
+    rows = [{"body": r["text"], "label": r["label"]} for r in toy_cls_records(32)]
+    (root / "body.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = _args(root, "old", "--save-every", "2", "--text-column", "body")
+    args[args.index("--train-file") + 1] = str(root / "body.jsonl")
+    assert main(args) == 0
+    record = yaml.safe_load((root / "old" / "config.yaml").read_text())
+    for key in ("text_column", "label_column", "text_pair_column"):
+        del record["data"][key]
+    (root / "old" / "config.yaml").write_text(yaml.safe_dump(record))
+    assert main([*args, "--resume", "--max-steps", "6", "--resume-changes", "max_steps"]) == 0
+    capsys.readouterr()
