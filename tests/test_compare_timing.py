@@ -49,3 +49,16 @@ def test_the_table_shows_the_median_and_range_or_marks_the_wall_clock():
     assert "| 1.08x (1.02-1.15) |" in text and "266" not in text.split("dora")[1].split("|")[5]
     text = table([_row("lora", 10.0), _row("dora", 20.0)])
     assert "| 2.00x* |" in text
+
+
+def test_a_worker_that_dies_is_reported_not_waited_for():
+    import multiprocessing as mp
+    import os
+
+    from deltatune.train.compare import _result
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=os._exit, args=(3,))  # dies without a result, as an OOM kill would
+    proc.start()
+    assert _result(proc, queue) == ("error", "its process ended without a result (exit code 3)")

@@ -202,6 +202,26 @@ def _timing_worker(opts: Any, methods: list[str], rounds: int, queue: Any) -> No
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
+def _result(proc: Any, queue: Any) -> tuple[str, Any]:
+    """The worker's (status, payload); ("error", ...) when it died without one (e.g. killed for memory)."""
+    import queue as queue_module
+
+    while True:
+        try:
+            result: tuple[str, Any] = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                try:  # it may have put its result just before ending
+                    result = queue.get(timeout=1.0)
+                    break
+                except queue_module.Empty:
+                    result = ("error", f"its process ended without a result (exit code {proc.exitcode})")
+                    break
+    proc.join()
+    return result
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -313,8 +333,7 @@ def compare(
         queue = ctx.Queue()
         proc = ctx.Process(target=_worker, args=(one, latency_batches, queue))
         proc.start()
-        status, payload = queue.get()
-        proc.join()
+        status, payload = _result(proc, queue)
         if status != "ok":
             log(f"skip {name}: it failed: {payload}")
             continue
@@ -335,8 +354,7 @@ def compare(
             target=_timing_worker, args=(opts, [r["method"] for r in rows], timing_rounds, queue)
         )
         proc.start()
-        status, payload = queue.get()
-        proc.join()
+        status, payload = _result(proc, queue)
         if status == "ok":
             ratios = step_time_ratios(payload)
             for r in rows:
