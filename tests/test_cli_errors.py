@@ -169,6 +169,8 @@ def test_a_huge_rank_is_refused_before_allocating(root, capsys):
     assert "--r 33: above 32" in _error(capsys, "train")
     assert main([*_train(root, "huge"), "--method-arg", 'rank_pattern={"query": 999999999}']) == 2
     assert "rank_pattern['query'] 999999999" in _error(capsys, "train")
+    assert main([*_train(root, "huge"), "--num-virtual-tokens", "1000000"]) == 2
+    assert "--num-virtual-tokens 1000000: more than the model's 128 positions" in _error(capsys, "train")
     assert not (root / "huge").exists()
 
 
