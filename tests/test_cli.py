@@ -191,7 +191,8 @@ def test_compare_table_on_a_tiny_model(workdir, capsys, monkeypatch):
         if line.startswith("| ") and "---" not in line
     ]
     assert rows == ["method", "lora", "full"]  # LoRA first: the reference
-    assert "1.00x" in next(line for line in text.splitlines() if line.startswith("| lora "))
+    lora_row = next(line for line in text.splitlines() if line.startswith("| lora "))
+    assert "| 1.00x (1.00-1.00) |" in lora_row and "interleaved rounds" in text
     data = json.loads((workdir / "cmp" / "compare.json").read_text())
     by = {r["method"]: r for r in data}
     assert by["full"]["trainable"] == by["full"]["total"] > by["lora"]["trainable"] > 0
@@ -302,8 +303,9 @@ def test_failed_resume_names_the_difference_and_writes_nothing(workdir, capsys):
     config = (workdir / "ck" / "config.yaml").read_text()
     capsys.readouterr()
     assert (
-        main(_train_args(workdir, "ck", "--max-steps", "6", "--save-every", "2", "--resume", "--r", "4")) == 2
-    )
+        main(_train_args(workdir, "ck", "--max-steps", "6", "--save-every", "2", "--resume", "--r", "4",
+                         "--resume-changes", "max_steps,r")) == 2
+    )  # fmt: skip
     line = _error(capsys)
     assert "Cannot resume from" in line and "(8, 32) saved, (4, 32) now" in line, line
     assert (workdir / "ck" / "config.yaml").read_text() == config
