@@ -1,0 +1,174 @@
+"""An adapter bank: many LoRA adapters of one layer stacked, so a mixed batch (each row its own
+adapter) costs a fixed number of batched products, whatever the number of adapters.
+
+Per targeted layer the bank keeps, for ``capacity`` slots plus slot 0 ("no adapter")::
+
+    a: (slots, in, R)     Aᵀ of each adapter, zero-padded to the bank's rank R
+    b: (slots, R, out)    s · Bᵀ of each adapter (scaling folded in), zero-padded
+
+A slot whose adapter lacks this layer stays zero, so adapters with different ranks and target
+sets share one bank. All layers of a model share one :class:`SlotTable` (adapter name → slot),
+so a batch's plan (:class:`BankPlan`) is built once per forward and reused by every layer.
+
+The mixed-batch product (:meth:`LayerBank.add_delta`) groups the batch's rows by slot into
+equal-sized segments (SGMV-style; a decode step with one row per adapter is the BGMV case),
+gathers those segments' factors once, and runs two ``torch.bmm``::
+
+    xs = x[rows]            (G, M·L, in)    G segments of at most M rows, L tokens per row
+    h  = xs @ a[slot]       (G, M·L, R)
+    d  = h  @ b[slot]       (G, M·L, out)   added into the base output at the rows' places
+
+No Python loop over adapters runs per layer; rows without an adapter cost nothing. Memory is
+allocated once (``capacity`` slots); loading an adapter copies into its slot in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from deltatune.methods.base import BASE_ADAPTER
+
+
+@dataclass(frozen=True)
+class BankPlan:
+    """How a batch's rows map onto bank segments (shared by every layer of one forward)."""
+
+    slots: torch.Tensor  # (G,) the bank slot of each segment
+    gather: torch.Tensor  # (G·M,) the batch row at each padded segment position (padding: row 0)
+    rows: torch.Tensor  # (N,) the batch rows that have an adapter
+    positions: torch.Tensor  # (N,) each such row's padded position
+    segments: int  # G
+    seg_rows: int  # M
+
+
+class SlotTable:
+    """Adapter name → bank slot (1..capacity), shared by all layer banks of a model."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"An adapter bank needs capacity >= 1 slot, got {capacity}.")
+        self.capacity = capacity
+        self.slots: dict[str, int] = {}
+        self._cached: tuple[list[tuple[str, torch.Tensor]], BankPlan | None] | None = None
+
+    def free_slot(self) -> int | None:
+        used = set(self.slots.values())
+        return next((s for s in range(1, self.capacity + 1) if s not in used), None)
+
+    def plan(self, row_groups: list[tuple[str, torch.Tensor]]) -> BankPlan | None:
+        """The plan for ``row_groups`` (name, rows), or None when a name is not in the bank.
+
+        The wrapper hands every layer the same ``row_groups`` list during one forward, so the
+        plan is built by the first layer and reused by the others."""
+        cached = self._cached
+        if cached is not None and cached[0] is row_groups:
+            return cached[1]
+        plan = self._build(row_groups)
+        self._cached = (row_groups, plan)
+        return plan
+
+    def invalidate(self) -> None:
+        self._cached = None
+
+    def _build(self, row_groups: list[tuple[str, torch.Tensor]]) -> BankPlan | None:
+        groups: list[tuple[int, torch.Tensor]] = []
+        for name, rows in row_groups:
+            if name == BASE_ADAPTER:
+                continue
+            slot = self.slots.get(name)
+            if slot is None:
+                return None
+            groups.append((slot, rows))
+        if not groups:
+            empty = torch.zeros(0, dtype=torch.long)
+            return BankPlan(empty, empty, empty, empty, 0, 0)
+        n = sum(len(r) for _, r in groups)
+        # Segment size: the mean group size (at least 1) bounds padding to under 2x the rows,
+        # while a large group is split into several segments of the same slot.
+        m = max(1, math.ceil(n / len(groups)))
+        seg_slots: list[int] = []
+        row_parts: list[torch.Tensor] = []
+        pos_parts: list[torch.Tensor] = []
+        for slot, rows in groups:
+            count = len(rows)
+            first = len(seg_slots)
+            k = math.ceil(count / m)
+            seg_slots.extend([slot] * k)
+            row_parts.append(rows)
+            pos_parts.append(torch.arange(count, device=rows.device) + first * m)
+        device = groups[0][1].device
+        rows_all = torch.cat(row_parts)
+        positions = torch.cat(pos_parts)
+        g = len(seg_slots)
+        gather = torch.zeros(g * m, dtype=torch.long, device=device)
+        gather[positions] = rows_all
+        slots = torch.tensor(seg_slots, dtype=torch.long, device=device)
+        return BankPlan(slots, gather, rows_all, positions, g, m)
+
+
+class LayerBank:
+    """The stacked factors of one LoRA layer (see the module docstring)."""
+
+    def __init__(
+        self,
+        table: SlotTable,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.table = table
+        self.rank = rank
+        slots = table.capacity + 1
+        self.a = torch.zeros(slots, in_features, rank, dtype=dtype, device=device)  # Aᵀ per slot
+        self.b = torch.zeros(slots, rank, out_features, dtype=dtype, device=device)  # s·Bᵀ per slot
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
+
+    @torch.no_grad()
+    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        """Write adapter factors A (r, in) and B (out, r) with scale s into ``slot``, in place."""
+        r = a.shape[0]
+        if r > self.rank:
+            raise ValueError(
+                f"Adapter rank {r} exceeds the bank's rank {self.rank}; build the bank with max_rank >= {r}."
+            )
+        if a.shape[1] != self.a.shape[1] or b.shape != (self.b.shape[2], r):
+            raise ValueError(
+                f"Adapter factors A {tuple(a.shape)}, B {tuple(b.shape)} do not fit this layer "
+                f"(in {self.a.shape[1]}, out {self.b.shape[2]}): the adapter was trained for another base."
+            )
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.a[slot, :, :r].copy_(a.t())
+        self.b[slot, :r, :].copy_(b.t() * scaling)
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+
+    def add_delta(self, result: torch.Tensor, x: torch.Tensor, plan: BankPlan) -> torch.Tensor:
+        """result + each row's s·B A x, for x (batch, ..., in) and result (batch, ..., out)."""
+        if plan.segments == 0:
+            return result
+        batch = x.shape[0]
+        g, m = plan.segments, plan.seg_rows
+        x3 = x.reshape(batch, -1, x.shape[-1]).to(self.a.dtype)  # (B, L, in)
+        tokens = x3.shape[1]
+        xs = x3.index_select(0, plan.gather).view(g, m * tokens, -1)  # (G, M·L, in)
+        a = self.a.index_select(0, plan.slots)  # (G, in, R)
+        b = self.b.index_select(0, plan.slots)  # (G, R, out)
+        d = torch.bmm(torch.bmm(xs, a), b)  # (G, M·L, out)
+        d = d.view(g * m, -1).index_select(0, plan.positions).to(result.dtype)  # (N, L·out)
+        flat = result.reshape(batch, -1)
+        if torch.is_grad_enabled() or flat.data_ptr() != result.data_ptr():
+            return flat.index_add(0, plan.rows, d).view(result.shape)
+        flat.index_add_(0, plan.rows, d)
+        return result
