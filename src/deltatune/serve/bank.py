@@ -28,6 +28,15 @@ from deltatune.methods.lora.layer import Linear as LoraLinear
 Factors = tuple[torch.Tensor, torch.Tensor, float]  # A (r, in), B (out, r), scaling s
 
 
+def serving_model(base: nn.Module, target_modules: str | list[str] = "all-linear") -> nn.Module:
+    """``base`` wrapped with LoRA layers on ``target_modules`` (an adapter named "serving" whose
+    B is zero, so it changes nothing), ready for an :class:`AdapterBank` to serve adapters that
+    target any of those modules."""
+    from deltatune import LoraConfig, get_peft_model
+
+    return get_peft_model(base, LoraConfig(r=1, target_modules=target_modules), adapter_name="serving").eval()
+
+
 def _module_path(name: str) -> str:
     """A LoRA layer's path inside the base model (the wrapper's ``base_model.`` prefix removed)."""
     return name.removeprefix("base_model.")
