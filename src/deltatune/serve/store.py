@@ -84,6 +84,7 @@ class AdapterStore:
         self.lock = threading.RLock()  # held by forward steps and by bank writes
         self._lru: OrderedDict[str, None] = OrderedDict()  # loaded adapters, least recent first
         self._pinned: dict[str, int] = {}  # adapters a running step uses: never evicted
+        self._unload_later: set[str] = set()
         self.stats = StoreStats()
 
     # -- names and files ----------------------------------------------------------------
@@ -189,6 +190,7 @@ class AdapterStore:
         recently used unpinned ones); marks them most recently used."""
         for name in dict.fromkeys(names):
             with self.lock:
+                self._unload_later.discard(name)
                 if name in self._lru:
                     self._lru.move_to_end(name)
                     continue
@@ -222,10 +224,16 @@ class AdapterStore:
                 self._pinned[n] = self._pinned.get(n, 0) + delta
                 if self._pinned[n] <= 0:
                     del self._pinned[n]
+                    if n in self._unload_later:
+                        self._unload_later.discard(n)
+                        self.unload(n)
 
     def unload(self, name: str) -> None:
-        """Drop ``name`` from the bank (its folder stays)."""
+        """Drop ``name`` from the bank (its folder stays); if running requests use it, once they end."""
         with self.lock:
+            if self._pinned.get(name):
+                self._unload_later.add(name)
+                return
             if name in self._lru:
                 del self._lru[name]
                 self.bank.remove(name)
