@@ -16,6 +16,7 @@ Shapes: the Llama-shaped model of ``common.build_llama`` (hidden 512, 4 layers) 
 (16 rows × 64 tokens). fp32, CPU, eval, no_grad.
 
 Run: python benchmarks/bench_serving_bank.py [--threads 1] [--rounds 5] [--peft-max 64] [--shapes small,wide]
+     [--batches 'decode 64x1,prefill 16x64']
 """
 
 from __future__ import annotations
@@ -85,21 +86,25 @@ def run(fn: Callable[[], object]) -> Callable[[], object]:
     return call
 
 
-def bench_shape(label: str, base: nn.Module, rounds: int, peft_max: int) -> list[tuple[str, ...]]:
+def bench_shape(
+    label: str, base: nn.Module, rounds: int, peft_max: int, batches: list[str]
+) -> list[tuple[str, ...]]:
     model = lora_model("deltatune", base).eval()
     bank = AdapterBank(model, capacity=max(COUNTS), max_rank=16)
     for i in range(max(COUNTS)):
         bank.add(f"a{i}", random_factors(bank, seed=i))
     layers = list(bank.layers.values())
     rows: list[tuple[str, ...]] = []
-    peft_models = {n: peft_model(copy.deepcopy(base), n) for n in COUNTS if n <= peft_max}
-    for batch_name, (batch, tokens) in BATCHES.items():
-        ids = torch.randint(0, 4096, (batch, tokens), generator=torch.Generator().manual_seed(0))
-        for count in COUNTS:
+    for count in COUNTS:
+        # one PEFT model at a time keeps the peak memory to one copy of the base and its adapters
+        pm = peft_model(copy.deepcopy(base), count) if count <= peft_max else None
+        for batch_name in batches:
+            batch, tokens = BATCHES[batch_name]
+            ids = torch.randint(0, 4096, (batch, tokens), generator=torch.Generator().manual_seed(0))
             draw = torch.randint(0, count, (batch,), generator=torch.Generator().manual_seed(count)).tolist()
             names = [f"a{i}" for i in draw]
             distinct = sorted({bank.table.slots[n] for n in names})
-            idx = torch.tensor(distinct)
+            u = len(distinct)
 
             def mixed(names: list[str] = names, ids: torch.Tensor = ids) -> object:
                 with bank.rows(names):
@@ -108,12 +113,14 @@ def bench_shape(label: str, base: nn.Module, rounds: int, peft_max: int) -> list
             fns: dict[str, Callable[[], object]] = {
                 "single": run(lambda ids=ids: model(input_ids=ids).logits),
                 "mixed": run(mixed),
-                # one read-only pass over the distinct adapters' A and B (the bank rows holding them)
+                # one read-only pass over as many adapters' A and B as the batch has distinct ones
+                # (a contiguous block of bank slots: a sum reads them without copying)
                 "read": run(
-                    lambda idx=idx: sum(float(m.bank.a[idx].sum() + m.bank.b[idx].sum()) for m in layers)
+                    lambda u=u: sum(
+                        float(m.bank.a[1 : u + 1].sum() + m.bank.b[1 : u + 1].sum()) for m in layers
+                    )
                 ),  # type: ignore[union-attr]
             }
-            pm = peft_models.get(count)
             if pm is not None:
                 pnames = ["default" if i == 0 else f"a{i}" for i in draw]
                 fns["peft single"] = run(lambda pm=pm, ids=ids: pm(input_ids=ids).logits)
@@ -151,12 +158,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--peft-max", type=int, default=64, help="largest adapter count run through PEFT")
     parser.add_argument("--shapes", default="small,wide")
+    parser.add_argument("--batches", default=",".join(BATCHES), help=f"any of {list(BATCHES)}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[tuple[str, ...]] = []
     builders = {"small": build_llama, "wide": build_wide}
     for shape in args.shapes.split(","):
-        rows += bench_shape(shape, builders[shape]().eval(), args.rounds, args.peft_max)
+        rows += bench_shape(
+            shape, builders[shape]().eval(), args.rounds, args.peft_max, args.batches.split(",")
+        )
     header = (
         "shape",
         "batch",
