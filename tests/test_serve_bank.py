@@ -140,7 +140,7 @@ def test_bank_add_replace_remove_and_errors() -> None:
         with bank.rows(["a"]):
             got = model.base_model(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    with pytest.raises(KeyError, match="not in the bank"), bank.rows(["zzz"]):
+    with torch.no_grad(), pytest.raises(KeyError, match="not in the bank"), bank.rows(["zzz"]):
         pass
     with pytest.raises(ValueError, match="another base"):
         bank.add("bad", {"model.layers.0.self_attn.q_proj": (torch.zeros(2, 5), torch.zeros(32, 2), 1.0)})
@@ -151,11 +151,44 @@ def test_bank_add_replace_remove_and_errors() -> None:
     assert bank.nbytes > 0
 
 
-def test_dora_adapter_refused_with_a_reason() -> None:
-    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
-    bank = AdapterBank(model, capacity=1)
-    with pytest.raises(ValueError, match="DoRA"):
-        bank.add_from_model("default")
+@pytest.mark.parametrize("bias", [False, True])
+def test_dora_slots_equal_each_adapter_alone(bias: bool) -> None:
+    """DoRA's eval-time factors per slot are exact; LoRA, DoRA and base rows share one batch."""
+    base = tiny_llama(attention_bias=bias, mlp_bias=bias)
+    cfg = LoraConfig(
+        r=4, target_modules=["q_proj", "o_proj", "up_proj"], use_dora=True, init_lora_weights=False
+    )
+    model = get_peft_model(base, cfg, adapter_name="dora")
+    model.add_adapter(
+        "lora", LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    )
+    randomize_lora(model, std=0.3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.5)  # a trained magnitude, not the initial row norm
+    model.eval()
+    rows = ["dora", "__base__", "lora", "dora"]
+    ids = torch.randint(1, 96, (4, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = alone(model, ids, rows)
+        bank = AdapterBank(model, capacity=2)
+        bank.add_from_model("dora")
+        bank.add_from_model("lora")
+        got = model(input_ids=ids, adapter_names=rows).logits
+        base_out = alone(model, ids, ["__base__"] * 4)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (expected[0] - base_out[0]).abs().max() > 1e-2
+    bank.remove("dora")  # its rescale is gone with it: the slot is plain zero again
+    assert bank.table.dora_slots == set()
+
+
+def test_bank_refuses_grad_mode() -> None:
+    model = served_model()
+    bank = AdapterBank(model, capacity=4)
+    bank.add_from_model("a")
+    with pytest.raises(RuntimeError, match="no_grad"), bank.rows(["a"]):
+        pass
 
 
 def test_segments_bound_padding() -> None:

@@ -16,6 +16,7 @@ SPECS = {
     "sql": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "poem": dict(r=8, lora_alpha=4, target_modules=["o_proj", "down_proj"], use_rslora=True),
     "chat": dict(r=2, lora_alpha=2, target_modules="all-linear"),
+    "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], use_dora=True),
 }
 
 
@@ -40,7 +41,7 @@ def reference(folder: Path, ids: torch.Tensor) -> torch.Tensor:
 
 def test_store_serves_each_adapter_as_loaded_alone(store_dir: Path) -> None:
     store = AdapterStore(serving_model(tiny_llama()), store_dir, capacity=2, max_rank=8)
-    assert store.available() == ["chat", "poem", "sql"] and store.loaded == []
+    assert store.available() == ["chat", "dora", "poem", "sql"] and store.loaded == []
     rows = ["sql", "__base__", "poem", "sql"]
     ids = torch.randint(1, 96, (4, 5), generator=torch.Generator().manual_seed(0))
     store.ensure(rows[:1] + rows[2:])
@@ -59,6 +60,17 @@ def test_store_serves_each_adapter_as_loaded_alone(store_dir: Path) -> None:
     with torch.no_grad(), store.bank.rows(["chat"]):
         got = store.bank.model(input_ids=ids[:1]).logits
     torch.testing.assert_close(got, reference(store_dir / "chat", ids[:1]), atol=1e-5, rtol=0)
+
+
+def test_dora_adapter_from_files_equals_it_alone(store_dir: Path) -> None:
+    store = AdapterStore(serving_model(tiny_llama()), store_dir, capacity=2, max_rank=8)
+    ids = torch.randint(1, 96, (3, 5), generator=torch.Generator().manual_seed(6))
+    rows = ["dora", "sql", "dora"]
+    store.ensure(rows)
+    with torch.no_grad(), store.bank.rows(rows):
+        got = store.bank.model(input_ids=ids).logits
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(got[i], reference(store_dir / name, ids[i : i + 1])[0], atol=1e-5, rtol=0)
 
 
 def test_pinned_adapters_are_not_evicted(store_dir: Path) -> None:
@@ -82,9 +94,9 @@ def test_replace_and_remove_while_serving(store_dir: Path, tmp_path: Path) -> No
     with torch.no_grad(), store.bank.rows(["sql"]):
         got = store.bank.model(input_ids=ids).logits
     torch.testing.assert_close(got, reference(new, ids), atol=1e-5, rtol=0)
-    assert sorted(os.listdir(store_dir)) == ["chat", "poem", "sql"]  # no temporary folders left
+    assert sorted(os.listdir(store_dir)) == ["chat", "dora", "poem", "sql"]  # no temporary folders left
     store.remove("sql")
-    assert store.available() == ["chat", "poem"] and store.loaded == []
+    assert store.available() == ["chat", "dora", "poem"] and store.loaded == []
     with pytest.raises(AdapterNotFound):
         store.ensure(["sql"])
 

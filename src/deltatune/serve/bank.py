@@ -22,10 +22,13 @@ import torch
 from torch import nn
 
 from deltatune.methods.base import BASE_ADAPTER, AdapterLayer
+from deltatune.methods.lora import dora
 from deltatune.methods.lora.bank import LayerBank, SlotTable
 from deltatune.methods.lora.layer import Linear as LoraLinear
 
 Factors = tuple[torch.Tensor, torch.Tensor, float]  # A (r, in), B (out, r), scaling s
+# DoRA adds f = m / ‖W + s·BA‖_row (out,) and (1 - f)·bias (out,) or None; B is then f·s·B, s = 1.
+DoraFactors = tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor | None]
 
 
 def serving_model(base: nn.Module, target_modules: str | list[str] = "all-linear") -> nn.Module:
@@ -35,6 +38,21 @@ def serving_model(base: nn.Module, target_modules: str | list[str] = "all-linear
     from deltatune import LoraConfig, get_peft_model
 
     return get_peft_model(base, LoraConfig(r=1, target_modules=target_modules), adapter_name="serving").eval()
+
+
+def dora_slot_factors(
+    layer: LoraLinear, a: torch.Tensor, b: torch.Tensor, scaling: float, magnitude: torch.Tensor
+) -> DoraFactors:
+    """A DoRA adapter's bank entry from its saved tensors: f = m / ‖W + s·BA‖_row against this
+    layer's frozen weight, B scaled by f·s, and (1 - f)·bias."""
+    with torch.no_grad():
+        w = layer.base_weight().to(a.dtype)
+        w = w.T if layer.fan_in_fan_out else w  # (out, in)
+        norm = torch.linalg.vector_norm(torch.addmm(w, b, a, alpha=scaling), dim=1)
+        f = magnitude.to(a.dtype) / norm
+        bias = getattr(layer.base_layer, "bias", None)
+        c = (1 - f) * bias.to(f.dtype) if isinstance(bias, torch.Tensor) else None
+        return a, b * (f * scaling).unsqueeze(1), 1.0, f, c
 
 
 def _module_path(name: str) -> str:
@@ -89,7 +107,7 @@ class AdapterBank:
     def __contains__(self, name: str) -> bool:
         return name in self.table.slots
 
-    def add(self, name: str, factors: Mapping[str, Factors]) -> int:
+    def add(self, name: str, factors: Mapping[str, Factors | DoraFactors]) -> int:
         """Write adapter ``name`` (factors by module path) into a free slot; returns the slot.
 
         A module the adapter lacks stays a zero slot. Replacing an adapter of the same name
@@ -111,8 +129,10 @@ class AdapterBank:
             for path, layer in self.layers.items():
                 assert layer.bank is not None
                 if path in factors:
-                    a, b, s = factors[path]
+                    a, b, s, *rescale = factors[path]
                     layer.bank.set_slot(slot, a, b, s)
+                    f, c = rescale if rescale else (None, None)
+                    layer.bank.set_rescale(slot, f, c)
                 else:
                     layer.bank.clear_slot(slot)
         except Exception:
@@ -121,26 +141,34 @@ class AdapterBank:
                 layer.bank.clear_slot(slot)
             raise
         old = self.table.slots.get(name)
+        if any(len(f) > 3 for f in factors.values()):
+            self.table.dora_slots.add(slot)
         self.table.slots[name] = slot
         self.table.invalidate()
         if old is not None:
+            self.table.dora_slots.discard(old)
             self._clear(old)
         return slot
 
     def add_from_model(self, name: str) -> int:
         """Copy adapter ``name`` that the model's LoRA layers hold into a bank slot."""
-        factors: dict[str, Factors] = {}
+        factors: dict[str, Factors | DoraFactors] = {}
         for path, layer in self.layers.items():
             if name not in layer.lora_A:
                 continue
-            if layer.use_dora.get(name):
-                raise ValueError(
-                    f"Adapter {name!r} is a DoRA adapter; the adapter bank serves LoRA and rsLoRA "
-                    "adapters. Merge it (merge_and_unload) and serve it as its own base, or run it "
-                    "through the model's unbanked mixed-batch path."
-                )
             a, b = layer.factors(name)
-            factors[path] = (a.detach(), b.detach(), layer.scaling[name])
+            if layer.use_dora.get(name):
+                with torch.no_grad():  # eval-time DoRA: f is a constant of the frozen weights
+                    f, b_scaled, c = dora.factors(layer, name)
+                factors[path] = (
+                    a.detach(),
+                    b_scaled.detach(),
+                    1.0,
+                    f.detach(),
+                    None if c is None else c.detach(),
+                )
+            else:
+                factors[path] = (a.detach(), b.detach(), layer.scaling[name])
         if not factors:
             raise ValueError(f"The model has no LoRA layers for adapter {name!r}.")
         return self.add(name, factors)
@@ -150,6 +178,7 @@ class AdapterBank:
         if slot is None:
             raise KeyError(f"Adapter {name!r} is not in the bank; it holds {self.names}.")
         self.table.invalidate()
+        self.table.dora_slots.discard(slot)
         self._clear(slot)
 
     def _clear(self, slot: int) -> None:
@@ -167,6 +196,11 @@ class AdapterBank:
     def rows(self, adapter_names: list[str]) -> Iterator[None]:
         """Inside this block each batch row runs with adapter ``adapter_names[row]`` from the bank
         (``"__base__"``: none), whether or not the model itself holds that adapter."""
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "The adapter bank serves inference: run the forward under torch.no_grad() or "
+                "torch.inference_mode() (to train, use the model's own adapters)."
+            )
         unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.table.slots})
         if unknown:
             raise KeyError(f"Adapters {unknown} are not in the bank; it holds {self.names}.")

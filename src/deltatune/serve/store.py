@@ -31,7 +31,7 @@ from torch import nn
 from deltatune.config import PeftConfig
 from deltatune.io import CONFIG_NAME, load_tensors
 from deltatune.methods.lora.config import LoraConfig
-from deltatune.serve.bank import AdapterBank, Factors
+from deltatune.serve.bank import AdapterBank, DoraFactors, Factors, dora_slot_factors
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -41,7 +41,7 @@ class AdapterNotFound(KeyError):
 
 
 class AdapterRefused(ValueError):
-    """The adapter exists but cannot be served on this base (another base, DoRA, bad files)."""
+    """The adapter exists but cannot be served on this base (another base, another method, bad files)."""
 
 
 def check_name(name: str) -> str:
@@ -120,14 +120,14 @@ class AdapterStore:
         return self.bank.nbytes
 
     # -- loading --------------------------------------------------------------------------
-    def read(self, name: str) -> dict[str, Factors]:
+    def read(self, name: str) -> dict[str, Factors | DoraFactors]:
         """Adapter ``name``'s factors by module path, checked against this base (no bank change)."""
         folder = self.path_of(name)  # a bad name raises here, before any file is looked at
         if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
             raise AdapterNotFound(name)
         return self._read_folder(name, folder)
 
-    def _read_folder(self, name: str, folder: str) -> dict[str, Factors]:
+    def _read_folder(self, name: str, folder: str) -> dict[str, Factors | DoraFactors]:
         try:
             config = PeftConfig.from_pretrained(folder)
             tensors = load_tensors(folder)
@@ -135,10 +135,6 @@ class AdapterStore:
             raise AdapterRefused(f"Adapter {name!r} cannot be read: {exc}") from exc
         if not isinstance(config, LoraConfig):
             raise AdapterRefused(f"Adapter {name!r} is {config.peft_type}; the server serves LoRA adapters.")
-        if config.use_dora:
-            raise AdapterRefused(
-                f"Adapter {name!r} uses DoRA; the adapter bank serves LoRA and rsLoRA adapters."
-            )
         theirs = config.base_model_name_or_path
         if (
             self.base_name
@@ -148,10 +144,12 @@ class AdapterStore:
             raise AdapterRefused(
                 f"Adapter {name!r} was trained for base {theirs!r}, but this server runs {self.base_name!r}."
             )
-        factors: dict[str, Factors] = {}
+        factors: dict[str, Factors | DoraFactors] = {}
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
-            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+            m = re.fullmatch(
+                r"(?:base_model\.model\.)?(.+)\.lora_(A|B|magnitude_vector)(?:\.[^.]+)?(?:\.weight)?", key
+            )
             if m is None:
                 raise AdapterRefused(
                     f"Adapter {name!r} holds tensor {key!r}, which the adapter bank cannot serve "
@@ -159,8 +157,11 @@ class AdapterStore:
                 )
             pairs.setdefault(m.group(1), {})[m.group(2)] = value
         for path, ab in pairs.items():
-            if set(ab) != {"A", "B"}:
-                raise AdapterRefused(f"Adapter {name!r}: module {path!r} has only lora_{''.join(ab)}.")
+            if not {"A", "B"} <= set(ab) or ("magnitude_vector" in ab) != bool(config.use_dora):
+                raise AdapterRefused(
+                    f"Adapter {name!r}: module {path!r} holds {sorted(ab)}; expected A, B"
+                    + (" and magnitude_vector (use_dora=True)." if config.use_dora else ".")
+                )
             layer = self.bank.layers.get(path)
             if layer is None:
                 raise AdapterRefused(
@@ -182,7 +183,12 @@ class AdapterStore:
                 raise AdapterRefused(
                     f"Adapter {name!r} has rank {a.shape[0]} > the server's max rank {self.bank.max_rank}."
                 )
-            factors[path] = (a, b, config.scaling_for(path))
+            if config.use_dora:
+                factors[path] = dora_slot_factors(
+                    layer, a, b, config.scaling_for(path), ab["magnitude_vector"]
+                )
+            else:
+                factors[path] = (a, b, config.scaling_for(path))
         return factors
 
     def ensure(self, names: list[str]) -> None:

@@ -18,7 +18,9 @@ gathers those segments' factors once, and runs two ``torch.bmm``::
     h  = xs @ a[slot]       (G, M·L, R)
     d  = h  @ b[slot]       (G, M·L, out)   added into the base output at the rows' places
 
-No Python loop over adapters runs per layer; rows without an adapter cost nothing. Memory is
+No Python loop over adapters runs per layer; rows without an adapter cost nothing. A DoRA
+slot also keeps its eval-time factor f = m / ‖W + s·BA‖_row and offset (1 - f)·bias, applied
+to its rows' base output (B is stored as f·s·B), only in batches that use a DoRA slot. Memory is
 allocated once (``capacity`` slots); loading an adapter copies into its slot in place.
 """
 
@@ -43,6 +45,7 @@ class BankPlan:
     segments: int  # G
     seg_rows: int  # M
     identity: bool = False  # one segment holding every row in order: no gather or scatter needed
+    row_slots: torch.Tensor | None = None  # (B,) each row's slot (0: none); set when a DoRA slot is used
 
 
 class SlotTable:
@@ -53,6 +56,7 @@ class SlotTable:
             raise ValueError(f"An adapter bank needs capacity >= 1 slot, got {capacity}.")
         self.capacity = capacity
         self.slots: dict[str, int] = {}
+        self.dora_slots: set[int] = set()  # slots whose adapter rescales the base output (DoRA)
         self._cached: tuple[list[tuple[str, torch.Tensor]], BankPlan | None] | None = None
 
     def free_slot(self) -> int | None:
@@ -76,6 +80,7 @@ class SlotTable:
 
     def _build(self, row_groups: list[tuple[str, torch.Tensor]]) -> BankPlan | None:
         groups: list[tuple[int, torch.Tensor]] = []
+        batch = sum(len(rows) for _, rows in row_groups)
         for name, rows in row_groups:
             if name == BASE_ADAPTER:
                 continue
@@ -108,7 +113,12 @@ class SlotTable:
         gather[positions] = rows_all
         slots = torch.tensor(seg_slots, dtype=torch.long, device=device)
         identity = g == 1 and bool(torch.equal(gather, torch.arange(m, device=device)))
-        return BankPlan(slots, gather, rows_all, positions, g, m, identity)
+        row_slots = None
+        if any(slot in self.dora_slots for slot, _ in groups):
+            row_slots = torch.zeros(batch, dtype=torch.long, device=device)
+            for slot, rows in groups:
+                row_slots[rows] = slot
+        return BankPlan(slots, gather, rows_all, positions, g, m, identity, row_slots)
 
 
 class LayerBank:
@@ -128,6 +138,10 @@ class LayerBank:
         slots = table.capacity + 1
         self.a = torch.zeros(slots, in_features, rank, dtype=dtype, device=device)  # Aᵀ per slot
         self.b = torch.zeros(slots, rank, out_features, dtype=dtype, device=device)  # s·Bᵀ per slot
+        # DoRA: y = f ⊙ base(x) + (f·s·B) A x + (1 - f) ⊙ bias. f and (1 - f)·bias per slot,
+        # allocated on the first DoRA adapter (1 and 0 for every other slot).
+        self.f: torch.Tensor | None = None  # (slots, out)
+        self.c: torch.Tensor | None = None  # (slots, out)
 
     @property
     def nbytes(self) -> int:
@@ -152,9 +166,28 @@ class LayerBank:
         self.b[slot, :r, :].copy_(b.t() * scaling)
 
     @torch.no_grad()
+    def set_rescale(self, slot: int, f: torch.Tensor | None, c: torch.Tensor | None) -> None:
+        """DoRA's per-output factor f and offset (1 - f)·bias for ``slot`` (None: 1 and 0)."""
+        if f is None and self.f is None:
+            return
+        if self.f is None or self.c is None:
+            slots, out = self.b.shape[0], self.b.shape[2]
+            self.f = torch.ones(slots, out, dtype=self.b.dtype, device=self.b.device)
+            self.c = torch.zeros(slots, out, dtype=self.b.dtype, device=self.b.device)
+        if f is None:
+            self.f[slot].fill_(1)
+        else:
+            self.f[slot].copy_(f)
+        if c is None:
+            self.c[slot].zero_()
+        else:
+            self.c[slot].copy_(c)
+
+    @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
         self.a[slot].zero_()
         self.b[slot].zero_()
+        self.set_rescale(slot, None, None)
 
     def add_delta(self, result: torch.Tensor, x: torch.Tensor, plan: BankPlan) -> torch.Tensor:
         """result + each row's s·B A x, for x (batch, ..., in) and result (batch, ..., out)."""
@@ -162,6 +195,11 @@ class LayerBank:
             return result
         batch = x.shape[0]
         g, m = plan.segments, plan.seg_rows
+        if plan.row_slots is not None and self.f is not None and self.c is not None:
+            shape = (batch, -1, result.shape[-1])  # DoRA rows: f ⊙ base(x) + (1 - f) ⊙ bias first
+            f = self.f.index_select(0, plan.row_slots).unsqueeze(1).to(result.dtype)
+            c = self.c.index_select(0, plan.row_slots).unsqueeze(1).to(result.dtype)
+            result = torch.addcmul(c, result.reshape(shape), f).view(result.shape)
         x3 = x.reshape(batch, -1, x.shape[-1]).to(self.a.dtype)  # (B, L, in)
         tokens = x3.shape[1]
         if plan.identity and plan.seg_rows == batch:  # every row, one adapter: x as it is
