@@ -27,6 +27,7 @@ allocated once (``capacity`` slots); loading an adapter copies into its slot in 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,7 @@ class SlotTable:
         self.slots: dict[str, int] = {}
         self.dora_slots: set[int] = set()  # slots whose adapter rescales the base output (DoRA)
         self._cached: tuple[list[tuple[str, torch.Tensor]], BankPlan | None] | None = None
+        self._workspace: dict[tuple[object, ...], torch.Tensor] = {}
 
     def free_slot(self) -> int | None:
         used = set(self.slots.values())
@@ -77,6 +79,17 @@ class SlotTable:
 
     def invalidate(self) -> None:
         self._cached = None
+
+    def workspace(self, key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A reusable buffer of ``shape`` (per thread; layers run one after another, so all layers
+        share it). Gathered factors land in warm memory instead of fresh pages on every call."""
+        numel = math.prod(shape)
+        slot = (key, threading.get_ident(), like.dtype, like.device)
+        buf = self._workspace.get(slot)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._workspace[slot] = buf
+        return buf[:numel].view(shape)
 
     def _build(self, row_groups: list[tuple[str, torch.Tensor]]) -> BankPlan | None:
         groups: list[tuple[int, torch.Tensor]] = []
@@ -209,8 +222,12 @@ class LayerBank:
                 return result + d1.to(result.dtype)
             return result.add_(d1.to(result.dtype))
         xs = x3.index_select(0, plan.gather).view(g, m * tokens, -1)  # (G, M·L, in)
-        a = self.a.index_select(0, plan.slots)  # (G, in, R)
-        b = self.b.index_select(0, plan.slots)  # (G, R, out)
+        a = torch.index_select(
+            self.a, 0, plan.slots, out=self.table.workspace("a", (g, *self.a.shape[1:]), self.a)
+        )  # (G, in, R)
+        b = torch.index_select(
+            self.b, 0, plan.slots, out=self.table.workspace("b", (g, *self.b.shape[1:]), self.b)
+        )  # (G, R, out)
         d = torch.bmm(torch.bmm(xs, a), b)  # (G, M·L, out)
         d = d.view(g * m, -1).index_select(0, plan.positions).to(result.dtype)  # (N, L·out)
         flat = result.reshape(batch, -1)
