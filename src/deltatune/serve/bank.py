@@ -209,11 +209,11 @@ class AdapterBank:
         for row, name in enumerate(adapter_names):
             groups.setdefault(name, []).append(row)
         row_groups = [(n, torch.tensor(r, dtype=torch.long, device=device)) for n, r in groups.items()]
-        modules = [m for m in self.model.modules() if isinstance(m, AdapterLayer)]
-        for m in modules:
-            m.row_groups = row_groups
+        layers = [m for m in self.model.modules() if isinstance(m, AdapterLayer)]
         try:
+            for layer in layers:
+                layer.row_groups = row_groups  # every layer: the same list, so one plan per forward
             yield
         finally:
-            for m in modules:
-                m.row_groups = None
+            for layer in layers:
+                layer.row_groups = None
