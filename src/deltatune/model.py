@@ -31,7 +31,7 @@ from deltatune.wrapping import (
     check_unwrapped,
     count_parameters,
     grad_flags,
-    row_groups_of,
+    mixed_batch,
     strip_adapter_modules,
 )
 
@@ -69,7 +69,7 @@ class PeftModel(nn.Module):
 
     def _restore_base(self, flags: dict[int, tuple[torch.Tensor, bool]]) -> None:
         """Undo the wrapping after a failed construction or load: the caller's model gets its own
-        modules and requires_grad flags (``flags``, from ``_grad_flags`` before the call) back."""
+        modules and requires_grad flags (``flags``, from ``grad_flags`` before the call) back."""
         for config in self.peft_config.values():
             _tuner(config).delete(self, None)
         strip_adapter_modules(self.base_model)
@@ -349,9 +349,13 @@ class PeftModel(nn.Module):
         return self._unload()
 
     def _unload(self) -> nn.Module:
+        done: list[str] = []
         for path, module in list(self.base_model.named_modules()):
+            if any(path.startswith(d + ".") for d in done):
+                continue  # inside a layer already unloaded (nested wrappers unload as one)
             if isinstance(module, AdapterLayer):
                 replace_module(self.base_model, path, module.unload())
+                done.append(path)
             elif isinstance(module, ModulesToSaveWrapper):
                 # The active adapter's trained copy (PEFT does the same); the original when
                 # the active adapter has no copy here.
@@ -376,26 +380,9 @@ class PeftModel(nn.Module):
         )
 
     # -- forward ----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _mixed_batch(
-        self, adapter_names: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Iterator[None]:
-        """Inside this block every adapter layer runs each batch row with its own adapter."""
-        row_groups = row_groups_of(adapter_names, list(self.peft_config), args, kwargs)
-        if any(layer.merged for layer in self._layers()):
-            raise ValueError("A mixed-batch forward needs unmerged adapters; call unmerge_adapter() first.")
-        modules = list(self._adapter_modules())
-        for m in modules:
-            m.row_groups = row_groups
-        try:
-            yield
-        finally:
-            for m in modules:
-                m.row_groups = None
-
     def _forward_entry(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is not None:
-            with self._mixed_batch(adapter_names, args, kwargs):
+            with mixed_batch(self.base_model, adapter_names, list(self.peft_config), args, kwargs):
                 return self._forward(args, kwargs, adapter_names)
         return self._forward(args, kwargs, None)
 
@@ -413,7 +400,7 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the active adapter (``adapter_names``: one per row)."""
         if adapter_names is not None:
-            with self._mixed_batch(adapter_names, args, kwargs):
+            with mixed_batch(self.base_model, adapter_names, list(self.peft_config), args, kwargs):
                 return self._generate(args, kwargs, adapter_names)
         return self._generate(args, kwargs, None)
 

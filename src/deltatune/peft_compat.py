@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from deltatune.config import CONFIG_NAME, PeftConfig
+from deltatune.formats import read_foreign_folder
 from deltatune.io import WEIGHTS_NAME, atomic_directory, atomic_write_text, load_tensors, save_tensors
 
 # Keyword arguments of PEFT's loaders that only steer Hub downloads: without effect on a local
@@ -163,11 +164,15 @@ def read_adapter(
     key_mapping: dict[str, str] | None = None,
 ) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
     """An adapter folder's config (or ``config``, if given) and tensors, keys renamed by
-    ``key_mapping``: what ``PeftModel.from_pretrained`` and ``load_adapter`` both read."""
+    ``key_mapping``: what ``PeftModel.from_pretrained`` and ``load_adapter`` both read. A folder
+    saved by another library (AdapterHub) is read through ``deltatune.formats``."""
     directory = adapter_dir(model_id, subfolder)
-    config = config or PeftConfig.from_pretrained(directory)
+    foreign = read_foreign_folder(directory, allow_pickle=allow_pickle, device=device or "cpu")  # AdapterHub
+    config = config or (foreign[0] if foreign else PeftConfig.from_pretrained(directory))
     config.inference_mode = not is_trainable
-    state = load_tensors(directory, allow_pickle=allow_pickle, device=device or "cpu")
+    state = (
+        foreign[1] if foreign else load_tensors(directory, allow_pickle=allow_pickle, device=device or "cpu")
+    )
     return config, remap_keys(state, key_mapping)
 
 

@@ -4,7 +4,9 @@ groups of a mixed batch."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -90,6 +92,28 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         fn = getattr(m, "logical_param_count", None)
         total += int(fn()) if callable(fn) else 0
     return trainable, total
+
+
+@contextlib.contextmanager
+def mixed_batch(
+    model: nn.Module,
+    adapter_names: list[str],
+    known: list[str],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Iterator[None]:
+    """Inside this block every adapter layer of ``model`` runs each batch row with its own adapter."""
+    row_groups = row_groups_of(adapter_names, known, args, kwargs)
+    modules = [m for m in model.modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+    if any(isinstance(m, AdapterLayer) and m.merged for m in modules):
+        raise ValueError("A mixed-batch forward needs unmerged adapters; call unmerge_adapter() first.")
+    for m in modules:
+        m.row_groups = row_groups
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.row_groups = None
 
 
 def row_groups_of(

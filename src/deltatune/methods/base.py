@@ -180,6 +180,20 @@ class AdapterLayer(nn.Module):
         return self.base_layer
 
 
+class DelegatingLayer(AdapterLayer):
+    """An adapter layer that answers attribute reads its own module lacks from its base layer:
+    model code may read attributes of the sub-layer it called (``self_attn.layer_idx``,
+    ``experts.num_experts``), and it called this layer instead."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self.base_layer, name)
+
+
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, child = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), child
@@ -360,9 +374,7 @@ class Tuner(Generic[ConfigT]):
         if bias == "all":
             for name, p in model.named_parameters():
                 # Not a task head's frozen original (its trained copy is the adapter's already).
-                if name.endswith("bias") and not any(
-                    k in name for k in (".modules_to_save.", ".original_module.")
-                ):
+                if _is_bias(name) and not any(k in name for k in (".modules_to_save.", ".original_module.")):
                     p.requires_grad_(True)
         elif bias.endswith("_only"):
             for module in model.modules():
@@ -389,9 +401,7 @@ class Tuner(Generic[ConfigT]):
             key = saved_key(name, adapter_name, containers)
             if key is not None:
                 out[key] = name
-            elif (
-                bias == "all" and name.endswith("bias") and ".modules_to_save." not in name
-            ) or name in own_bias:
+            elif (bias == "all" and _is_bias(name) and ".modules_to_save." not in name) or name in own_bias:
                 out[name] = name
         return out
 
@@ -558,6 +568,12 @@ def copy_checked(
                 )
             else:
                 dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
+
+
+def _is_bias(name: str) -> bool:
+    """A parameter named ``bias`` (as PEFT counts them for ``bias="all"``; GPT-OSS's expert
+    ``gate_up_proj_bias`` is not one)."""
+    return name == "bias" or name.endswith(".bias")
 
 
 def _path_of(model: nn.Module, target: nn.Module) -> str:

@@ -42,6 +42,12 @@ def add_weighted_adapter(
     if combination_type not in ("linear", "cat", "svd"):
         raise ValueError(f"combination_type={combination_type!r}: choose 'linear', 'cat' or 'svd'.")
     configs = [peft_model.peft_config[a] for a in adapters]
+    on_params = [a for a, c in zip(adapters, configs) if getattr(c, "target_parameters", None)]
+    if on_params:
+        raise ValueError(
+            f"Adapters {on_params} use target_parameters (LoRA on fused expert weights); add_weighted_adapter "
+            "does not combine those (nor does PEFT). Merge them in turn with merge_adapter instead."
+        )
     dora = [a for a, c in zip(adapters, configs) if getattr(c, "use_dora", False)]
     if dora:
         raise ValueError(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from deltatune.config import PeftConfig, PeftType
+from deltatune.methods import lora_param
 
 
 @dataclass
@@ -35,12 +36,17 @@ class LoraConfig(PeftConfig):
     layer_replication: list[tuple[int, int]] | None = None
     megatron_config: dict[str, Any] | None = None
     megatron_core: str | None = "megatron.core"
+    # LoRA on named parameters (fused MoE experts, routers): see deltatune.methods.lora_param.
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.LORA.value
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
+        lora_param.check_param_names(self.target_parameters)
         _check_types(self)
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(

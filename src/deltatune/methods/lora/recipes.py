@@ -8,7 +8,7 @@ from deltatune.config import CliRecipe
 
 
 def lora_options(opts: dict[str, Any]) -> dict[str, Any]:
-    """The CLI's LoRA defaults: r = 8, lora_alpha = 2 r, lora_dropout = 0.05."""
+    """The CLI's LoRA defaults: r = 8, lora_alpha = 2 r, lora_dropout = 0.05 (0 with target_parameters)."""
     r = opts.get("r")
     r = 8 if r is None else r  # an invalid rank (0, -1) reaches LoraConfig, which refuses it
     alpha = opts.get("lora_alpha")
@@ -18,7 +18,8 @@ def lora_options(opts: dict[str, Any]) -> dict[str, Any]:
     return {
         "r": r,
         "lora_alpha": 2 * r if alpha is None else alpha,
-        "lora_dropout": 0.05 if dropout is None else dropout,
+        # LoRA on parameters (target_parameters) adds to the weight itself: no input to drop.
+        "lora_dropout": (0.0 if opts.get("target_parameters") else 0.05) if dropout is None else dropout,
     }
 
 

@@ -7,8 +7,10 @@ import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
+from deltatune.methods import lora_param, moe_targets
 from deltatune.methods.base import AdapterHost, AdapterLayer, Tuner
 from deltatune.methods.lora import arithmetic
 from deltatune.methods.lora.config import LoraConfig
@@ -20,7 +22,13 @@ from deltatune.methods.lora.layer import (
     dora_supported,
     dora_unsupported_message,
 )
-from deltatune.targeting import LORA_DEFAULT_TARGETS, find_targets, is_linear, resolved_targets
+from deltatune.targeting import (
+    LORA_DEFAULT_TARGETS,
+    all_linear_targets,
+    find_targets,
+    is_linear,
+    resolved_targets,
+)
 
 # Which LoRA layer wraps which base module; the first predicate that accepts a module wins.
 # Linear covers nn.Linear, Conv1D and every registered stored-weight layer (4-bit bases).
@@ -48,7 +56,27 @@ class LoraTuner(Tuner[LoraConfig]):
             if not dora_supported(base):
                 raise ValueError(dora_unsupported_message(path, base))
 
+    def inject(self, peft_model: AdapterHost, config: LoraConfig, adapter_name: str) -> None:
+        """LoRA on the targeted modules, then on the parameters ``target_parameters`` names."""
+        model = peft_model.get_base_model()
+        if moe_targets.moe_family(model) is not None:  # transformers 5 fused these experts
+            leaves = {p.split(".")[-1] for p in all_linear_targets(model, config.task_type)}
+            moe_targets.convert_moe_targets(model, config, sorted(leaves))
+        if config.target_parameters:
+            lora_param.check_param_config(config)  # refuse before any module is wrapped
+        super().inject(peft_model, config, adapter_name)
+        others = [c for name, c in peft_model.peft_config.items() if name != adapter_name]
+        lora_param.inject_parameters(model, config, adapter_name, others)
+
+    def load_state_dict(
+        self, peft_model: AdapterHost, config: LoraConfig, adapter_name: str, state: dict[str, torch.Tensor]
+    ) -> None:
+        state = moe_targets.convert_v4_state(peft_model.get_base_model(), state)  # old per-expert MoE files
+        super().load_state_dict(peft_model, config, adapter_name, state)
+
     def target_paths(self, model: nn.Module, config: LoraConfig) -> list[str]:
+        if config.target_parameters and not config.target_modules and config.target_modules is not None:
+            return []  # parameters only (target_modules=[])
         paths = find_targets(
             model,
             config.target_modules,
