@@ -1,6 +1,7 @@
 """deltatune: parameter-efficient fine-tuning for PyTorch and Hugging Face transformers."""
 
 from deltatune import methods  # noqa: F401  (registers every method)
+from deltatune.advise import Advice, advise
 from deltatune.config import PeftConfig, PeftType, TaskType, register_method, registered_methods
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
@@ -13,6 +14,7 @@ from deltatune.quant.loftq import LoftQConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "Advice",
     "BottleneckConfig",
     "IA3Config",
     "LoftQConfig",
@@ -25,6 +27,7 @@ __all__ = [
     "PromptTuningInit",
     "TaskType",
     "__version__",
+    "advise",
     "get_peft_model",
     "register_method",
     "registered_methods",
