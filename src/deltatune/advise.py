@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -409,9 +410,10 @@ def _bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
-def _quantized_bytes(model: nn.Module) -> int:
+def _quantized_bytes(model: nn.Module) -> tuple[int, int]:
     """Weights after quantize_model + prepare_model_for_kbit_training: linear layers but the
-    output heads in NF4, everything else in fp32."""
+    output heads in NF4, everything else in fp32; and the largest quantised weight (values),
+    which the 4-bit forward and backward dequantise one layer at a time."""
     from deltatune.quant import DEFAULT_SKIP_MODULES
 
     heads: set[int] = set()
@@ -420,15 +422,17 @@ def _quantized_bytes(model: nn.Module) -> int:
         if mod is out_emb or name.split(".")[-1] in DEFAULT_SKIP_MODULES:
             heads.update(id(m) for m in mod.modules())
     quantized: set[int] = set()
+    largest = 0
     total = 0.0
     for name, mod in model.named_modules():
         if type(mod) is nn.Linear and id(mod) not in heads and ".lora_" not in name and "lora_" not in name:
             quantized.add(id(mod.weight))
+            largest = max(largest, mod.weight.numel())
             total += mod.weight.numel() * NF4_BITS_PER_PARAM / 8
     for p in (*model.parameters(), *model.buffers()):
         if id(p) not in quantized:
             total += p.numel() * (4 if p.is_floating_point() else p.element_size())
-    return int(total)
+    return int(total), largest
 
 
 def _trace_inputs(task: str, batch: int, seq: int) -> dict[str, torch.Tensor]:
@@ -501,10 +505,6 @@ def _activations(config: Any, task: str, spec: _Spec, opts: dict[str, Any]) -> t
     return plain, min(checkpointed, plain)
 
 
-def _largest_linear(model: nn.Module) -> int:
-    return max((m.weight.numel() for m in model.modules() if type(m) is nn.Linear), default=0)
-
-
 def _memory(
     weights: int, grads: int, trainable: int, acts: int, gc: bool, batch: int, devices: int = 1
 ) -> MemoryEstimate:
@@ -530,11 +530,13 @@ def _estimate(config: Any, task: str, spec: _Spec, opts: dict[str, Any]) -> Meth
         state = model.get_adapter_state_dict()  # type: ignore[operator]
         file_bytes = sum(t.numel() * t.element_size() for t in state.values())
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    weights = _quantized_bytes(model) if spec.quantized else _bytes(model)
     acts, acts_gc = _activations(config, task, spec, opts)
-    if spec.quantized:  # the 4-bit forward / backward dequantise one layer at a time
-        extra = _largest_linear(model) * opts["dtype"].itemsize
+    if spec.quantized:
+        weights, largest = _quantized_bytes(model)
+        extra = largest * opts["dtype"].itemsize  # one layer's dense weight at a time
         acts, acts_gc = acts + extra, acts_gc + extra
+    else:
+        weights = _bytes(model)
     b = opts["batch_size"]
     asked = _memory(weights, grads, trainable, acts, False, b)
     checkpointed = _memory(weights, grads, trainable, acts_gc, True, b)
@@ -754,7 +756,7 @@ def _command(e: MethodEstimate, opts: dict[str, Any]) -> str:
         parts = ["torchrun", "--nproc_per_node", str(n), "-m", "deltatune.cli", *parts[1:]]
         if mem.devices > 1:
             parts.append("--fsdp")
-    return " ".join(parts)
+    return shlex.join(parts)
 
 
 def advise(
