@@ -158,6 +158,20 @@ def test_cli_table_and_json(llama8b: str, capsys: pytest.CaptureFixture[str]) ->
     assert "activations" in data["formulas"]
 
 
+@pytest.mark.slow
+def test_encoder_every_method_is_estimated() -> None:
+    """all-MiniLM-L6-v2 for classification: every method builds and traces (prompt / prefix tuning
+    read a value in their forward, so they are traced for real on a 1- and 2-layer copy)."""
+    from deltatune import advise
+
+    a = advise(_minilm_config(), task="seq_cls", memory="2GB", seq_len=32, batch_size=2, precision="fp32")
+    assert [e.method for e in a.estimates if e.error] == []
+    head = 384 * 2 + 2  # the fresh classifier trains too
+    assert a.estimate("prompt tuning (20 tokens)").trainable_params == 20 * 384 + head
+    assert a.estimate("prefix tuning (20 tokens)").trainable_params == 20 * 2 * 6 * 384 + head
+    assert a.recommendation == "lora r=16"
+
+
 # -- bad input -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kwargs", "message"),

@@ -440,6 +440,8 @@ def _trace_inputs(task: str, batch: int, seq: int) -> dict[str, torch.Tensor]:
     kw = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
     if task in ("causal_lm", "seq2seq", "token_cls"):
         kw["labels"] = ids
+    if task == "seq2seq":
+        kw["decoder_input_ids"] = ids
     elif task == "seq_cls":
         kw["labels"] = torch.zeros(batch, dtype=torch.long)
     elif task == "question_ans":
@@ -467,27 +469,46 @@ def _fake_device_moves() -> Iterator[None]:
 
 def _saved_bytes(config: Any, task: str, spec: _Spec, opts: dict[str, Any], layers: int) -> tuple[int, int]:
     """(bytes autograd saves for backward, largest saved tensor) in one training forward of a
-    ``layers``-layer copy of the model, run on fake tensors (no memory, no compute)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    ``layers``-layer copy of the model, run on fake tensors (no memory, no compute). A method
+    whose forward reads a value (``.item()``), which fake tensors cannot give, is run for real on
+    the small copy instead when that copy is small enough."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
     cfg = config.__class__.from_dict(config.to_dict())
     cfg.num_hidden_layers = layers
     if getattr(cfg, "num_decoder_layers", None) is not None:
         cfg.num_decoder_layers = layers
-    with FakeTensorMode(allow_non_fake_inputs=True), _fake_device_moves():
-        model = _wrap(_build(cfg, task, opts["dtype"]), spec, task, opts)
-        model.train()
-        owned = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
-        seen: dict[int, int] = {}
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode.cache_enabled = False  # its op cache crashes when many short-lived modes come and go
+    try:
+        with mode, _fake_device_moves():
+            return _trace(cfg, task, spec, opts, keep=mode)
+    except DataDependentOutputException:
+        small = sum(p.numel() for p in _meta(cfg, task, opts["dtype"]).parameters()) * opts["dtype"].itemsize
+        if small > _REAL_TRACE_LIMIT:
+            raise
+        return _trace(cfg, task, spec, opts, keep=None)
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage._cdata not in owned:
-                seen.setdefault(storage._cdata, storage.nbytes())
-            return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(**_trace_inputs(task, opts["batch_size"], opts["seq_len"]))
+_REAL_TRACE_LIMIT = 2 * GiB
+
+
+def _trace(cfg: Any, task: str, spec: _Spec, opts: dict[str, Any], keep: Any) -> tuple[int, int]:
+    model = _wrap(_build(cfg, task, opts["dtype"]), spec, task, opts)
+    model.train()
+    owned = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in owned:
+            seen.setdefault(storage._cdata, storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(**_trace_inputs(task, opts["batch_size"], opts["seq_len"]))
+    if keep is not None:  # fake tensors are freed together at the end of advise(): torch can crash
+        opts.setdefault("_keep", []).append((keep, model, out))  # when they go one by one
     return sum(seen.values()), max(seen.values(), default=0)
 
 
@@ -604,7 +625,7 @@ def _smallest_fix(
 
 
 def _gb(n: float) -> str:
-    return f"{n / GiB:.1f} GB"
+    return f"{n / GiB:.1f} GB" if n >= GiB else f"{n / 2**20:.0f} MB"
 
 
 # -- the choice ----------------------------------------------------------------------------------
@@ -725,8 +746,10 @@ def _pick(
             f"least {_gb(q.memory_checkpointed.total)} of memory",
             notes,
         )
-    first = next(iter(est.values()))
-    return first, "no method could be estimated for this model", notes
+    raise AdviseError(
+        "no method could be estimated for this model: "
+        + "; ".join(f"{e.method}: {e.error}" for e in advice_estimates if e.error)
+    )
 
 
 def _command(e: MethodEstimate, opts: dict[str, Any]) -> str:
