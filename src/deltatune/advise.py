@@ -746,6 +746,12 @@ def _pick(
             f"least {_gb(q.memory_checkpointed.total)} of memory",
             notes,
         )
+    for e in est.values():  # only some methods were asked for
+        if usable(e.method) is not None:
+            return e, f"of the methods estimated, {e.method} {how(e)}", notes
+    if est:
+        e = next(iter(est.values()))
+        return e, f"none of the methods estimated fits; {e.method}: {e.fix}", notes
     raise AdviseError(
         "no method could be estimated for this model: "
         + "; ".join(f"{e.method}: {e.error}" for e in advice_estimates if e.error)
