@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shlex
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -481,7 +482,8 @@ def _saved_bytes(config: Any, task: str, spec: _Spec, opts: dict[str, Any], laye
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     mode.cache_enabled = False  # its op cache crashes when many short-lived modes come and go
     try:
-        with mode, _fake_device_moves():
+        with mode, _fake_device_moves(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch: "data pointer of FakeTensor"
             return _trace(cfg, task, spec, opts, keep=mode)
     except DataDependentOutputException:
         small = sum(p.numel() for p in _meta(cfg, task, opts["dtype"]).parameters()) * opts["dtype"].itemsize
