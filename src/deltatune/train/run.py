@@ -43,11 +43,18 @@ class RunOptions(TrainConfig):
         "lora", "fine-tuning method (lora, dora, qlora, loftq, ia3, bottleneck, prompt, prefix, full)"
     )
     model: str | None = _opt(
-        None, "base model folder (transformers format); default: the bundled all-MiniLM-L6-v2"
+        None,
+        "base model folder (transformers format); default: the bundled all-MiniLM-L6-v2, or "
+        "SmolLM2-135M-Instruct for --task causal_lm",
     )
     task: str = _opt("seq_cls", "seq_cls, causal_lm or seq2seq", choices=["seq_cls", "causal_lm", "seq2seq"])
     train_file: str | None = _opt(
         None, "training data (.jsonl/.json/.csv/.tsv/.parquet); default: the embedded fortunes dataset"
+    )
+    style: str = _opt(
+        "startrek",
+        "causal_lm with no --train-file: the fortune style the chat model learns",
+        choices=["startrek", "zippy", "murphy"],
     )
     eval_file: str | None = _opt(None, "held-out data; default: a fixed --eval-fraction of the training file")
     eval_fraction: float = _opt(0.1, "share of the training file held out when no --eval-file is given")
@@ -128,9 +135,9 @@ def load_model(
 
     path = opts.model
     if path is None:
-        from deltatune.assets import default_model_path
+        from deltatune.assets import default_lm_path, default_model_path
 
-        path = str(default_model_path())
+        path = str(default_lm_path() if opts.task == "causal_lm" else default_model_path())
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"--model {path!r} is not a folder. deltatune loads local models only (no hub download): "
@@ -156,6 +163,10 @@ def load_model(
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.config.name_or_path = path
+    if opts.model is None and opts.task == "causal_lm":  # adapters name the base as PEFT / vLLM expect
+        from deltatune.assets import DEFAULT_LM_NAME
+
+        model.config.name_or_path = DEFAULT_LM_NAME
     return model, tokenizer
 
 
@@ -164,6 +175,11 @@ def prepare_data(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str] | None]:
     """(train records, eval records, label names) from the options."""
     if opts.train_file is None:
+        if opts.task == "causal_lm":
+            from deltatune.train.default_data import load_style_dataset
+
+            style_train, style_test = load_style_dataset(opts.style)
+            return style_train, style_test, None
         if opts.task != "seq_cls":
             raise DataError(
                 f"The embedded default dataset is for seq_cls; --task {opts.task} needs --train-file."
@@ -205,6 +221,23 @@ def check_output_dir(opts: TrainConfig) -> None:
             f"--output-dir {out!r} already holds a training run ({', '.join(found)}). Pass --resume to "
             "continue it, a new --output-dir, or --overwrite to replace it (its checkpoints are deleted)."
         )
+
+
+def _style_samples(opts: RunOptions, tokenizer: Any, main: bool, say: Any) -> Any:
+    """For the built-in causal-LM job (no --train-file): a function that prints a few sampled
+    replies to the style's request; None otherwise."""
+    if opts.task != "causal_lm" or opts.train_file is not None or not main:
+        return None
+    from deltatune.train.default_data import style_chat
+    from deltatune.train.samples import sample_replies
+
+    def show(model: nn.Module, when: str) -> None:
+        replies = sample_replies(model, tokenizer, style_chat(opts.style), n=3, seed=opts.seed)
+        say(f"samples {when} ({style_chat(opts.style)[0]['content']!r}):")
+        for reply in replies:
+            say(f"  - {reply}")
+
+    return show
 
 
 def run(opts: RunOptions, log: Any = print) -> RunResult:
@@ -282,6 +315,14 @@ def run(opts: RunOptions, log: Any = print) -> RunResult:
             device=device,
         ).evaluate()
         say(f"before training: held-out accuracy {before['accuracy']:.1%} (loss {before['eval_loss']:.4f})")
+    samples_of = _style_samples(opts, tokenizer, main, say)
+    if samples_of is not None and eval_ex:
+        before = Trainer(model, train_ex, collator, dataclasses.replace(train_cfg, plot=False), eval_ex,
+                         opts.task, device=device).evaluate()  # fmt: skip
+        say(
+            f"before training: held-out {opts.style} loss {before['eval_loss']:.4f}, perplexity {before['perplexity']:.2f}"
+        )
+        samples_of(model, "before training")
     torch.manual_seed(opts.seed)
     model = entry.build(model, _AUTO[opts.task][1], method_opts)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -308,9 +349,12 @@ def run(opts: RunOptions, log: Any = print) -> RunResult:
                 f"after training:  held-out accuracy {after['accuracy']:.1%}{gain} (loss {after['eval_loss']:.4f})"
             )
         else:
+            gain = f" (before: {before['perplexity']:.2f})" if "perplexity" in before else ""
             say(
-                f"after training:  held-out loss {after['eval_loss']:.4f}, perplexity {after['perplexity']:.2f}"
+                f"after training:  held-out loss {after['eval_loss']:.4f}, perplexity {after['perplexity']:.2f}{gain}"
             )
+    if samples_of is not None:
+        samples_of(dist_utils.unwrap(trainer.model), "after training")
     say(f"{result.steps} steps in {time.perf_counter() - t0:.0f}s; {out_name} saved to {save_path}")
     return RunResult(
         opts.method, opts.output_dir, before, after, result, trainable, total, dist_utils.unwrap(trainer.model),
