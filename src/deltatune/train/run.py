@@ -31,7 +31,7 @@ from deltatune.train.data import (
     model_max_length,
     require_columns,
 )
-from deltatune.train.loop import TrainConfig, Trainer, TrainResult, _opt
+from deltatune.train.loop import TrainConfig, Trainer, TrainResult, _opt, evaluate_model
 from deltatune.train.methods import get_method
 
 
@@ -317,8 +317,7 @@ def run(opts: RunOptions, log: Any = print) -> RunResult:
         say(f"before training: held-out accuracy {before['accuracy']:.1%} (loss {before['eval_loss']:.4f})")
     samples_of = _style_samples(opts, tokenizer, main, say)
     if samples_of is not None and eval_ex:
-        before = Trainer(model, train_ex, collator, dataclasses.replace(train_cfg, plot=False), eval_ex,
-                         opts.task, device=device).evaluate()  # fmt: skip
+        before = evaluate_model(model.to(device), eval_ex, collator, opts.task, opts.eval_batch_size)
         say(
             f"before training: held-out {opts.style} loss {before['eval_loss']:.4f}, perplexity {before['perplexity']:.2f}"
         )
