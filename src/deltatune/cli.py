@@ -541,15 +541,19 @@ def _load_lm(adapter: str | None, model_path: str | None) -> tuple[Any, Any, Any
     return model, transformers.AutoTokenizer.from_pretrained(model_path), None
 
 
-def _chat(args: argparse.Namespace) -> int:
-    from deltatune.chat import chat_loop
-
-    if not args.temperature >= 0:
+def _check_decoding(args: argparse.Namespace) -> None:
+    if not args.temperature >= 0:  # also catches nan
         raise CliError(
             f"--temperature {args.temperature}: use 0 for greedy decoding or a value > 0 to sample."
         )
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens {args.max_new_tokens}: ask for at least 1 token.")
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from deltatune.chat import chat_loop
+
+    _check_decoding(args)
     model, tokenizer, config = _load_lm(args.adapter, args.model)
     if config is not None and str(config.task_type) != "CAUSAL_LM":
         raise CliError(f"deltatune chat needs a CAUSAL_LM adapter; this one is {config.task_type}.")
@@ -585,12 +589,7 @@ def _add_chat_parser(sub: Any) -> None:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    if not args.temperature >= 0:  # also catches nan
-        raise CliError(
-            f"--temperature {args.temperature}: use 0 for greedy decoding or a value > 0 to sample."
-        )
-    if args.max_new_tokens < 1:
-        raise CliError(f"--max-new-tokens {args.max_new_tokens}: ask for at least 1 token.")
+    _check_decoding(args)
     model, tokenizer, config = _load_lm(args.adapter, args.model)
     if config is not None and str(config.task_type) not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
         raise CliError(
@@ -743,10 +742,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from safetensors import SafetensorError
 
     from deltatune.model_cache import ModelAssetError
-    from deltatune.train.methods import MethodUnavailable
 
     return (CliError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError, MethodUnavailable, SafetensorError, re.error, ModelAssetError)  # fmt: skip
+            PermissionError, SafetensorError, re.error, ModelAssetError)  # fmt: skip
 
 
 def _user_message(exc: BaseException) -> str:

@@ -37,8 +37,11 @@ from deltatune.train.data import (
     require_columns,
     split_indices,
 )
-from deltatune.train.loop import TrainConfig, Trainer, TrainResult, _opt
+from deltatune.train.label_map import LABELS_FILE, load_label_map, save_label_map  # noqa: F401 (re-exported)
+from deltatune.train.loop import TrainConfig, Trainer, TrainResult
 from deltatune.train.methods import get_method
+from deltatune.train.options import _opt
+from deltatune.train.samples import style_sampler
 
 
 @dataclass
@@ -431,23 +434,6 @@ def _before(
     return metrics, note
 
 
-def _style_samples(opts: RunOptions, tokenizer: Any, main: bool, say: Any) -> Any:
-    """For the built-in causal-LM job (no --train-file): a function that prints a few sampled
-    replies to the style's request; None otherwise."""
-    if opts.task != "causal_lm" or opts.train_file is not None or not main:
-        return None
-    from deltatune.train.default_data import style_chat
-    from deltatune.train.samples import sample_replies
-
-    def show(model: nn.Module, when: str) -> None:
-        replies = sample_replies(model, tokenizer, style_chat(opts.style), n=3, seed=opts.seed)
-        say(f"samples {when} ({style_chat(opts.style)[0]['content']!r}):")
-        for reply in replies:
-            say(f"  - {reply}")
-
-    return show
-
-
 def run(opts: RunOptions, log: Any = print) -> RunResult:
     """Load, check, wrap with the method, (evaluate), train, evaluate, save. Returns the numbers.
 
@@ -530,7 +516,7 @@ def run(opts: RunOptions, log: Any = print) -> RunResult:
         say(
             f"before training: held-out accuracy {before['accuracy']:.1%} (loss {before['eval_loss']:.4f}){note}"
         )
-    samples_of = _style_samples(opts, tokenizer, main, say)
+    samples_of = style_sampler(opts, tokenizer, say) if main else None
     if samples_of is not None and eval_ex:
         before, note = _before(model, eval_ex, collator, train_cfg, opts.task, device, opts.seed)
         say(
@@ -592,48 +578,3 @@ def _log_resume_changes(run_dir: str, changes: dict[str, tuple[Any, Any]]) -> No
     }
     with open(os.path.join(run_dir, "resumes.jsonl"), "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row, default=str) + "\n")
-
-
-LABELS_FILE = "labels.json"
-
-
-def save_label_map(folder: str, label_names: list[str]) -> None:
-    """The label names of a classification adapter, transformers-style (``id2label`` /
-    ``label2id``), in ``labels.json`` beside the adapter files: evaluation maps string labels
-    with them instead of rebuilding the mapping from its own data."""
-    from deltatune.io import atomic_write_text
-
-    data = {
-        "id2label": {str(i): n for i, n in enumerate(label_names)},
-        "label2id": {n: i for i, n in enumerate(label_names)},
-    }
-    atomic_write_text(
-        os.path.join(folder, LABELS_FILE), json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    )
-
-
-def load_label_map(folder: str, num_labels: int | None = None) -> list[str] | None:
-    """The label names saved with an adapter (or in a model's config.json), or None.
-
-    The file is untrusted input: it must map 0..N-1 to distinct strings (N = the head's size
-    when given), else it is refused, naming the file."""
-    path = os.path.join(folder, LABELS_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-        id2label = data["id2label"]
-        names = [id2label[str(i)] for i in range(len(id2label))]
-        ok = all(isinstance(n, str) for n in names) and len(set(names)) == len(names)
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise ValueError(
-            f"{path}: not a valid label map ({type(exc).__name__}); it should hold "
-            '{"id2label": {"0": "name", ...}, "label2id": {...}}. Delete it to evaluate with integer labels.'
-        ) from exc
-    if not ok or (num_labels is not None and len(names) != num_labels):
-        raise ValueError(
-            f"{path}: the label map must name each of the head's {num_labels or len(names)} classes once "
-            f"(found {len(names)} names). Delete it to evaluate with integer labels."
-        )
-    return names

@@ -43,3 +43,19 @@ def sample_replies(
         model.train(was_training)
     start = batch["input_ids"].shape[1]
     return [" ".join(tokenizer.decode(row[start:], skip_special_tokens=True).split()) for row in out]
+
+
+def style_sampler(opts: Any, tokenizer: Any, say: Any) -> Any:
+    """For the built-in causal-LM job (``--task causal_lm``, no --train-file): a function
+    ``show(model, when)`` that prints a few sampled replies to the style's request; else None."""
+    if opts.task != "causal_lm" or opts.train_file is not None:
+        return None
+    from deltatune.train.default_data import style_chat
+
+    def show(model: Any, when: str) -> None:
+        replies = sample_replies(model, tokenizer, style_chat(opts.style), n=3, seed=opts.seed)
+        say(f"samples {when} ({style_chat(opts.style)[0]['content']!r}):")
+        for reply in replies:
+            say(f"  - {reply}")
+
+    return show
