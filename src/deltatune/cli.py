@@ -724,6 +724,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.set_defaults(func=_generate)
     _add_chat_parser(sub)
+
+    from deltatune.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub, fmt)
     return parser
 
 
