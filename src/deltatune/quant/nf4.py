@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.quant.nf4_matmul import chunked_linear, supports_chunked
+
 __all__ = [
     "DEFAULT_SKIP_MODULES",
     "NF4_CODEBOOK",
@@ -569,9 +571,22 @@ class Linear4bit(nn.Module):
                 f"Linear4bit expects inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}."
             )
         dtype = self.compute_dtype or x.dtype
+        out_dtype = x.dtype
+        if self.compute_dtype is None and torch.is_autocast_enabled(x.device.type):
+            # As nn.Linear under autocast: compute in (and return) the autocast dtype, dequantising
+            # straight into it rather than to x's dtype and casting the dense W again.
+            dtype = out_dtype = torch.get_autocast_dtype(x.device.type)
         bias = None if self.bias is None else self.bias.to(dtype)
-        out = _NF4LinearFunction.apply(x.to(dtype), self.weight, bias)
-        return out.to(x.dtype)
+        x = x.to(dtype)
+        if supports_chunked(x, self.in_features, self.block_size):  # measured fast path, same values
+            w = self.weight
+            shape = (self.out_features, self.in_features)
+            out = chunked_linear(
+                x, w.packed, w.block_absmax(), _nf4_pair_table(x.device), shape, w.block_size, bias
+            )
+        else:
+            out = _NF4LinearFunction.apply(x, self.weight, bias)
+        return out.to(out_dtype)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Linear4bit:
         # Shield the fp32 statistics from dtype casts (model.half(), .to(bfloat16)): hand
