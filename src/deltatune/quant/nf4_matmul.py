@@ -4,8 +4,8 @@ The plain formula (``nf4.py``) dequantises the whole weight W (out, in) and call
 ``F.linear``; backward does it again. For a 2048 x 5632 layer in fp32 that is a fresh 46 MB
 tensor per call: written once, read once by the matmul, and (above glibc's 32 MB mmap
 threshold) page-faulted in from the kernel every time. Here W is dequantised in row chunks
-of about ``CHUNK_VALUES`` values into one reused buffer that stays in cache, and each chunk
-goes straight into its share of the product::
+of about ``CHUNK_VALUES`` values into one reused buffer, and each chunk goes straight into
+its share of the product::
 
     forward   yᵀ[r0:r1] = W[r0:r1] xᵀ          (out, T) rows, one GEMM per chunk
     backward  gx       += gy[:, r0:r1] W[r0:r1]   (T, in), accumulated over chunks
@@ -18,19 +18,34 @@ true of every transformer projection); other layers take the plain path.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 __all__ = ["CHUNK_VALUES", "chunked_linear", "supports_chunked"]
 
-# Values of W dequantised per chunk for up to 128 tokens: 256 K values (1 MB in fp32) stay in
-# cache next to the GEMM's panels. More tokens make each chunk's GEMM longer, and thin GEMMs
-# lose more than a larger chunk costs: the chunk grows with the token count, up to 8x.
-# (Measured on 2048 x 5632 and 5632 x 2048 layers, 128 and 2048 tokens, fp32 and bf16.)
-CHUNK_VALUES = 1 << 18
-_TOKENS_PER_CHUNK_STEP = 128
-_MAX_CHUNK_GROWTH = 8
+# Values of W dequantised per chunk: 4 M values (16 MB in fp32), so that a layer takes a few
+# GEMMs. The dequantisation of a chunk runs on one thread: it is a few cheap passes, and
+# multi-threaded short ops each end in a barrier that stalls for a scheduler time slice as
+# soon as another process takes a core. Measured on 2048 x 5632 and 5632 x 2048 layers,
+# 128 and 2048 tokens, fp32 and bf16, on a quiet and on an oversubscribed machine: smaller
+# chunks win slightly when the cores are free and lose badly when they are not.
+CHUNK_VALUES = 1 << 22
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def supports_chunked(x: torch.Tensor, in_features: int, block_size: int) -> bool:
@@ -40,13 +55,12 @@ def supports_chunked(x: torch.Tensor, in_features: int, block_size: int) -> bool
 class _Dequantizer:
     """Dequantises row chunks of one weight into reused buffers."""
 
-    def __init__(self, weight: tuple[Any, ...], dtype: torch.dtype, tokens: int) -> None:
+    def __init__(self, weight: tuple[Any, ...], dtype: torch.dtype) -> None:
         # weight: (packed, absmax, pairs, out_features, in_features, block_size), see chunked_linear
         packed, absmax, pairs, out_features, in_features, block_size = weight
         self.packed, self.absmax, self.pairs = packed, absmax, pairs
         self.in_features, self.block_size, self.dtype = in_features, block_size, dtype
-        growth = min(_MAX_CHUNK_GROWTH, max(1, tokens // _TOKENS_PER_CHUNK_STEP))
-        self.rows = max(1, min(out_features, CHUNK_VALUES * growth // in_features))
+        self.rows = max(1, min(out_features, CHUNK_VALUES // in_features))
         n = self.rows * in_features
         self.levels = torch.empty(n, dtype=torch.float32, device=packed.device)
         self.index = torch.empty(n // 2, dtype=torch.int32, device=packed.device)
@@ -56,6 +70,10 @@ class _Dequantizer:
 
     def rows_of(self, r0: int, r1: int) -> torch.Tensor:
         """W[r0:r1] (r1 - r0, in) in ``dtype``; valid until the next call."""
+        with _one_thread():
+            return self._rows_of(r0, r1)
+
+    def _rows_of(self, r0: int, r1: int) -> torch.Tensor:
         n = (r1 - r0) * self.in_features
         half, bpr = self.in_features // 2, self.in_features // self.block_size
         index = self.index[: n // 2]
@@ -85,7 +103,7 @@ class _ChunkedNF4Linear(torch.autograd.Function):
         ctx.weight, ctx.out_features = weight, out_features
         ctx.has_bias = bias is not None
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
-        deq = _Dequantizer(weight, x.dtype, x2.shape[0])
+        deq = _Dequantizer(weight, x.dtype)
         yt = torch.empty(out_features, x2.shape[0], dtype=x.dtype, device=x.device)  # (out, T)
         xt = x2.t()
         with torch.autocast(x.device.type, enabled=False):  # the caller chose the dtype
@@ -100,7 +118,7 @@ class _ChunkedNF4Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         gy2 = gy.reshape(-1, ctx.out_features)  # (T, out)
-        deq = _Dequantizer(ctx.weight, gy.dtype, gy2.shape[0])
+        deq = _Dequantizer(ctx.weight, gy.dtype)
         gx = gb = None
         if ctx.needs_input_grad[0]:
             gx = torch.empty(gy2.shape[0], deq.in_features, dtype=gy.dtype, device=gy.device)

@@ -27,6 +27,9 @@ class MethodEntry:
     default_lr: float
     config: str | None = None  # the config class in ``deltatune`` whose fields --method-arg may set
     extra_args: tuple[str, ...] = ()  # --method-arg keys the build function reads itself
+    # How the base model is read from its folder: (model class, path, **from_pretrained kwargs);
+    # None: ``model_class.from_pretrained``.
+    load_base: Callable[..., nn.Module] | None = None
 
     def valid_args(self) -> list[str]:
         """The keys ``--method-arg`` accepts for this method."""
@@ -121,6 +124,12 @@ def build_qlora(model: nn.Module, task_type: str, opts: dict[str, Any]) -> nn.Mo
     return _wrap(model, _lora_config(task_type, opts))
 
 
+def load_qlora_base(model_class: Any, path: str, **kwargs: Any) -> nn.Module:
+    """Stream the folder straight into NF4: the full-precision model never exists in memory."""
+    load_quantized = _need("load_quantized", "deltatune.quant")
+    return load_quantized(path, model_class=model_class, **kwargs)  # type: ignore[no-any-return]
+
+
 def build_loftq(model: nn.Module, task_type: str, opts: dict[str, Any]) -> nn.Module:
     loftq_cls = _need("LoftQConfig", "deltatune.quant")
     bits, iters = opts.get("loftq_bits"), opts.get("loftq_iter")
@@ -158,7 +167,14 @@ METHODS: dict[str, MethodEntry] = {
         MethodEntry(
             "dora", "DoRA: LoRA + a learned magnitude per output row", build_dora, 3e-3, "LoraConfig"
         ),
-        MethodEntry("qlora", "QLoRA: LoRA over an NF4 4-bit frozen base", build_qlora, 3e-3, "LoraConfig"),
+        MethodEntry(
+            "qlora",
+            "QLoRA: LoRA over an NF4 4-bit frozen base",
+            build_qlora,
+            3e-3,
+            "LoraConfig",
+            load_base=load_qlora_base,
+        ),  # fmt: skip
         MethodEntry(
             "loftq",
             "LoftQ: QLoRA with an init that absorbs the quantisation error",
