@@ -127,6 +127,19 @@ def test_base_model_checkpoint_loads_into_a_head_model(tmp_path):
     assert torch.equal(q.weight_packed, ref_q.model.layers[1].mlp.up_proj.weight_packed)
 
 
+def test_cli_qlora_method_loads_through_load_quantized(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from deltatune.train.methods import get_method
+
+    folder = save(tiny_llama(task="seq_cls", num_labels=2), str(tmp_path))
+    load_base = get_method("qlora").load_base
+    assert load_base is not None and get_method("lora").load_base is None
+    model = load_base(AutoModelForSequenceClassification, folder, num_labels=2)
+    assert isinstance(model.model.layers[0].mlp.down_proj, Linear4bit)
+    assert_same_model(reference(folder, cls=AutoModelForSequenceClassification), model)
+
+
 def test_pickle_only_folder_is_refused(tmp_path):
     model = tiny_llama()
     model.config.save_pretrained(tmp_path)
