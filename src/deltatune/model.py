@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from deltatune.config import CONFIG_NAME, TASK_HEADS, PeftConfig, method_for
+from deltatune.formats import read_foreign_folder
 from deltatune.io import WEIGHTS_NAME, atomic_directory, atomic_write_text, load_tensors, save_tensors
 from deltatune.methods.base import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper, Tuner
 
@@ -529,9 +530,13 @@ class PeftModel(nn.Module):
     def _unload(self) -> nn.Module:
         from deltatune.methods.base import replace_module
 
+        done: list[str] = []
         for path, module in list(self.base_model.named_modules()):
+            if any(path.startswith(d + ".") for d in done):
+                continue  # inside a layer already unloaded (nested wrappers unload as one)
             if isinstance(module, AdapterLayer):
                 replace_module(self.base_model, path, module.unload())
+                done.append(path)
             elif isinstance(module, ModulesToSaveWrapper):
                 # The active adapter's trained copy (PEFT does the same); the original when
                 # the active adapter has no copy here.
@@ -736,9 +741,10 @@ class PeftModel(nn.Module):
         _check_kwargs("load_adapter", kwargs)
         _warn_autocast(autocast_adapter_dtype)
         directory = _adapter_dir(model_id, subfolder)
-        config = PeftConfig.from_pretrained(directory)
+        foreign = read_foreign_folder(directory, allow_pickle=allow_pickle, device=torch_device or "cpu")
+        config = foreign[0] if foreign else PeftConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
-        state = load_tensors(directory, allow_pickle=allow_pickle, device=torch_device or "cpu")
+        state = foreign[1] if foreign else load_tensors(directory, allow_pickle, device=torch_device or "cpu")
         state = _remap_keys(state, key_mapping)
         before = {id(m) for m in self._adapter_modules()}
         self.add_adapter(adapter_name, config)
@@ -786,9 +792,10 @@ class PeftModel(nn.Module):
         _check_kwargs("from_pretrained", kwargs)
         _warn_autocast(autocast_adapter_dtype)
         directory = _adapter_dir(model_id, subfolder)
-        config = config or PeftConfig.from_pretrained(directory)
+        foreign = read_foreign_folder(directory, allow_pickle=allow_pickle, device=torch_device or "cpu")
+        config = config or (foreign[0] if foreign else PeftConfig.from_pretrained(directory))
         config.inference_mode = not is_trainable
-        state = load_tensors(directory, allow_pickle=allow_pickle, device=torch_device or "cpu")
+        state = foreign[1] if foreign else load_tensors(directory, allow_pickle, device=torch_device or "cpu")
         state = _remap_keys(state, key_mapping)
         flags = _grad_flags(model)
         peft_model = cls(model, config, adapter_name)  # refuses an already wrapped base first
