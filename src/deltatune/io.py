@@ -96,6 +96,23 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def load_pickled_tensors(path: str, device: str = "cpu", writer: str = "") -> dict[str, torch.Tensor]:
+    """A pickled dict of tensor names to tensors, loaded with ``weights_only=True`` (call only when the
+    user allowed pickles); anything else is a clear error (``writer``: what writes such files)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises several types for bad pickles
+        raise ValueError(f"{path} could not be loaded with weights_only=True: {exc}") from exc
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(
+            f"{path} holds a {type(state).__name__}, not an adapter state dict (a dict of tensor names to "
+            f"tensors{', ' + writer if writer else ''})."
+        )
+    return dict(state)
+
+
 def load_tensors(directory: str, allow_pickle: bool = False, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Load an adapter's weights from a folder; only safetensors unless pickle is asked for."""
     st_path = os.path.join(directory, WEIGHTS_NAME)
@@ -116,18 +133,9 @@ def load_tensors(directory: str, allow_pickle: bool = False, device: str = "cpu"
                 "allow_pickle=True (it is then loaded with torch.load(weights_only=True)), or convert it "
                 "to safetensors."
             )
-        try:
-            state = torch.load(bin_path, map_location=device, weights_only=True)
-        except Exception as exc:  # torch raises several types for bad pickles
-            raise ValueError(f"{bin_path} could not be loaded with weights_only=True: {exc}") from exc
-        if not isinstance(state, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-        ):
-            raise ValueError(
-                f"{bin_path} holds a {type(state).__name__}, not an adapter state dict (a dict of tensor "
-                "names to tensors, as PEFT's save_pretrained(safe_serialization=False) writes)."
-            )
-        return dict(state)
+        return load_pickled_tensors(
+            bin_path, device, "as PEFT's save_pretrained(safe_serialization=False) writes"
+        )
     raise FileNotFoundError(
         f"No {WEIGHTS_NAME} in {directory!r}: the adapter's weights are missing. "
         "Pass the folder that save_pretrained() wrote."

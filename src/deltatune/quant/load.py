@@ -41,14 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.quant.nf4 import (
-    DEFAULT_SKIP_MODULES,
-    Linear4bit,
-    _check_block_size,
-    _in_skip_set,
-    _matches,
-    quantize_nf4,
-)
+from deltatune.quant.nf4 import Linear4bit, _check_block_size, quantize_nf4
+from deltatune.quant.whole_model import DEFAULT_SKIP_MODULES, _in_skip_set, _matches
 
 __all__ = ["load_quantized", "safetensors_files"]
 

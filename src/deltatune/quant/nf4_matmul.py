@@ -136,18 +136,13 @@ class _ChunkedNF4Linear(torch.autograd.Function):
 
 
 def chunked_linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    pairs: torch.Tensor,
-    shape: tuple[int, int],
-    block_size: int,
-    bias: torch.Tensor | None,
+    x: torch.Tensor, weight: Any, pairs: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """y = x Wᵀ + b for x (..., in) in its own dtype, W (out, in) given by NF4 ``packed`` codes
-    ((out * in) / 2,) uint8, fp32 ``absmax`` (out * in / block_size,) and the byte -> level-pair
-    table ``pairs`` (256,) float64. Differentiable in ``x`` and ``bias``."""
-    out_features, in_features = shape
-    weight = (packed, absmax, pairs, out_features, in_features, block_size)
-    out: torch.Tensor = _ChunkedNF4Linear.apply(x, bias, weight, out_features)
+    """y = x Wᵀ + b for x (..., in) in its own dtype. ``weight`` is an ``NF4Tensor`` (out, in):
+    its ``packed`` codes, fp32 ``block_absmax()`` and ``block_size`` are read; ``pairs`` is the
+    byte -> level-pair table (256,) float64. Differentiable in ``x`` and ``bias``."""
+    out_features, in_features = weight.shape
+    absmax = weight.block_absmax()
+    state = (weight.packed, absmax, pairs, out_features, in_features, weight.block_size)
+    out: torch.Tensor = _ChunkedNF4Linear.apply(x, bias, state, out_features)
     return out
