@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "deltatune.model_cache",
             "deltatune.stored_weights",
             "deltatune.quant.nf4",
+            "deltatune.quant.nf4_matmul",
         ),
     ),
     # What every method builds on: configs and the method registry, module targeting, other
@@ -40,7 +41,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # The wrapper model and what works on whole (wrapped) models.
     (
         "wrapper",
-        ("deltatune.model", "deltatune.peft_compat", "deltatune.wrapping", "deltatune.quant.whole_model"),
+        (
+            "deltatune.model",
+            "deltatune.peft_compat",
+            "deltatune.wrapping",
+            "deltatune.quant.whole_model",
+            "deltatune.quant.load",
+        ),
     ),
     # Training, the command line and the public package entry points.
     ("train/cli", ("deltatune.train", "deltatune.cli", "deltatune.__main__", "deltatune.quant", "deltatune")),
