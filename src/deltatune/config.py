@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from deltatune.io import CONFIG_NAME
+from deltatune.io import CONFIG_NAME, shorten
 
 if TYPE_CHECKING:
     from deltatune.methods.base import Tuner
@@ -115,7 +115,7 @@ class PeftConfig:
         if unknown:
             warnings.warn(
                 f"{cls.__name__}: ignoring config keys this version of deltatune does not know: "
-                f"{unknown}. They come from a newer or different library; the adapter is loaded without them.",
+                f"{[shorten(k, 80) for k in unknown[:20]]}{f' and {len(unknown) - 20} more' if len(unknown) > 20 else ''}. They come from a newer or different library; the adapter is loaded without them.",
                 stacklevel=2,
             )
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -132,8 +132,10 @@ class PeftConfig:
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc}); the adapter config is corrupt.") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise ValueError(
+                f"{path} is not valid UTF-8 JSON ({shorten(str(exc), 200)}); the adapter config is corrupt."
+            ) from None
         if not isinstance(data, dict):
             raise ValueError(
                 f'{path} holds a JSON {type(data).__name__}, not an object with fields such as "peft_type": '

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from deltatune.config import CONFIG_NAME, TASK_HEADS, PeftConfig, method_for
-from deltatune.io import WEIGHTS_NAME, atomic_directory, atomic_write_text, load_tensors, save_tensors
+from deltatune.io import WEIGHTS_NAME, atomic_write_text, replace_folder, save_tensors
 from deltatune.methods.base import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper, Tuner
+from deltatune.untrusted import dry_run, read_adapter
 
 SAVED_PREFIX = "base_model.model."  # the ecosystem's key prefix for adapter tensors
 
@@ -700,15 +701,18 @@ class PeftModel(nn.Module):
             check_adapter_name(name)  # a sub-folder of save_directory, never a path outside it
         if not is_main_process:
             return
-        for name in names:
-            target = save_directory if name == "default" else os.path.join(save_directory, name)
-            config = copy.copy(self.peft_config[name])
-            config.inference_mode = True
-            state = self.get_adapter_state_dict(name)
-            with atomic_directory(target) as tmp:
-                save_tensors(state, os.path.join(tmp, WEIGHTS_NAME))
-                config.save_pretrained(tmp)
-                atomic_write_text(os.path.join(tmp, "README.md"), _model_card(config, state))
+        # One swap replaces the whole folder (every selected adapter at once): a crash at any moment
+        # leaves all the old files or all the new ones; the folder's other files are kept.
+        with replace_folder(save_directory) as root:
+            for name in names:
+                target = root if name == "default" else os.path.join(root, name)
+                config = copy.copy(self.peft_config[name])
+                config.inference_mode = True
+                state = self.get_adapter_state_dict(name)
+                os.makedirs(target, exist_ok=True)
+                save_tensors(state, os.path.join(target, WEIGHTS_NAME))
+                config.save_pretrained(target)
+                atomic_write_text(os.path.join(target, "README.md"), _model_card(config, state))
 
     def load_adapter(
         self,
@@ -736,10 +740,13 @@ class PeftModel(nn.Module):
         _check_kwargs("load_adapter", kwargs)
         _warn_autocast(autocast_adapter_dtype)
         directory = _adapter_dir(model_id, subfolder)
-        config = PeftConfig.from_pretrained(directory)
+        config, state = read_adapter(directory, allow_pickle=allow_pickle, device=torch_device or "cpu")
+        assert config is not None
         config.inference_mode = not is_trainable
-        state = load_tensors(directory, allow_pickle=allow_pickle, device=torch_device or "cpu")
         state = _remap_keys(state, key_mapping)
+        check_adapter_name(adapter_name)
+        if adapter_name not in self.peft_config:  # sizes checked on the meta device before any allocation
+            dry_run(self, None, self.base_model, config, adapter_name, state, directory)
         before = {id(m) for m in self._adapter_modules()}
         self.add_adapter(adapter_name, config)
         try:
@@ -786,10 +793,15 @@ class PeftModel(nn.Module):
         _check_kwargs("from_pretrained", kwargs)
         _warn_autocast(autocast_adapter_dtype)
         directory = _adapter_dir(model_id, subfolder)
-        config = config or PeftConfig.from_pretrained(directory)
+        from_file, state = read_adapter(
+            directory, allow_pickle=allow_pickle, device=torch_device or "cpu", need_config=config is None
+        )
+        config = config or from_file
+        assert config is not None
         config.inference_mode = not is_trainable
-        state = load_tensors(directory, allow_pickle=allow_pickle, device=torch_device or "cpu")
         state = _remap_keys(state, key_mapping)
+        _check_unwrapped(model)  # sizes checked on the meta device before any allocation:
+        dry_run(None, cls, model, config, adapter_name, state, directory)
         flags = _grad_flags(model)
         peft_model = cls(model, config, adapter_name)  # refuses an already wrapped base first
         try:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
+from deltatune.patterns import fullmatch
+
 # The ecosystem's defaults (what PEFT picks), so that a config with no targets means the
 # same thing here and there.
 LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -161,7 +163,7 @@ def name_matches(key: str, targets: str | Iterable[str] | None) -> bool:
     if targets is None:
         return False
     if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
+        return fullmatch(targets, key)  # RE2: linear time, whoever wrote the pattern
     return any(key == t or key.endswith("." + t) for t in targets)
 
 

@@ -401,8 +401,15 @@ class Tuner:
                 and torch.equal(dst, src.to(device=dst.device, dtype=dst.dtype))
             ):
                 del state[k]  # the base already holds exactly these values
+            elif alone and _is_embedding(model, layer):
+                kmap[k] = k  # PEFT's resized-vocabulary case: the adapter needs its own embedding table
             elif alone:
-                kmap[k] = k
+                raise ValueError(
+                    f"The adapter file carries a base-model weight {k!r} of layer {layer!r}, which is not an "
+                    "embedding table (the only base weight the adapter format needs, after a vocabulary resize). "
+                    "Loading it would silently replace the base model's own weight, so nothing was loaded. Remove "
+                    "the key from the file; base weights belong in the base model's checkpoint."
+                )
             else:
                 differing.append(k)
         if differing:
@@ -454,6 +461,16 @@ class Tuner:
         self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
         return peft_model.base_model.generate(*args, **kwargs)
+
+
+def _is_embedding(model: nn.Module, layer: str) -> bool:
+    """Whether adapter layer ``layer`` wraps an embedding table: an ``nn.Embedding`` or the model's
+    output embeddings (the LM head, which PEFT saves whole after a vocabulary resize)."""
+    module = model.get_submodule(layer)
+    base = getattr(module, "base_layer", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    return isinstance(base, nn.Embedding) or (head is not None and head in (module, base))
 
 
 def copy_checked(

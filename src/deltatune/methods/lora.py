@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, register_method
 from deltatune.methods.base import AdapterLayer, Tuner, adapter_dtype, adapter_factory, stored_weight
+from deltatune.patterns import fullmatch
 from deltatune.targeting import LORA_DEFAULT_TARGETS, find_targets, linear_types, resolved_targets
 
 
@@ -199,7 +199,7 @@ def _file_init(value: Any) -> Any:
 def _pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
     # A pattern key names a module path suffix (or a regex for one), as in PEFT.
     for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?(?:{key})", path):
+        if fullmatch(rf"(.*\.)?(?:{key})", path):  # RE2: a config's pattern cannot hang
             return value
     return default
 

@@ -1,0 +1,277 @@
+"""Reading adapter folders that someone else wrote.
+
+An adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) may come from anyone,
+so everything in it is checked before it can cost memory or time, reach a path, or change the
+base model:
+
+- the config is read from the same version of the folder as the weights (a save running at the
+  same time cannot mix them), must be UTF-8 JSON of bounded size and nesting, and may not hold
+  NaN / Infinity or absurd sizes (:data:`MAX_SIZE`) or scales (:data:`MAX_SCALE`);
+- files must be regular files inside the folder (no symlink out of it, no device or pipe);
+- weights must be floating point (the safetensors header is checked before any tensor is read)
+  and finite;
+- the sizes the config asks for (ranks, virtual tokens, ...) are checked against the file's tensor
+  shapes by injecting the adapter into a copy of the model on PyTorch's ``meta`` device, which
+  allocates nothing, before the real model is touched;
+- regular expressions in the config run on a linear-time engine (:mod:`deltatune.patterns`).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.config import PeftConfig, config_from_dict
+from deltatune.io import (
+    CONFIG_NAME,
+    PICKLE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    Snapshot,
+    decode_tensors,
+    open_snapshot,
+    shorten,
+)
+
+MAX_SIZE = 1 << 17  # largest rank / token count / width a config may ask for (131,072)
+MAX_SCALE = 1e6  # largest |lora_alpha| (and alpha_pattern value); the scale is alpha / r
+MAX_DEPTH = 32  # configs are a few levels deep; deeper JSON is not an adapter config
+# Config fields (PEFT's file format) that size tensors the adapter allocates.
+SIZE_FIELDS = (
+    "r",
+    "num_virtual_tokens",
+    "token_dim",
+    "num_layers",
+    "num_attention_heads",
+    "num_transformer_submodules",
+    "encoder_hidden_size",
+    "reduction_factor",
+)
+SIZE_PATTERNS = ("rank_pattern",)
+SCALE_FIELDS = ("lora_alpha",)
+SCALE_PATTERNS = ("alpha_pattern",)
+# Memory the config may ask for beyond what the file fills: new tensors the file has no values for
+# are refused when loading anyway, this only keeps them from being allocated first.
+_UNBACKED_ELEMENTS = 1 << 24
+
+
+def _depth_and_bad_numbers(value: Any) -> tuple[int, list[str]]:
+    """Nesting depth of a parsed JSON value, and the paths of NaN / Infinity numbers in it."""
+    depth, bad = 0, []
+    stack: list[tuple[Any, int, str]] = [(value, 1, "")]
+    while stack:
+        item, level, where = stack.pop()
+        depth = max(depth, level)
+        if depth > MAX_DEPTH:
+            break
+        if isinstance(item, dict):
+            stack.extend((v, level + 1, f"{where}.{k}" if where else str(k)) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1, f"{where}[{i}]") for i, v in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            bad.append(where)
+    return depth, bad
+
+
+def _size_problems(data: dict[str, Any]) -> list[str]:
+    problems = []
+
+    def size(name: str, value: Any) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SIZE:
+            problems.append(f"{name}={shorten(value, 60)} (a whole number from 0 to {MAX_SIZE:,d})")
+
+    def scale(name: str, value: Any) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= MAX_SCALE:
+            problems.append(
+                f"{name}={shorten(value, 60)} (a number between -{MAX_SCALE:g} and {MAX_SCALE:g})"
+            )
+
+    for key in SIZE_FIELDS:
+        size(key, data.get(key))
+    for key in SCALE_FIELDS:
+        scale(key, data.get(key))
+    for group, check in ((SIZE_PATTERNS, size), (SCALE_PATTERNS, scale)):
+        for key in group:
+            pattern = data.get(key)
+            if isinstance(pattern, dict):
+                for k, v in itertools.islice(pattern.items(), 10_000):
+                    check(f"{key}[{shorten(k, 60)}]", v)
+    return problems
+
+
+def parse_config(text: bytes, where: str) -> PeftConfig:
+    """An adapter config from the bytes of ``where`` (its path, for messages), checked as above."""
+    try:
+        decoded = text.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{where} is not UTF-8 text (byte {exc.start}: {text[exc.start : exc.start + 1]!r}): it is not an "
+            "adapter config, or it is corrupt. Save the adapter again, or restore the file from its source."
+        ) from None
+    try:
+        data = json.loads(decoded)
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to be an adapter config.") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} is not valid JSON ({exc}); the adapter config is corrupt.") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f'{where} holds a JSON {type(data).__name__}, not an object with fields such as "peft_type": '
+            "it is not an adapter config (or is corrupt). Save the adapter again, or restore the file."
+        )
+    depth, bad = _depth_and_bad_numbers(data)
+    if depth > MAX_DEPTH:
+        raise ValueError(f"{where} is nested more than {MAX_DEPTH} levels deep: it is not an adapter config.")
+    if bad:
+        raise ValueError(
+            f"{where} holds NaN or Infinity at {[shorten(b, 60) for b in bad[:5]]}: a config's numbers must be "
+            "finite. Fix the file, or save the adapter again."
+        )
+    problems = _size_problems(data)
+    if problems:
+        raise ValueError(
+            f"{where} asks for sizes or scales deltatune refuses: {problems[:5]}. An adapter with such values "
+            "would need more memory than any machine has, or would give meaningless outputs. Fix the file."
+        )
+    try:
+        return config_from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {shorten(str(exc), 500)[1:-1]}") from None
+
+
+def read_config(directory: str | os.PathLike[str]) -> PeftConfig:
+    """The config of an adapter folder, read and checked as untrusted input."""
+    snapshot = open_snapshot(os.fspath(directory), weights=False)
+    return _config_of(snapshot)
+
+
+def _config_of(snapshot: Snapshot) -> PeftConfig:
+    if snapshot.config_text is None:
+        raise FileNotFoundError(
+            f"No {CONFIG_NAME} in {snapshot.directory!r}: this folder holds no saved adapter. "
+            "Pass the folder that save_pretrained() wrote."
+        )
+    return parse_config(snapshot.config_text, os.path.join(snapshot.directory, CONFIG_NAME))
+
+
+def read_adapter(
+    directory: str | os.PathLike[str],
+    allow_pickle: bool = False,
+    device: str = "cpu",
+    need_config: bool = True,
+) -> tuple[PeftConfig | None, dict[str, torch.Tensor]]:
+    """Config (if ``need_config``) and weights of one version of an adapter folder, checked."""
+    directory = os.fspath(directory)
+    snapshot = open_snapshot(directory, allow_pickle=True)
+    config = _config_of(snapshot) if need_config else None
+    if snapshot.weights_name == PICKLE_WEIGHTS_NAME and not allow_pickle:
+        raise ValueError(
+            f"{directory!r} holds only {PICKLE_WEIGHTS_NAME}, a pickle file, which can run code when "
+            "loaded. deltatune loads safetensors only. If you trust this file, pass "
+            "allow_pickle=True (it is then loaded with torch.load(weights_only=True)), or convert it "
+            "to safetensors."
+        )
+    state = decode_tensors(snapshot, device)
+    check_tensors(state, os.path.join(directory, snapshot.weights_name or WEIGHTS_NAME))
+    return config, state
+
+
+def check_tensors(state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse tensors that are not floating point, or that hold NaN or infinity."""
+    bad_dtype = [f"{shorten(k, 120)} ({v.dtype})" for k, v in state.items() if not v.is_floating_point()]
+    if bad_dtype:
+        raise ValueError(
+            f"{where} holds tensors that are not floating point: {bad_dtype[:5]}. Adapter weights are "
+            "floating-point numbers; casting integers, booleans or complex numbers would load values the "
+            "adapter never had. Save the adapter again from its source."
+        )
+    bad = [k for k, v in state.items() if not v.is_meta and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"{where} holds NaN or infinite values in {len(bad)} tensor(s), e.g. {[shorten(k, 120) for k in bad[:3]]}: "
+            "the adapter would make every output NaN. It was saved from a diverged training run, or the file "
+            "is corrupt; save it again from a good checkpoint."
+        )
+
+
+# -- sizes before memory: a dry run on the meta device -----------------------------------
+def meta_twin(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers live on the meta device (no memory):
+    adapters injected into it have the shapes the real ones would have, for free."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if id(t) in memo:
+            continue
+        twin = torch.empty_like(t, device="meta")
+        memo[id(t)] = (
+            nn.Parameter(twin, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else twin
+        )
+    return copy.deepcopy(module, memo)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(t.numel() for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def _tensors(module: nn.Module) -> Iterator[int]:
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        yield id(t)
+
+
+def dry_run(
+    host: Any,
+    cls: Any,
+    model: nn.Module,
+    config: PeftConfig,
+    adapter_name: str,
+    state: dict[str, torch.Tensor],
+    where: str,
+) -> None:
+    """Inject ``config`` on a meta-device copy (of ``host``, a PeftModel, or else of ``model`` wrapped
+    by ``cls``) and refuse if what it would allocate does not fit the file's tensors ``state``."""
+    config = copy.copy(config)
+    twin: Any
+    try:
+        if host is not None:
+            twin = meta_twin(host)
+            before = _numel(twin)
+            twin.add_adapter(adapter_name, config)
+        else:
+            base = meta_twin(model)
+            before = _numel(base)
+            twin = cls(base, config, adapter_name)
+        asked = {k: tuple(v.shape) for k, v in twin.get_adapter_state_dict(adapter_name).items()}
+    except (NotImplementedError, RuntimeError):
+        return  # an initialisation the meta device cannot run: the sizes were bounded above
+    differing = [
+        (k, want, tuple(state[k].shape))
+        for k, want in asked.items()
+        if k in state and want != tuple(state[k].shape)
+    ]
+    if differing:
+        key, want, have = differing[0]
+        module = key.removeprefix("base_model.model.").rsplit(".", 2)[0]
+        raise ValueError(
+            f"Shape mismatch loading {shorten(key, 200)} into module {shorten(module, 200)} ({len(differing)} tensor(s) "
+            f"differ): the file has {have}, the model expects {want}. The adapter was trained on a model with "
+            "other dimensions, or its config's sizes (r, rank_pattern, num_virtual_tokens, ...) do not belong "
+            f"to its weights ({where}). Nothing was allocated or changed."
+        )
+    file_numel = sum(v.numel() for v in state.values())
+    new = _numel(twin) - before
+    if new > file_numel + _UNBACKED_ELEMENTS:
+        raise ValueError(
+            f"{where}: the adapter config asks for {new:,d} new parameters but the file holds {file_numel:,d} "
+            "values; the config's sizes do not belong to these weights. Nothing was allocated or changed."
+        )
