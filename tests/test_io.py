@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deltatune import LoraConfig, PeftModel, get_peft_model
-from deltatune.io import CONFIG_NAME, WEIGHTS_NAME
+from deltatune.io import CONFIG_NAME
 from train_utils import tiny_llama_lm
 
 

@@ -375,14 +375,19 @@ def open_snapshot(directory: str, weights: bool = True, allow_pickle: bool = Fal
     swapped the folder meanwhile (its files then vanish), the read starts again."""
     directory = os.fspath(directory)
     last_error: Exception | None = None
+    source = directory
     for attempt in range(50):
         try:
-            dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            dfd = os.open(source, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except FileNotFoundError as exc:
-            # A swap without an atomic exchange leaves the folder missing for a moment.
-            if os.path.isdir(_old_path(os.path.abspath(directory))):
+            # A swap without an atomic exchange leaves the folder missing for a moment (for good, if
+            # the saving process died then): wait a little, then read the old version kept beside it.
+            old = _old_path(os.path.abspath(directory))
+            if os.path.isdir(old):
                 last_error = exc
                 time.sleep(0.02)
+                if attempt >= 10:
+                    source = old
                 continue
             raise FileNotFoundError(
                 f"No {CONFIG_NAME} in {directory!r}: the folder does not exist, so it holds no saved adapter. "
@@ -402,7 +407,7 @@ def open_snapshot(directory: str, weights: bool = True, allow_pickle: bool = Fal
                     data, name = _open_member(dfd, directory, PICKLE_WEIGHTS_NAME, None), PICKLE_WEIGHTS_NAME
                 if data is None:
                     name = None
-            swapped = os.fstat(dfd).st_nlink == 0 or not _same_folder(dfd, directory)
+            swapped = os.fstat(dfd).st_nlink == 0 or not _same_folder(dfd, source)
         finally:
             os.close(dfd)
         if swapped and attempt < 49:
