@@ -401,15 +401,15 @@ class Tuner:
                 and torch.equal(dst, src.to(device=dst.device, dtype=dst.dtype))
             ):
                 del state[k]  # the base already holds exactly these values
-            elif alone and _is_embedding(model, layer):
-                kmap[k] = k  # PEFT's resized-vocabulary case: the adapter needs its own embedding table
-            elif alone:
+            elif not _is_embedding(model, layer):
                 raise ValueError(
                     f"The adapter file carries a base-model weight {k!r} of layer {layer!r}, which is not an "
                     "embedding table (the only base weight the adapter format needs, after a vocabulary resize). "
                     "Loading it would silently replace the base model's own weight, so nothing was loaded. Remove "
                     "the key from the file; base weights belong in the base model's checkpoint."
                 )
+            elif alone:
+                kmap[k] = k  # PEFT's resized-vocabulary case: the adapter needs its own embedding table
             else:
                 differing.append(k)
         if differing:
