@@ -101,8 +101,6 @@ def _inf(t: torch.Tensor) -> torch.Tensor:
 
 
 CATASTROPHIC = r"(([a-z_0-9.]+)*)*\.never"  # Python's re: ~6 s on 16 characters, x2 per character more
-    r"(([a-z_0-9]+)*)*\.never"  # exponential in Python's re on a module name like 'model.layers.0...'
-)
 
 # case id → (how the good folder is broken, error type, what the message must say)
 CORPUS: dict[str, tuple[Callable[[Path], None], type[BaseException], str]] = {
