@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from deltatune import LoraConfig, PeftModel, get_peft_model
-from deltatune.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, exchange_paths, replace_folder
+from deltatune.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text
 
 # Builds two generations of an adapter (lora_alpha 4 / weights 1.0, lora_alpha 64 / weights 2.0;
 # "default" in the folder and "other" in a sub-folder) and serves commands on stdin:
@@ -42,7 +42,6 @@ _HELPER = textwrap.dedent(
     import torch
     from torch import nn
     from deltatune import LoraConfig, get_peft_model
-    from deltatune.io import replace_folder
 
     torch.set_num_threads(1)
 
@@ -60,6 +59,8 @@ _HELPER = textwrap.dedent(
     gens = [generation(4.0, 1.0), generation(64.0, 2.0)]
 
     def swap(folder, i):
+        from deltatune.io import replace_folder
+
         with replace_folder(folder, keep_others=False) as tmp:
             for name in ("a.bin", "b.bin", "config.json"):
                 with open(os.path.join(tmp, name), "w") as fh:
@@ -163,6 +164,8 @@ def test_kill_9_during_saves_leaves_old_or_new(helper, tmp_path):
 @pytest.mark.slow
 def test_kill_9_during_whole_folder_replace(helper, tmp_path):
     """``replace_folder(keep_others=False)``, which ``deltatune merge --overwrite`` uses."""
+    from deltatune.io import replace_folder
+
     folder = tmp_path / "merged"
     rng = random.Random(18)
     seen = set()
@@ -211,6 +214,8 @@ def test_readers_see_whole_adapters_while_two_processes_save(helper, tmp_path):
 
 
 def test_swap_keeps_other_files_and_subfolders(tmp_path):
+    from deltatune.io import replace_folder
+
     folder = tmp_path / "a"
     folder.mkdir()
     (folder / "keep.txt").write_text("mine")
@@ -224,6 +229,8 @@ def test_swap_keeps_other_files_and_subfolders(tmp_path):
 
 
 def test_an_exception_while_building_leaves_the_folder_untouched(tmp_path):
+    from deltatune.io import replace_folder
+
     folder = tmp_path / "a"
     folder.mkdir()
     (folder / "f").write_text("old")
@@ -264,6 +271,8 @@ def test_without_an_atomic_exchange_a_crash_between_renames_is_recovered(tmp_pat
 
 
 def test_exchange_paths_swaps_two_folders(tmp_path):
+    from deltatune.io import exchange_paths
+
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
@@ -317,6 +326,8 @@ def test_saving_into_the_current_folder_keeps_it_usable(tmp_path, monkeypatch):
 def test_merge_overwrite_replaces_whole_and_a_failure_keeps_the_old(tmp_path, monkeypatch):
     """``replace_folder(keep_others=False)``: the old folder's files go; if building fails, the
     old folder stays as it was (the CLI's merge --overwrite uses exactly this)."""
+    from deltatune.io import replace_folder
+
     out = tmp_path / "merged"
     out.mkdir()
     (out / "old.safetensors").write_text("old")
