@@ -29,6 +29,7 @@ from torch import nn
 
 from deltatune import LoraConfig, PeftModel, get_peft_model
 from deltatune.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text
+from deltatune.train.checkpoint import LoopState, save_checkpoint
 
 # Builds two generations of an adapter (lora_alpha 4 / weights 1.0, lora_alpha 64 / weights 2.0;
 # "default" in the folder and "other" in a sub-folder) and serves commands on stdin:
@@ -290,6 +291,10 @@ def test_modes_follow_the_umask(tmp_path):
         model = get_peft_model(_base(), LoraConfig(r=2, target_modules=["0"]))
         model.save_pretrained(str(tmp_path / "adapter"))
         atomic_write_text(str(tmp_path / "config.yaml"), "a: 1\n")
+        lin = nn.Linear(2, 2)
+        opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        step = Path(save_checkpoint(str(tmp_path / "run"), {"w": lin.weight}, opt, sched, LoopState(step=3)))
         os.umask(0o027)
         model.save_pretrained(str(tmp_path / "group"))
     finally:
@@ -302,6 +307,9 @@ def test_modes_follow_the_umask(tmp_path):
     for name in (CONFIG_NAME, WEIGHTS_NAME, "README.md"):
         assert mode(tmp_path / "adapter" / name) == 0o644
     assert mode(tmp_path / "config.yaml") == 0o644
+    assert mode(step) == 0o755 and all(mode(p) == 0o644 for p in step.iterdir()), [
+        oct(mode(p)) for p in step.iterdir()
+    ]
     assert mode(tmp_path / "group") == 0o750 and mode(tmp_path / "group" / CONFIG_NAME) == 0o640
 
 

@@ -52,7 +52,7 @@ SIZE_FIELDS = (
     "num_attention_heads",
     "num_transformer_submodules",
     "encoder_hidden_size",
-    "reduction_factor",
+    "bottleneck_size",
 )
 SIZE_PATTERNS = ("rank_pattern",)
 SCALE_FIELDS = ("lora_alpha",)
