@@ -367,3 +367,26 @@ def test_a_hugging_face_cache_snapshot_may_link_into_its_blobs(good, tmp_path):
         shutil.copy(good / name, repo / "blobs" / name)
         (snap / name).symlink_to(Path("..", "..", "blobs", name))
     PeftModel.from_pretrained(tiny_llama_lm(), str(snap))
+
+
+@pytest.mark.parametrize(
+    "case", ["config_symlink_out", "weights_fifo", "deep_nesting", "not_utf8", "huge_config"]
+)
+def test_reading_only_the_config_is_guarded_too(case, good, tmp_path):
+    """``PeftConfig.from_pretrained`` (what ``deltatune merge`` / ``inspect`` read first) reads the
+    config with the same rules: no link out, bounded size and depth, UTF-8."""
+    from deltatune import PeftConfig
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(good, folder)
+    if case == "weights_fifo":  # a pipe as the config: must not block
+        (folder / CONFIG_NAME).unlink()
+        os.mkfifo(folder / CONFIG_NAME)
+        message = "not a regular file"
+    else:
+        CORPUS[case][0](folder)
+        message = CORPUS[case][2]
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        PeftConfig.from_pretrained(str(folder))
+    assert time.perf_counter() - start < SECONDS

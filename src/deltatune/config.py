@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from deltatune.io import CONFIG_NAME, shorten
+from deltatune.io import CONFIG_NAME, open_snapshot, parse_json_object, shorten
 
 if TYPE_CHECKING:
     from deltatune.methods.base import Tuner
@@ -123,24 +123,15 @@ class PeftConfig:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str]) -> PeftConfig:
         """Read ``adapter_config.json`` and return the config class its ``peft_type`` names."""
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
+        # Read as untrusted input: a regular file inside the folder, bounded size, UTF-8 JSON object.
+        snapshot = open_snapshot(os.fspath(directory), weights=False)
+        path = os.path.join(os.fspath(directory), CONFIG_NAME)
+        if snapshot.config_text is None:
             raise FileNotFoundError(
                 f"No {CONFIG_NAME} in {os.fspath(directory)!r}: this folder holds no saved adapter. "
                 "Pass the folder that save_pretrained() wrote."
             )
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise ValueError(
-                f"{path} is not valid UTF-8 JSON ({shorten(str(exc), 200)}); the adapter config is corrupt."
-            ) from None
-        if not isinstance(data, dict):
-            raise ValueError(
-                f'{path} holds a JSON {type(data).__name__}, not an object with fields such as "peft_type": '
-                "it is not an adapter config (or is corrupt). Save the adapter again, or restore the file."
-            )
+        data = parse_json_object(snapshot.config_text, path)
         return config_from_dict(data)
 
 

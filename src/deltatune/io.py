@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import math
 import os
 import secrets
 import shutil
@@ -25,6 +26,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -422,6 +424,59 @@ def _same_folder(dfd: int, directory: str) -> bool:
     except OSError:
         return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+MAX_DEPTH = 32  # configs are a few levels deep; deeper JSON is not an adapter config
+
+
+def _depth_and_bad_numbers(value: Any) -> tuple[int, list[str]]:
+    """Nesting depth of a parsed JSON value, and the paths of NaN / Infinity numbers in it."""
+    depth, bad = 0, []
+    stack: list[tuple[Any, int, str]] = [(value, 1, "")]
+    while stack:
+        item, level, where = stack.pop()
+        depth = max(depth, level)
+        if depth > MAX_DEPTH:
+            break
+        if isinstance(item, dict):
+            stack.extend((v, level + 1, f"{where}.{k}" if where else str(k)) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1, f"{where}[{i}]") for i, v in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            bad.append(where)
+    return depth, bad
+
+
+def parse_json_object(text: bytes, where: str) -> dict[str, Any]:
+    """A JSON object from the bytes of file ``where`` (named in errors): UTF-8, at most
+    :data:`MAX_DEPTH` levels deep, finite numbers only."""
+    try:
+        decoded = text.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{where} is not UTF-8 text (byte {exc.start}: {text[exc.start : exc.start + 1]!r}): it is not an "
+            "adapter config, or it is corrupt. Save the adapter again, or restore the file from its source."
+        ) from None
+    try:
+        data = json.loads(decoded)
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to be an adapter config.") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} is not valid JSON ({exc}); the adapter config is corrupt.") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f'{where} holds a JSON {type(data).__name__}, not an object with fields such as "peft_type": '
+            "it is not an adapter config (or is corrupt). Save the adapter again, or restore the file."
+        )
+    depth, bad = _depth_and_bad_numbers(data)
+    if depth > MAX_DEPTH:
+        raise ValueError(f"{where} is nested more than {MAX_DEPTH} levels deep: it is not an adapter config.")
+    if bad:
+        raise ValueError(
+            f"{where} holds NaN or Infinity at {[shorten(b, 60) for b in bad[:5]]}: a config's numbers must be "
+            "finite. Fix the file, or save the adapter again."
+        )
+    return data
 
 
 def safetensors_header(data: bytes, where: str) -> dict[str, tuple[str, tuple[int, ...]]]:

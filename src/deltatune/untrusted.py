@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
-import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -37,12 +35,12 @@ from deltatune.io import (
     Snapshot,
     decode_tensors,
     open_snapshot,
+    parse_json_object,
     shorten,
 )
 
 MAX_SIZE = 1 << 17  # largest rank / token count / width a config may ask for (131,072)
 MAX_SCALE = 1e6  # largest |lora_alpha| (and alpha_pattern value); the scale is alpha / r
-MAX_DEPTH = 32  # configs are a few levels deep; deeper JSON is not an adapter config
 # Config fields (PEFT's file format) that size tensors the adapter allocates.
 SIZE_FIELDS = (
     "r",
@@ -60,24 +58,6 @@ SCALE_PATTERNS = ("alpha_pattern",)
 # Memory the config may ask for beyond what the file fills: new tensors the file has no values for
 # are refused when loading anyway, this only keeps them from being allocated first.
 _UNBACKED_ELEMENTS = 1 << 24
-
-
-def _depth_and_bad_numbers(value: Any) -> tuple[int, list[str]]:
-    """Nesting depth of a parsed JSON value, and the paths of NaN / Infinity numbers in it."""
-    depth, bad = 0, []
-    stack: list[tuple[Any, int, str]] = [(value, 1, "")]
-    while stack:
-        item, level, where = stack.pop()
-        depth = max(depth, level)
-        if depth > MAX_DEPTH:
-            break
-        if isinstance(item, dict):
-            stack.extend((v, level + 1, f"{where}.{k}" if where else str(k)) for k, v in item.items())
-        elif isinstance(item, list):
-            stack.extend((v, level + 1, f"{where}[{i}]") for i, v in enumerate(item))
-        elif isinstance(item, float) and not math.isfinite(item):
-            bad.append(where)
-    return depth, bad
 
 
 def _size_problems(data: dict[str, Any]) -> list[str]:
@@ -112,32 +92,7 @@ def _size_problems(data: dict[str, Any]) -> list[str]:
 
 def parse_config(text: bytes, where: str) -> PeftConfig:
     """An adapter config from the bytes of ``where`` (its path, for messages), checked as above."""
-    try:
-        decoded = text.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"{where} is not UTF-8 text (byte {exc.start}: {text[exc.start : exc.start + 1]!r}): it is not an "
-            "adapter config, or it is corrupt. Save the adapter again, or restore the file from its source."
-        ) from None
-    try:
-        data = json.loads(decoded)
-    except RecursionError:
-        raise ValueError(f"{where} is nested too deeply to be an adapter config.") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where} is not valid JSON ({exc}); the adapter config is corrupt.") from None
-    if not isinstance(data, dict):
-        raise ValueError(
-            f'{where} holds a JSON {type(data).__name__}, not an object with fields such as "peft_type": '
-            "it is not an adapter config (or is corrupt). Save the adapter again, or restore the file."
-        )
-    depth, bad = _depth_and_bad_numbers(data)
-    if depth > MAX_DEPTH:
-        raise ValueError(f"{where} is nested more than {MAX_DEPTH} levels deep: it is not an adapter config.")
-    if bad:
-        raise ValueError(
-            f"{where} holds NaN or Infinity at {[shorten(b, 60) for b in bad[:5]]}: a config's numbers must be "
-            "finite. Fix the file, or save the adapter again."
-        )
+    data = parse_json_object(text, where)
     problems = _size_problems(data)
     if problems:
         raise ValueError(
