@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -161,10 +161,11 @@ def check_tensors(state: dict[str, torch.Tensor], where: str) -> None:
 
 
 # -- sizes before memory: a dry run on the meta device -----------------------------------
-def meta_twin(module: nn.Module) -> nn.Module:
+def meta_twin(module: nn.Module, share: Iterable[object] = ()) -> nn.Module:
     """A copy of ``module`` whose parameters and buffers live on the meta device (no memory):
-    adapters injected into it have the shapes the real ones would have, for free."""
-    memo: dict[int, Any] = {}
+    adapters injected into it have the shapes the real ones would have, for free. Objects in
+    ``share`` (e.g. configs holding a tokenizer) are referenced, not copied."""
+    memo: dict[int, Any] = {id(obj): obj for obj in share}
     for t in itertools.chain(module.parameters(), module.buffers()):
         if id(t) in memo:
             continue
@@ -177,11 +178,6 @@ def meta_twin(module: nn.Module) -> nn.Module:
 
 def _numel(module: nn.Module) -> int:
     return sum(t.numel() for t in itertools.chain(module.parameters(), module.buffers()))
-
-
-def _tensors(module: nn.Module) -> Iterator[int]:
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        yield id(t)
 
 
 def dry_run(
@@ -199,7 +195,7 @@ def dry_run(
     twin: Any
     try:
         if host is not None:
-            twin = meta_twin(host)
+            twin = meta_twin(host, share=list(getattr(host, "peft_config", {}).values()))
             before = _numel(twin)
             twin.add_adapter(adapter_name, config)
         else:
