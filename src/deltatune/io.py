@@ -312,7 +312,8 @@ class Snapshot:
     """The files of one adapter folder, all read from one version of it.
 
     ``config_text``: ``adapter_config.json``, or None if missing. ``weights``: the bytes of the
-    weights file, or None; ``weights_name`` says which file they came from.
+    weights file, or None; ``weights_name`` says which file they came from (a pickle file is
+    named but not read unless ``allow_pickle``).
     """
 
     directory: str
@@ -405,9 +406,11 @@ def open_snapshot(directory: str, weights: bool = True, allow_pickle: bool = Fal
             data, name = None, None
             if weights:
                 data, name = _open_member(dfd, directory, WEIGHTS_NAME, None), WEIGHTS_NAME
-                if data is None and allow_pickle:
-                    data, name = _open_member(dfd, directory, PICKLE_WEIGHTS_NAME, None), PICKLE_WEIGHTS_NAME
-                if data is None:
+                if data is None and _exists(dfd, PICKLE_WEIGHTS_NAME):
+                    # read only if allowed; otherwise ``weights_name`` says it is there, for the error
+                    data = _open_member(dfd, directory, PICKLE_WEIGHTS_NAME, None) if allow_pickle else None
+                    name = PICKLE_WEIGHTS_NAME
+                elif data is None:
                     name = None
             swapped = os.fstat(dfd).st_nlink == 0 or not _same_folder(dfd, source)
         finally:
@@ -416,6 +419,14 @@ def open_snapshot(directory: str, weights: bool = True, allow_pickle: bool = Fal
             continue  # the folder was replaced while it was read: read the new version
         return Snapshot(directory, config, data, name)
     raise OSError(f"{directory!r} kept changing while it was read ({last_error}); try again.")
+
+
+def _exists(dfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _same_folder(dfd: int, directory: str) -> bool:
@@ -574,7 +585,7 @@ def _load_pickle(data: bytes, where: str, device: str) -> dict[str, torch.Tensor
 
 def load_tensors(directory: str, allow_pickle: bool = False, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Load an adapter's weights from a folder; only safetensors unless pickle is asked for."""
-    snapshot = open_snapshot(directory, allow_pickle=True)
+    snapshot = open_snapshot(directory, allow_pickle=allow_pickle)
     if snapshot.weights_name == PICKLE_WEIGHTS_NAME and not allow_pickle:
         raise ValueError(
             f"{directory!r} holds only {PICKLE_WEIGHTS_NAME}, a pickle file, which can run code when "

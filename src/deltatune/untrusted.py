@@ -128,7 +128,7 @@ def read_adapter(
 ) -> tuple[PeftConfig | None, dict[str, torch.Tensor]]:
     """Config (if ``need_config``) and weights of one version of an adapter folder, checked."""
     directory = os.fspath(directory)
-    snapshot = open_snapshot(directory, allow_pickle=True)
+    snapshot = open_snapshot(directory, allow_pickle=allow_pickle)
     config = _config_of(snapshot) if need_config else None
     if snapshot.weights_name == PICKLE_WEIGHTS_NAME and not allow_pickle:
         raise ValueError(
