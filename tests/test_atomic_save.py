@@ -265,8 +265,15 @@ def test_without_an_atomic_exchange_a_crash_between_renames_is_recovered(tmp_pat
         model.save_pretrained(str(folder))
     monkeypatch.setattr(os, "rename", real_rename)
     assert not folder.exists() and (tmp_path / ".adapter.deltatune-old").is_dir()
-    PeftModel.from_pretrained(_base(), str(folder))  # a reader finds the old folder meanwhile...
-    model.save_pretrained(str(folder))  # ...and the next save puts it back before swapping
+    PeftModel.from_pretrained(
+        _base(), str(folder)
+    )  # the next load puts the old folder back (no writer lives)
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(Crash):
+        model.save_pretrained(str(folder))
+    monkeypatch.setattr(os, "rename", real_rename)
+    model.save_pretrained(str(folder))  # the next save puts the old folder back, then swaps
     assert sorted(os.listdir(tmp_path)) == ["adapter"]
     PeftModel.from_pretrained(_base(), str(folder))
 

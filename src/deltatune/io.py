@@ -388,6 +388,9 @@ def open_snapshot(directory: str, weights: bool = True, allow_pickle: bool = Fal
             old = _old_path(os.path.abspath(directory))
             if os.path.isdir(old):
                 last_error = exc
+                if attempt >= 10 and _try_recover(os.path.abspath(directory)):
+                    source = directory  # the writer had died: its old folder is back in place
+                    continue
                 time.sleep(0.02)
                 if attempt >= 10:
                     source = old
@@ -419,6 +422,25 @@ def open_snapshot(directory: str, weights: bool = True, allow_pickle: bool = Fal
             continue  # the folder was replaced while it was read: read the new version
         return Snapshot(directory, config, data, name)
     raise OSError(f"{directory!r} kept changing while it was read ({last_error}); try again.")
+
+
+def _try_recover(path: str) -> bool:
+    """Put back a folder whose two-rename swap a crash interrupted, if no writer holds the
+    parent's lock (a live writer finishes the swap itself); True if ``path`` exists afterwards."""
+    try:
+        import fcntl
+
+        fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        recover_folder(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return os.path.isdir(path)
 
 
 def _exists(dfd: int, name: str) -> bool:

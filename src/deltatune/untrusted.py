@@ -194,17 +194,23 @@ def dry_run(
     config = copy.copy(config)
     twin: Any
     try:
+        copied = (
+            meta_twin(host, share=list(host.peft_config.values())) if host is not None else meta_twin(model)
+        )
+    except Exception:  # a module that cannot be copied: the config's sizes were bounded already
+        return
+    before = _numel(copied)
+    try:
         if host is not None:
-            twin = meta_twin(host, share=list(getattr(host, "peft_config", {}).values()))
-            before = _numel(twin)
+            twin = copied
             twin.add_adapter(adapter_name, config)
         else:
-            base = meta_twin(model)
-            before = _numel(base)
-            twin = cls(base, config, adapter_name)
+            twin = cls(copied, config, adapter_name)
         asked = {k: tuple(v.shape) for k, v in twin.get_adapter_state_dict(adapter_name).items()}
-    except (NotImplementedError, RuntimeError):
-        return  # an initialisation the meta device cannot run: the sizes were bounded above
+    except ValueError:
+        raise  # the config does not fit the model: the real injection would say the same
+    except Exception:  # an initialisation the meta device cannot run: the sizes were bounded above
+        return
     differing = [
         (k, want, tuple(state[k].shape))
         for k, want in asked.items()
