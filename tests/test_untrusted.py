@@ -390,3 +390,29 @@ def test_reading_only_the_config_is_guarded_too(case, good, tmp_path):
     with pytest.raises(ValueError, match=message):
         PeftConfig.from_pretrained(str(folder))
     assert time.perf_counter() - start < SECONDS
+
+
+def test_a_loaded_prompt_never_reads_the_tokenizer_path_of_its_config(tmp_path, monkeypatch):
+    """A prompt-tuning config initialised from text names a tokenizer path; when the adapter is
+    loaded (even to train on), the file's prompt replaces that init, so the path is never read."""
+    import transformers
+
+    model = get_peft_model(tiny_llama_lm(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.fill_(0.5)
+    model.save_pretrained(str(tmp_path))
+    _edit_config(
+        tmp_path,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="hello",
+        tokenizer_name_or_path="/etc/evil",
+    )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a path from the adapter file was read: {args}")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    loaded = PeftModel.from_pretrained(tiny_llama_lm(), str(tmp_path), is_trainable=True)
+    assert torch.all(loaded.prompt_encoder["default"].embedding.weight == 0.5)
+    host = PeftModel.from_pretrained(tiny_llama_lm(), str(tmp_path))
+    host.load_adapter(str(tmp_path), "again", is_trainable=True)

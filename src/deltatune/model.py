@@ -22,7 +22,7 @@ from torch import nn
 from deltatune.config import CONFIG_NAME, TASK_HEADS, PeftConfig, method_for
 from deltatune.io import WEIGHTS_NAME, atomic_write_text, replace_folder, save_tensors
 from deltatune.methods.base import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper, Tuner
-from deltatune.untrusted import dry_run, read_adapter
+from deltatune.untrusted import dry_run, loading_weights, read_adapter
 
 SAVED_PREFIX = "base_model.model."  # the ecosystem's key prefix for adapter tensors
 
@@ -748,7 +748,8 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:  # sizes checked on the meta device before any allocation
             dry_run(self, None, self.base_model, config, adapter_name, state, directory)
         before = {id(m) for m in self._adapter_modules()}
-        self.add_adapter(adapter_name, config)
+        with loading_weights():
+            self.add_adapter(adapter_name, config)
         try:
             self._load_state(adapter_name, state)
         except BaseException:
@@ -803,7 +804,8 @@ class PeftModel(nn.Module):
         _check_unwrapped(model)  # sizes checked on the meta device before any allocation:
         dry_run(None, cls, model, config, adapter_name, state, directory)
         flags = _grad_flags(model)
-        peft_model = cls(model, config, adapter_name)  # refuses an already wrapped base first
+        with loading_weights():
+            peft_model = cls(model, config, adapter_name)  # refuses an already wrapped base first
         try:
             peft_model._load_state(adapter_name, state)
         except BaseException:

@@ -18,10 +18,12 @@ base model:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import itertools
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -160,6 +162,26 @@ def check_tensors(state: dict[str, torch.Tensor], where: str) -> None:
         )
 
 
+_LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("deltatune_loading", default=False)
+
+
+@contextlib.contextmanager
+def loading_weights() -> Iterator[None]:
+    """Mark adapters created inside as about to receive a file's weights: a method then skips
+    initialisation that reads anything named in the config (e.g. a tokenizer path for a prompt
+    initialised from text), since the file's values replace it anyway."""
+    token = _LOADING.set(True)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
+
+
+def loading() -> bool:
+    """True while :func:`loading_weights` is active."""
+    return _LOADING.get()
+
+
 # -- sizes before memory: a dry run on the meta device -----------------------------------
 def meta_twin(module: nn.Module, share: Iterable[object] = ()) -> nn.Module:
     """A copy of ``module`` whose parameters and buffers live on the meta device (no memory):
@@ -201,11 +223,12 @@ def dry_run(
         return
     before = _numel(copied)
     try:
-        if host is not None:
-            twin = copied
-            twin.add_adapter(adapter_name, config)
-        else:
-            twin = cls(copied, config, adapter_name)
+        with loading_weights():
+            if host is not None:
+                twin = copied
+                twin.add_adapter(adapter_name, config)
+            else:
+                twin = cls(copied, config, adapter_name)
         asked = {k: tuple(v.shape) for k, v in twin.get_adapter_state_dict(adapter_name).items()}
     except ValueError:
         raise  # the config does not fit the model: the real injection would say the same
