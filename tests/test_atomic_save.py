@@ -293,6 +293,8 @@ def test_exchange_paths_swaps_two_folders(tmp_path):
 def test_modes_follow_the_umask(tmp_path):
     """0644 files / 0755 folders under umask 022, as PEFT (plain open / mkdir) writes them; a
     serving account in the group must be able to read a saved adapter."""
+    from deltatune.io import replace_folder
+
     old = os.umask(0o022)
     try:
         model = get_peft_model(_base(), LoraConfig(r=2, target_modules=["0"]))
@@ -301,6 +303,8 @@ def test_modes_follow_the_umask(tmp_path):
         lin = nn.Linear(2, 2)
         opt = torch.optim.SGD(lin.parameters(), lr=0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        with replace_folder(str(tmp_path / "merged"), keep_others=False) as tmp:
+            Path(tmp, "model.safetensors").write_text("x")
         step = Path(save_checkpoint(str(tmp_path / "run"), {"w": lin.weight}, opt, sched, LoopState(step=3)))
         os.umask(0o027)
         model.save_pretrained(str(tmp_path / "group"))
@@ -314,6 +318,7 @@ def test_modes_follow_the_umask(tmp_path):
     for name in (CONFIG_NAME, WEIGHTS_NAME, "README.md"):
         assert mode(tmp_path / "adapter" / name) == 0o644
     assert mode(tmp_path / "config.yaml") == 0o644
+    assert mode(tmp_path / "merged") == 0o755  # deltatune merge's output folder
     assert mode(step) == 0o755 and all(mode(p) == 0o644 for p in step.iterdir()), [
         oct(mode(p)) for p in step.iterdir()
     ]
