@@ -76,6 +76,25 @@ def make_temp_dir(parent: str, prefix: str) -> str:
     raise FileExistsError(f"Could not create a temporary folder in {parent!r}.")
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting it (briefly) and putting it back
+    os.umask(mask)
+    return mask
+
+
+def use_default_mode(path: str) -> None:
+    """Give a folder made by ``tempfile.mkdtemp`` (mode 0700) the mode ``mkdir`` would have given
+    it: 0777 minus the umask."""
+    os.chmod(path, 0o777 & ~_umask())
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a torn one."""
     directory = os.path.dirname(os.path.abspath(path))

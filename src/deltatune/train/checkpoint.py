@@ -15,13 +15,14 @@ import os
 import random
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from deltatune.io import atomic_write_text, make_temp_dir, save_tensors
+from deltatune.io import atomic_write_text, save_tensors, use_default_mode
 
 STATE_NAME = "trainer_state.json"
 WEIGHTS = "trainable.safetensors"
@@ -122,7 +123,8 @@ def _new_directory(path: str) -> Iterator[str]:
     """Fill a temporary folder, then rename it to ``path`` in one step (one rename is atomic)."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = make_temp_dir(parent, ".tmp-" + os.path.basename(path) + "-")  # 0777 minus the umask, not 0700
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    use_default_mode(tmp)  # 0755 under umask 022, not mkdtemp's 0700
     try:
         yield tmp
         if os.path.isdir(path):  # re-saving the same step (after a resume): replace it
