@@ -292,7 +292,6 @@ def _check_merge_output(adapter: str, base: str | None, output: str, overwrite: 
 
 def _merge(args: argparse.Namespace) -> int:
     from deltatune.config import CONFIG_NAME, PeftConfig
-    from deltatune.io import replace_folder
 
     if not os.path.isfile(os.path.join(args.adapter, CONFIG_NAME)):
         if os.path.isdir(args.adapter) and os.path.isfile(os.path.join(args.adapter, "config.json")):
@@ -303,6 +302,8 @@ def _merge(args: argparse.Namespace) -> int:
     model, tokenizer, config = _load_adapter_model(args.adapter, args.model)
     merged = model.merge_and_unload()
     # Built beside OUTPUT and swapped in with one atomic rename: OUTPUT is always the old folder or the new one.
+    from deltatune.io import replace_folder
+
     with replace_folder(args.output, keep_others=False) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
