@@ -226,6 +226,12 @@ def test_swap_keeps_other_files_and_subfolders(tmp_path):
     with replace_folder(str(folder)) as tmp:
         Path(tmp, "old.txt").write_text("new")
     assert (folder / "keep.txt").read_text() == "mine" and (folder / "sub" / "deep.txt").read_text() == "deep"
+    with replace_folder(str(folder)) as tmp:  # a sub-folder the new version writes keeps its other files
+        Path(tmp, "sub").mkdir()
+        Path(tmp, "sub", "new.txt").write_text("new")
+    assert (folder / "sub" / "deep.txt").read_text() == "deep" and (
+        folder / "sub" / "new.txt"
+    ).read_text() == "new"
     assert (folder / "old.txt").read_text() == "new" and _leftovers(folder) == []
 
 

@@ -206,8 +206,8 @@ def folder_lock(parent: str) -> Iterator[None]:
 
 
 def _carry_over(src: str, dst: str) -> None:
-    """Put every entry of folder ``src`` that ``dst`` lacks into ``dst``: hard links where the
-    filesystem has them (no copy, instant), copies otherwise; symlinks as symlinks."""
+    """Put every entry of folder ``src`` that ``dst`` lacks into ``dst`` (in sub-folders both have,
+    too): hard links where the filesystem has them (no copy), copies otherwise; symlinks as symlinks."""
 
     def link_or_copy(a: str, b: str) -> None:
         try:
@@ -218,6 +218,8 @@ def _carry_over(src: str, dst: str) -> None:
     for name in os.listdir(src):
         a, b = os.path.join(src, name), os.path.join(dst, name)
         if os.path.lexists(b):
+            if os.path.isdir(a) and not os.path.islink(a) and os.path.isdir(b) and not os.path.islink(b):
+                _carry_over(a, b)  # a sub-folder both have (another adapter's): keep its other files too
             continue
         if os.path.islink(a):
             os.symlink(os.readlink(a), b)
