@@ -145,6 +145,15 @@ CORPUS: dict[str, tuple[Callable[[Path], None], type[BaseException], str]] = {
         ValueError,
         "Nothing was allocated",
     ),
+    "sizes_the_file_does_not_fill": (
+        lambda f: _edit_config(
+            f,
+            target_modules=["q_proj", "v_proj", "o_proj", "up_proj"],
+            rank_pattern={"o_proj": 131_072, "up_proj": 131_072},
+        ),
+        ValueError,
+        "new parameters but the file holds",
+    ),
     "negative_r": (lambda f: _edit_config(f, r=-4), ValueError, "r=-4"),
     "absurd_alpha": (lambda f: _edit_config(f, lora_alpha=1e308), ValueError, "lora_alpha=1e\\+308"),
     "nan_in_config": (

@@ -57,8 +57,9 @@ SIZE_FIELDS = (
 SIZE_PATTERNS = ("rank_pattern",)
 SCALE_FIELDS = ("lora_alpha",)
 SCALE_PATTERNS = ("alpha_pattern",)
-# Memory the config may ask for beyond what the file fills: new tensors the file has no values for
-# are refused when loading anyway, this only keeps them from being allocated first.
+# Parameters the config may ask for beyond what the file fills (e.g. prefix tuning's
+# reparameterisation MLP, built and then dropped when loading to train): this many, or as many as
+# the base model has, whichever is more. More is no adapter, only a way to exhaust memory.
 _UNBACKED_ELEMENTS = 1 << 24
 
 
@@ -250,7 +251,7 @@ def dry_run(
         )
     file_numel = sum(v.numel() for v in state.values())
     new = _numel(twin) - before
-    if new > file_numel + _UNBACKED_ELEMENTS:
+    if new > file_numel + max(_UNBACKED_ELEMENTS, before):
         raise ValueError(
             f"{where}: the adapter config asks for {new:,d} new parameters but the file holds {file_numel:,d} "
             "values; the config's sizes do not belong to these weights. Nothing was allocated or changed."
