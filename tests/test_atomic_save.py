@@ -75,6 +75,25 @@ _HELPER = textwrap.dedent(
                 gens[int(line.split()[3])].save_pretrained(folder)
             print("done", flush=True)
             continue
+        if cmd == "writers":  # two children save generation 0 / 1 <arg> times each, at the same time
+            pids = []
+            for g in (0, 1):
+                pid = os.fork()
+                if pid == 0:
+                    code = 0
+                    try:
+                        for _ in range(int(arg)):
+                            gens[g].save_pretrained(folder)
+                    except BaseException as exc:
+                        print(f"writer {g}: {exc!r}", file=sys.stderr, flush=True)
+                        code = 1
+                    open(os.path.join(os.path.dirname(folder), f"writer-{g}-done"), "w").close()
+                    os._exit(code)
+                pids.append(pid)
+            print("started", flush=True)
+            codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+            print("exit", *codes, flush=True)
+            continue
         pid = os.fork()
         if pid == 0:
             i = 0
@@ -106,6 +125,7 @@ def helper():
         proc.stdin.flush()
         return proc.stdout.readline().strip()
 
+    ask.stdout = proc.stdout  # type: ignore[attr-defined]
     yield ask
     proc.stdin.close()
     proc.wait(timeout=60)
@@ -186,32 +206,16 @@ def test_kill_9_during_whole_folder_replace(helper, tmp_path):
 
 @pytest.mark.slow
 def test_readers_see_whole_adapters_while_two_processes_save(helper, tmp_path):
+    """Two processes save different adapters to one folder while this one loads it in a loop."""
     folder = tmp_path / "adapter"
     assert helper(f"loop {folder} 1 0") == "done"
-    script = _HELPER.split('print("ready"')[0] + "\nfor _ in range(20):\n    gens[G].save_pretrained(F)\n"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    writers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                script.replace("gens[G]", f"gens[{g}]").replace("(F)", f"({str(folder)!r})"),
-            ],
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for g in (0, 1)
-    ]
+    assert helper(f"writers {folder} 25") == "started"
     seen: list[int] = []
-    try:
-        while any(w.poll() is None for w in writers):
-            seen.append(_generation(folder, files=False))  # never a mix, never FileNotFoundError
-    finally:
-        for w in writers:
-            _, err = w.communicate(timeout=300)
-            assert w.returncode == 0, err[-2000:]
-    assert len(seen) >= 5 and _leftovers(folder) == []
+    done = [tmp_path / f"writer-{g}-done" for g in (0, 1)]
+    while not all(d.exists() for d in done):
+        seen.append(_generation(folder, files=False))  # never a mix, never FileNotFoundError
+    assert helper.stdout.readline().split() == ["exit", "0", "0"]  # no writer failed
+    assert len(seen) >= 5 and set(seen) == {0, 1} and _leftovers(folder) == []
 
 
 def test_swap_keeps_other_files_and_subfolders(tmp_path):

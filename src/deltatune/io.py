@@ -364,13 +364,21 @@ def _open_member(dfd: int, directory: str, name: str, limit: int | None) -> byte
         return None
     if stat.S_ISLNK(st.st_mode):
         real_dir = os.path.realpath(directory)
-        target = os.path.realpath(os.path.join(real_dir, os.readlink(name, dir_fd=dfd)))
+        try:
+            target = os.path.realpath(os.path.join(real_dir, os.readlink(name, dir_fd=dfd)))
+        except FileNotFoundError:
+            return None
         if not any(target == r or target.startswith(r + os.sep) for r in _allowed_roots(real_dir)):
             raise ValueError(
                 f"{path} is a symbolic link to {target!r}, outside the adapter folder. deltatune reads only "
                 "files inside the folder it is given; copy the file into the folder instead of linking it."
             )
-    fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0), dir_fd=dfd)
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0), dir_fd=dfd
+        )
+    except FileNotFoundError:
+        return None  # deleted since (a save swapped the folder and is removing the old one): read again
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -439,9 +447,11 @@ def open_snapshot(directory: str, weights: bool = True, allow_pickle: bool = Fal
             swapped = os.fstat(dfd).st_nlink == 0 or not _same_folder(dfd, source)
         finally:
             os.close(dfd)
-        if swapped and attempt < 49:
-            continue  # the folder was replaced while it was read: read the new version
-        return Snapshot(directory, config, data, name)
+        skipped = name == PICKLE_WEIGHTS_NAME and not allow_pickle  # named, deliberately not read
+        incomplete = config is None or (weights and data is None and not skipped)
+        if swapped and incomplete and attempt < 49:
+            continue  # replaced while it was read, and the old version's files are being deleted: again
+        return Snapshot(directory, config, data, name)  # every file read came from one version
     raise OSError(f"{directory!r} kept changing while it was read ({last_error}); try again.")
 
 
