@@ -121,6 +121,26 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str
     atomic_write_bytes(path, save(clean, metadata={"format": "pt", **(metadata or {})}))
 
 
+def _fsync_tree(root: str) -> None:
+    """Flush every regular file and folder under ``root`` to disk (cheap for files already flushed)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    continue  # links, pipes, devices: nothing to flush (and a pipe would block)
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
+
+
 def _fsync_dir(path: str) -> None:
     """Make renames in ``path`` durable (POSIX); a no-op where folders cannot be opened."""
     try:
@@ -292,10 +312,10 @@ def replace_folder(path: str, keep_others: bool = True) -> Iterator[str]:
             yield tmp
             existed = os.path.isdir(path)
             if existed:
-                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
                 if keep_others:
                     _carry_over(path, tmp)
-            _fsync_dir(tmp)
+                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))  # a re-save keeps the folder's mode
+            _fsync_tree(tmp)  # on disk before it is swapped in (a power cut must not leave empty files)
             back = _cwd_inside(path)
             if not existed:
                 os.rename(tmp, path)
