@@ -40,6 +40,7 @@ from deltatune.io import (
     parse_json_object,
     shorten,
 )
+from deltatune.patterns import compile_pattern
 
 MAX_SIZE = 1 << 17  # largest rank / token count / width a config may ask for (131,072)
 MAX_SCALE = 1e6  # largest |lora_alpha| (and alpha_pattern value); the scale is alpha / r
@@ -54,6 +55,8 @@ SIZE_FIELDS = (
     "encoder_hidden_size",
     "bottleneck_size",
 )
+# Fields that hold a regex when they are a string (PEFT's format), and dicts keyed by regexes.
+PATTERN_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "feedforward_modules")
 SIZE_PATTERNS = ("rank_pattern",)
 SCALE_FIELDS = ("lora_alpha",)
 SCALE_PATTERNS = ("alpha_pattern",)
@@ -102,10 +105,26 @@ def parse_config(text: bytes, where: str) -> PeftConfig:
             f"{where} asks for sizes or scales deltatune refuses: {problems[:5]}. An adapter with such values "
             "would need more memory than any machine has, or would give meaningless outputs. Fix the file."
         )
+    _check_patterns(data, where)
     try:
         return config_from_dict(data)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: {shorten(str(exc), 500)[1:-1]}") from None
+        message = str(exc)
+        raise ValueError(f"{where}: {message if len(message) <= 1000 else message[:1000] + '...'}") from None
+
+
+def _check_patterns(data: dict[str, Any], where: str) -> None:
+    """Compile the config's regexes now, so that one RE2 cannot run is refused naming the file
+    and the field (matching itself always runs on RE2, see :mod:`deltatune.patterns`)."""
+    patterns = [(key, data[key]) for key in PATTERN_FIELDS if isinstance(data.get(key), str)]
+    for key in SIZE_PATTERNS + SCALE_PATTERNS:
+        if isinstance(data.get(key), dict):
+            patterns += [(f"{key} key", rf"(.*\.)?(?:{k})") for k in itertools.islice(data[key], 10_000)]
+    for field, pattern in patterns:
+        try:
+            compile_pattern(pattern)
+        except ValueError as exc:
+            raise ValueError(f"{where}, {field}: {exc}") from None
 
 
 def read_config(directory: str | os.PathLike[str]) -> PeftConfig:
