@@ -254,12 +254,12 @@ def test_an_exception_while_building_leaves_the_folder_untouched(tmp_path):
 def test_without_an_atomic_exchange_a_crash_between_renames_is_recovered(tmp_path, monkeypatch):
     """Filesystems without renameat2(RENAME_EXCHANGE) swap with two renames; a crash between them
     leaves the old folder under a hidden name, which the next save or load puts back."""
-    import deltatune.io as io
+    import deltatune.folders as folders
 
     folder = tmp_path / "adapter"
     model = get_peft_model(_base(), LoraConfig(r=2, target_modules=["0"]))
     model.save_pretrained(str(folder))
-    monkeypatch.setattr(io, "exchange_paths", lambda a, b: False)
+    monkeypatch.setattr(folders, "exchange_paths", lambda a, b: False)
     real_rename = os.rename
 
     class Crash(BaseException):
