@@ -316,7 +316,11 @@ def inspect_adapter(path: str) -> dict[str, Any]:
     from safetensors import safe_open
 
     from deltatune.config import CONFIG_NAME
+    from deltatune.formats import describe_foreign_folder
 
+    foreign = describe_foreign_folder(path)  # e.g. an AdapterHub folder
+    if foreign is not None:
+        return foreign
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise CliError(f"No {CONFIG_NAME} in {path!r}: not an adapter folder.")
@@ -369,6 +373,10 @@ def _inspect(args: argparse.Namespace) -> int:
     for key in ("r", "lora_alpha", "use_dora", "num_virtual_tokens"):
         if key in info["config"] and info["config"][key] not in (None, False):
             print(f"{key + ':':<17}{info['config'][key]}")
+    if info.get("problem"):
+        print(f"cannot load:     {info['problem']}")
+    if info.get("note"):
+        print(f"note:            {info['note']}")
     print(f"parameters:      {info['parameters']:,d} in {info['tensors']} tensors")
     print(f"file size:       {info['file_bytes'] / 1024:.1f} KiB")
     return 0

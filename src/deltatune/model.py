@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from deltatune.config import CONFIG_NAME, TASK_HEADS, PeftConfig, method_for
+from deltatune.formats import read_foreign_folder
 from deltatune.io import WEIGHTS_NAME, atomic_write_text, replace_folder, save_tensors
 from deltatune.methods.base import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper, Tuner
-from deltatune.untrusted import dry_run, loading_weights, read_adapter
+from deltatune.untrusted import check_tensors, dry_run, loading_weights, read_adapter
 
 SAVED_PREFIX = "base_model.model."  # the ecosystem's key prefix for adapter tensors
 
@@ -84,6 +85,20 @@ def _adapter_dir(model_id: str | os.PathLike[str], subfolder: str | None) -> str
             f"adapter: {found}."
         )
     return path
+
+
+def _read_folder(
+    directory: str, allow_pickle: bool, device: str | None, need_config: bool = True
+) -> tuple[PeftConfig | None, dict[str, torch.Tensor]]:
+    """An adapter folder's config and tensors, read as untrusted input: another library's folder
+    (AdapterHub's) through its reader, deltatune's / PEFT's own through :func:`read_adapter`."""
+    foreign = read_foreign_folder(directory, allow_pickle=allow_pickle, device=device or "cpu")
+    if foreign is None:
+        return read_adapter(
+            directory, allow_pickle=allow_pickle, device=device or "cpu", need_config=need_config
+        )
+    check_tensors(foreign[1], directory)
+    return foreign
 
 
 def _remap_keys(
@@ -740,7 +755,7 @@ class PeftModel(nn.Module):
         _check_kwargs("load_adapter", kwargs)
         _warn_autocast(autocast_adapter_dtype)
         directory = _adapter_dir(model_id, subfolder)
-        config, state = read_adapter(directory, allow_pickle=allow_pickle, device=torch_device or "cpu")
+        config, state = _read_folder(directory, allow_pickle, torch_device)
         assert config is not None
         config.inference_mode = not is_trainable
         state = _remap_keys(state, key_mapping)
@@ -794,9 +809,7 @@ class PeftModel(nn.Module):
         _check_kwargs("from_pretrained", kwargs)
         _warn_autocast(autocast_adapter_dtype)
         directory = _adapter_dir(model_id, subfolder)
-        from_file, state = read_adapter(
-            directory, allow_pickle=allow_pickle, device=torch_device or "cpu", need_config=config is None
-        )
+        from_file, state = _read_folder(directory, allow_pickle, torch_device, need_config=config is None)
         config = config or from_file
         assert config is not None
         config.inference_mode = not is_trainable

@@ -1,88 +1,137 @@
 """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021; parallel: He et al. 2022).
 
-A small MLP with a residual connection is inserted at the output of a block's sub-layers::
+The adapter is a small MLP with a residual connection, computed as AdapterHub's ``adapters``
+library computes it (``BnConfig``), so that its adapters load here with the same outputs::
 
-    h ──► LayerNorm ──► down (d→m) ──► act ──► up (m→d) ──► × scaling ──► (+) ──► h'
-    │                                                                      ▲
-    └──────────────────────────────────────────────────────────────────────┘
+    f(x) = dropout( scaling · up( act( down( [LayerNorm_before](x) ) ) ) )      # (..., d) → (..., d)
 
-Where it goes (``placement``)::
+Where it sits in a transformer block (``h``: the sub-layer's output, ``r``: the residual
+stream entering the sub-layer, ``LN``: the block's own LayerNorm, post-LN models only)::
 
-    houlsby    attention ─► [adapter] ─► (+ residual) ... FFN ─► [adapter] ─► (+ residual)
-    pfeiffer                                              FFN ─► [adapter] ─► (+ residual)
-    parallel   FFN(x) + scaling · adapter-MLP(x)          (beside the FFN, on its input)
+    houlsby   after attention and after the FFN:  LN( h + f(h) + r )                 (both sub-layers)
+    pfeiffer  after the FFN only:                  LN( h + f(LN(h + r)) + r )
+    parallel  beside the FFN, reading r:            LN( h + f(r) + r )  (scaling 4)
 
-The adapter wraps the sub-layer module (``self_attn``, ``mlp``, ...) and rewrites its output;
-for post-LayerNorm encoders (BERT, RoBERTa) it hooks the sub-layer's output projection, before
-the residual add and LayerNorm. The up-projection starts at zero, so a fresh adapter leaves the
-model's outputs unchanged.
+In pre-LN models (Llama, GPT-2, T5) there is no ``LN`` around the sum: ``h + f(LN(h + r)) + r``
+becomes ``h + f(h + r) + r``, and ``r`` is read where the block feeds its LayerNorm. The switches
+of AdapterHub's ``BnConfig`` (``original_ln_before``, ``original_ln_after``,
+``residual_before_ln``, ``adapter_residual_before_ln``, ``ln_before``, ``ln_after``, ``scaling``,
+``dropout``, ``leave_out``) are fields of :class:`BottleneckConfig`; the three placements are
+presets of them (see ``docs/bottleneck.md`` for the table). The general formula, for one
+adapter at one site, is :func:`sequential_site` / :func:`parallel_site`.
 
-Parameters per adapter: down d·m + m, up m·d + d, LayerNorm 2d, i.e. ``2dm + m + d (+ 2d)``.
-Houlsby places two per block, Pfeiffer and parallel one.
+A fresh adapter's up-projection is zero (PEFT's convention), so adding one leaves the model's
+outputs unchanged; AdapterHub draws it at random instead.
+
+Parameters per adapter: down d·m + m, up m·d + d, each LayerNorm 2d, a ``"channel"`` scaling d,
+i.e. ``2dm + m + d`` for the presets. Houlsby places two per block, Pfeiffer and parallel one.
 
 A bottleneck adapter is a sequential non-linear module: it cannot be folded into existing
 weights, so merging raises. The files use the ecosystem's layout (``adapter_config.json`` +
-``adapter_model.safetensors``) with ``peft_type: "BOTTLENECK"``, a format of deltatune's own.
+``adapter_model.safetensors``) with ``peft_type: "BOTTLENECK"``, a format of deltatune's own;
+AdapterHub's folders are read by :mod:`deltatune.formats.adapterhub`.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 from deltatune.config import PeftConfig, PeftType, register_method
 from deltatune.methods.base import AdapterLayer, Tuner
 from deltatune.targeting import DEFAULT_LAYERS_PATTERNS, _layer_index, linear_types, model_type, name_matches
 
-PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "swish": nn.SiLU,
-    "silu": nn.SiLU,
+# Placement presets: the values AdapterHub's DoubleSeqBnConfig / SeqBnConfig / ParBnConfig give
+# the fields that a BottleneckConfig leaves unset (None).
+PRESETS: dict[str, dict[str, Any]] = {
+    "houlsby": {
+        "original_ln_before": False,
+        "non_linearity": "swish",
+        "reduction_factor": 16,
+        "scaling": 1.0,
+    },
+    "pfeiffer": {"original_ln_before": True, "non_linearity": "relu", "reduction_factor": 16, "scaling": 1.0},
+    "parallel": {"original_ln_before": False, "non_linearity": "relu", "reduction_factor": 2, "scaling": 4.0},
 }
+ALIASES = {"double_seq_bn": "houlsby", "seq_bn": "pfeiffer", "par_bn": "parallel"}
+PLACEMENTS = (*PRESETS, *ALIASES)
+SCALING_MODES = ("learned", "channel")  # a trained scalar / a trained vector of width d, both start at 1
 
-# How an adapter treats the module it wraps.
-SEQUENTIAL = "sequential"  # out ← out + s·f(out)                        (on out, or out[0] of a tuple)
-PARALLEL = "parallel"  # out ← module(x) + s·f(x)                       (x: the module's first input)
-RESIDUAL_ARG = "residual_arg"  # module(h, r) ← module(h, r + s·f(r))    (BERT's BertOutput: LN(dense(h) + r))
+
+def activation(name: str) -> nn.Module:
+    """The non-linearity by AdapterHub's names (transformers' ``ACT2FN`` names, plus ``leakyrelu``)."""
+    key = name.lower()
+    if key == "leakyrelu":
+        return nn.LeakyReLU()
+    module: nn.Module = ACT2FN[key]  # a new instance per lookup
+    return module
+
+
+def _known_activation(name: object) -> bool:
+    return isinstance(name, str) and (name.lower() in ACT2FN or name.lower() == "leakyrelu")
+
+
+# How an adapter layer treats the module it wraps.
+POST_LN = "post_ln"  # module(h_in, r) = LN(dropout(dense(h_in)) + r): BERT's BertSelfOutput / BertOutput
+PRE_LN = "pre_ln"  # the block adds the sub-layer's output to r itself: out ← z(out, r)
 
 
 @dataclass(frozen=True)
 class SubLayers:
-    """Full-match regexes for the block sub-layers of one architecture."""
+    """Where the adapters go in one architecture's blocks.
+
+    ``attention`` / ``ffn``: full-match regexes of the sub-layers. Post-LN blocks (``post_ln``
+    set) name the module that ends the sub-layer (``dense``, ``dropout``, ``LayerNorm`` inside);
+    pre-LN blocks name the sub-layer, and ``attention_ln`` / ``ffn_ln`` its sibling LayerNorm,
+    whose input is the residual stream ``r``.
+    """
 
     attention: str
     ffn: str
-    parallel: str  # the module a parallel adapter wraps
-    parallel_mode: str = PARALLEL
+    post_ln: tuple[str, str, str] | None = None  # attribute names of (dense, dropout, LayerNorm)
+    attention_ln: str | None = None
+    ffn_ln: str | None = None
 
 
-_DECODER = SubLayers(attention=r"(.*\.)?layers\.\d+\.self_attn", ffn=r"(.*\.)?layers\.\d+\.mlp", parallel="")
+_DECODER = SubLayers(
+    attention=r"(.*\.)?layers\.\d+\.self_attn",
+    ffn=r"(.*\.)?layers\.\d+\.mlp",
+    attention_ln="input_layernorm",
+    ffn_ln="post_attention_layernorm",
+)
 _BERT = SubLayers(
-    attention=r"(.*\.)?layer\.\d+\.attention\.output\.dense",  # before BertSelfOutput's residual + LN
-    ffn=r"(.*\.)?layer\.\d+\.output\.dense",  # before BertOutput's residual + LN
-    parallel=r"(.*\.)?layer\.\d+\.output",  # BertOutput(h, r) = LN(dense(h) + r)
-    parallel_mode=RESIDUAL_ARG,
+    attention=r"(.*\.)?layer\.\d+\.attention\.output",  # BertSelfOutput: LN(dropout(dense(h)) + r)
+    ffn=r"(.*\.)?layer\.\d+\.output",  # BertOutput, the same shape
+    post_ln=("dense", "dropout", "LayerNorm"),
 )
 SUBLAYERS: dict[str, SubLayers] = {
     "llama": _DECODER,
     "mistral": _DECODER,
     "qwen2": _DECODER,
-    "gpt2": SubLayers(attention=r"(.*\.)?h\.\d+\.attn", ffn=r"(.*\.)?h\.\d+\.mlp", parallel=""),
+    "gpt2": SubLayers(
+        attention=r"(.*\.)?h\.\d+\.attn", ffn=r"(.*\.)?h\.\d+\.mlp", attention_ln="ln_1", ffn_ln="ln_2"
+    ),
     "bert": _BERT,
     "roberta": _BERT,
-    "t5": SubLayers(attention=r"(.*\.)?layer\.0\.SelfAttention", ffn=r"(.*\.)?DenseReluDense", parallel=""),
+    "xlm-roberta": _BERT,
+    "t5": SubLayers(
+        attention=r"(.*\.)?layer\.0\.SelfAttention",
+        ffn=r"(.*\.)?DenseReluDense",
+        attention_ln="layer_norm",
+        ffn_ln="layer_norm",
+    ),
 }
 
 MERGE_ERROR = (
     "Bottleneck adapters cannot be merged into the base weights: each one is a sequential non-linear "
-    "module (LayerNorm → down-projection → activation → up-projection) whose effect depends non-linearly "
+    "module (down-projection → activation → up-projection) whose effect depends non-linearly "
     "on its input, so no change of the existing weights reproduces it. Keep the PeftModel for inference, "
     "or call unload() to get the base model back without the adapters."
 )
@@ -90,26 +139,44 @@ MERGE_ERROR = (
 
 @dataclass
 class BottleneckConfig(PeftConfig):
-    """Bottleneck adapter settings.
+    """Bottleneck adapter settings; field names and meanings follow AdapterHub's ``BnConfig``.
 
-    ``bottleneck_size`` (m) or ``reduction_factor`` (m = d // reduction_factor; default 16);
-    ``non_linearity`` relu | gelu | swish; ``placement`` houlsby | pfeiffer | parallel;
-    ``scaling`` multiplies the adapter's output (default 1.0, 4.0 for parallel as in He et al.);
-    ``init`` "zeros" (up-projection zero: identity at start) or "normal" (small random, for tests);
+    ``placement``: ``houlsby`` (alias ``double_seq_bn``), ``pfeiffer`` (``seq_bn``) or ``parallel``
+    (``par_bn``); it sets the fields left at None as AdapterHub's preset does (``PRESETS``).
+    ``bottleneck_size`` (m) or ``reduction_factor`` (m = d // reduction_factor).
+    ``non_linearity``: relu | swish | gelu | tanh | ... (transformers' activation names).
+    ``original_ln_before``: the adapter reads ``LN(h + r)`` (the block's LayerNorm; pre-LN models:
+    ``h + r``) instead of ``h``. ``original_ln_after``: the block's residual add and LayerNorm
+    follow the adapter (False: the sub-layer returns the adapter's output alone; post-LN only).
+    ``residual_before_ln``: the adapter's residual is ``h`` (True), the adapter's input (False) or
+    ``h + r`` ("post_add"). ``adapter_residual_before_ln``: add that residual before ``ln_after``.
+    ``ln_before`` / ``ln_after``: a new LayerNorm before the down-projection / after the
+    up-projection (``layer_norm`` is the older name of ``ln_before``). ``scaling``: a number,
+    "learned" (a trained scalar) or "channel" (a trained vector). ``dropout``: on the adapter's
+    output. ``leave_out``: layer indices without adapters (``layers_to_transform``: the opposite).
+    ``init``: "zeros" (up-projection zero: identity at start) or "normal" (small random, for tests).
     ``attention_modules`` / ``ffn_modules`` name the sub-layers for architectures deltatune does
-    not know (a list of names or suffixes, or a full-match regex).
+    not know (a list of names or suffixes, or a full-match regex); their input is taken as ``r``.
     """
 
     bottleneck_size: int | None = None
     reduction_factor: float | None = None
-    non_linearity: str = "relu"
+    non_linearity: str | None = None
     placement: str = "houlsby"
-    layer_norm: bool = True
-    scaling: float | None = None
+    original_ln_before: bool | None = None
+    original_ln_after: bool = True
+    residual_before_ln: bool | str = True
+    adapter_residual_before_ln: bool = False
+    ln_before: bool = False
+    ln_after: bool = False
+    layer_norm: bool | None = None
+    scaling: float | str | None = None
+    dropout: float = 0.0
     init: str = "zeros"
     attention_modules: list[str] | str | None = None
     ffn_modules: list[str] | str | None = None
     layers_to_transform: list[int] | int | None = None
+    leave_out: list[int] | None = None
     modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -117,8 +184,21 @@ class BottleneckConfig(PeftConfig):
         self.peft_type = PeftType.BOTTLENECK.value
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement={self.placement!r}: choose one of {list(PLACEMENTS)}.")
-        if self.non_linearity not in ACTIVATIONS:
-            raise ValueError(f"non_linearity={self.non_linearity!r}: choose one of {sorted(ACTIVATIONS)}.")
+        self.placement = ALIASES.get(self.placement, self.placement)
+        preset = PRESETS[self.placement]
+        if self.layer_norm is not None:  # the older name of ln_before
+            self.ln_before, self.layer_norm = bool(self.layer_norm), None
+        if self.non_linearity is None:
+            self.non_linearity = preset["non_linearity"]
+        if self.original_ln_before is None:
+            self.original_ln_before = preset["original_ln_before"]
+        if self.scaling is None:
+            self.scaling = preset["scaling"]
+        if not _known_activation(self.non_linearity):
+            raise ValueError(
+                f"non_linearity={self.non_linearity!r}: choose one of relu, swish, gelu, gelu_new, tanh, "
+                "sigmoid, leakyrelu (or another transformers activation name)."
+            )
         if self.bottleneck_size is not None and self.reduction_factor is not None:
             raise ValueError(
                 f"Give bottleneck_size (m) or reduction_factor (m = d // factor), not both "
@@ -132,31 +212,88 @@ class BottleneckConfig(PeftConfig):
             raise ValueError(f"reduction_factor={self.reduction_factor!r} must be positive, e.g. 16.")
         if self.init not in ("zeros", "normal"):
             raise ValueError(f"init={self.init!r}: use 'zeros' (identity at start) or 'normal'.")
-        if self.scaling is None:
-            self.scaling = 4.0 if self.placement == "parallel" else 1.0
+        if self.residual_before_ln not in (True, False, "post_add"):
+            raise ValueError(
+                f"residual_before_ln={self.residual_before_ln!r}: use True, False or 'post_add'."
+            )
+        if isinstance(self.scaling, str):
+            if self.scaling not in SCALING_MODES:
+                raise ValueError(f"scaling={self.scaling!r}: use a number, 'learned' or 'channel'.")
+        elif isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
+            raise ValueError(f"scaling={self.scaling!r}: use a number, 'learned' or 'channel'.")
+        else:
+            self.scaling = float(self.scaling)
+        for name in (
+            "original_ln_before",
+            "original_ln_after",
+            "adapter_residual_before_ln",
+            "ln_before",
+            "ln_after",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False.")
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0 <= self.dropout < 1
+        ):
+            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1).")
+        if self.leave_out is not None and not all(isinstance(i, int) for i in self.leave_out):
+            raise ValueError(f"leave_out={self.leave_out!r} must be a list of layer indices, e.g. [0, 1].")
         if self.placement == "houlsby" and (self.attention_modules is None) != (self.ffn_modules is None):
             raise ValueError(
                 "placement='houlsby' adapts both sub-layers: give both attention_modules and ffn_modules, or "
                 "neither (for architectures deltatune knows)."
             )
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BottleneckConfig:
+        """As every config; a file saved before the AdapterHub switches existed (no
+        ``original_ln_before`` key) keeps its meaning: every adapter read ``h``, and the size
+        default was d // 16 for every placement."""
+        if "original_ln_before" not in data and "layer_norm" in data:
+            data = {**data, "original_ln_before": False}
+            if data.get("bottleneck_size") is None and data.get("reduction_factor") is None:
+                data["reduction_factor"] = 16
+            if data.get("placement") == "parallel":
+                warnings.warn(
+                    "This parallel bottleneck adapter was saved by an older deltatune, whose parallel adapters "
+                    "on pre-LayerNorm models (Llama, GPT-2, T5) read the FFN's normalised input; they now read "
+                    "the residual stream, as AdapterHub's. On those models its outputs differ; retrain it.",
+                    stacklevel=2,
+                )
+        return super().from_dict(data)
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.placement == "parallel"
+
     def size_for(self, d: int) -> int:
         if self.bottleneck_size is not None:
             return self.bottleneck_size
-        return max(1, int(d // (self.reduction_factor or 16)))
+        factor = self.reduction_factor or PRESETS[self.placement]["reduction_factor"]
+        return max(1, int(d // factor))
 
 
 class BottleneckBlock(nn.Module):
-    """LayerNorm → down (d→m) → act → up (m→d), times ``scaling``; (..., d) → (..., d)."""
+    """One adapter: ``f(x) = dropout(scaling · up(act(down(ln_before(x)))))``, then ``ln_after``
+    and the adapter's own residual as the config orders them. (..., d) → (..., d)."""
 
     def __init__(self, d: int, m: int, config: BottleneckConfig, device: torch.device | None) -> None:
         super().__init__()
         factory: dict[str, Any] = {"device": device}
-        self.layer_norm = nn.LayerNorm(d, **factory) if config.layer_norm else nn.Identity()
+        self.config = config
+        self.layer_norm = nn.LayerNorm(d, **factory) if config.ln_before else nn.Identity()
         self.down = nn.Linear(d, m, **factory)
-        self.act = ACTIVATIONS[config.non_linearity]()
+        self.act = activation(str(config.non_linearity))
         self.up = nn.Linear(m, d, **factory)
-        self.scaling = float(config.scaling if config.scaling is not None else 1.0)
+        self.layer_norm_after = nn.LayerNorm(d, **factory) if config.ln_after else nn.Identity()
+        self.dropout = nn.Dropout(float(config.dropout))
+        self.scaling = 1.0
+        if config.scaling in SCALING_MODES:
+            self.scale = nn.Parameter(torch.ones(1 if config.scaling == "learned" else d, **factory))
+        else:
+            self.scaling = float(config.scaling)  # type: ignore[arg-type]
         if not self.down.weight.is_meta:
             with torch.no_grad():
                 nn.init.normal_(self.down.weight, std=0.02)
@@ -167,9 +304,60 @@ class BottleneckBlock(nn.Module):
                     nn.init.normal_(self.up.weight, std=0.02)
                 nn.init.zeros_(self.up.bias)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """f(x), the scaled (and dropped-out) bottleneck MLP."""
+        up = self.up(self.act(self.down(self.layer_norm(x))))
+        up = up * self.scale if hasattr(self, "scale") else up * self.scaling
+        return self.dropout(up)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """Sequential: ``ln_after(f(x)) + residual`` (or ``ln_after(f(x) + residual)``); parallel
+        (``residual=None``): ``ln_after(f(x))``."""
         dtype = self.down.weight.dtype
-        return (self.up(self.act(self.down(self.layer_norm(h.to(dtype))))) * self.scaling).to(h.dtype)
+        out = self.mlp(x.to(dtype))
+        if residual is None:
+            return self.layer_norm_after(out).to(x.dtype)
+        residual = residual.to(dtype)
+        if self.config.adapter_residual_before_ln:
+            return self.layer_norm_after(out + residual).to(x.dtype)
+        return (self.layer_norm_after(out) + residual).to(x.dtype)
+
+
+LayerNormFn = nn.Module | None
+
+
+def sequential_site(
+    blocks: list[BottleneckBlock], h: torch.Tensor, r: torch.Tensor | None, ln: LayerNormFn
+) -> torch.Tensor:
+    """Sequential adapters (stacked, as AdapterHub's ``Stack``) on sub-layer output ``h``.
+
+    Returns ``z``, what goes into the block's residual add (and LayerNorm) in place of ``h``.
+    The first adapter's config decides what the adapters read and their residual.
+    """
+    cfg = blocks[0].config
+    residual, x = h, h
+    if cfg.original_ln_before:
+        assert r is not None
+        x = h + r
+        if cfg.residual_before_ln == "post_add":
+            residual = x
+        if ln is not None:
+            x = ln(x)
+    if cfg.residual_before_ln is False:
+        residual = x
+    for block in blocks:
+        x = block(x, residual)
+    return x
+
+
+def parallel_site(
+    blocks: list[BottleneckBlock], h: torch.Tensor, r: torch.Tensor | None, ln: LayerNormFn
+) -> torch.Tensor:
+    """Parallel adapters read the sub-layer's residual input ``r``: ``z = h + Σ f(r)``."""
+    assert r is not None
+    for block in blocks:
+        h = h + block(r, None)
+    return h
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -185,18 +373,40 @@ def _replace_first(out: Any, h: torch.Tensor) -> Any:
 
 
 class BottleneckLayer(AdapterLayer):
-    """A block sub-layer (``base_layer``) whose output passes through named bottleneck adapters."""
+    """A block sub-layer (``base_layer``) whose output passes through named bottleneck adapters.
+
+    ``mode`` POST_LN: the wrapped module ends a post-LN sub-layer (``LN(dropout(dense(x)) + r)``)
+    and this layer computes it with the adapters inside. PRE_LN: the block adds the wrapped
+    sub-layer's output to the residual stream itself; ``r`` is the input of the sub-layer's
+    LayerNorm (``residual_source``, read by a forward pre-hook), or the sub-layer's own input.
+    """
 
     adapter_containers: ClassVar[tuple[str, ...]] = ("bottleneck",)
 
     def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config: BottleneckConfig, mode: str, d: int
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: BottleneckConfig,
+        mode: str,
+        d: int,
+        parts: tuple[str, str, str] | None = None,
+        residual_source: nn.Module | None = None,
     ) -> None:
         super().__init__(base_layer)
         self.mode = mode
         self.hidden_size = d
+        self.parts = parts
         self.bottleneck = nn.ModuleDict()
+        self._residual: torch.Tensor | None = None
+        # A plain attribute, not a submodule: the LayerNorm belongs to the block, not to this layer.
+        object.__setattr__(self, "_residual_source", residual_source)
+        if residual_source is not None:
+            residual_source.register_forward_pre_hook(self._capture_residual)
         self.add_adapter(adapter_name, config)
+
+    def _capture_residual(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._residual = args[0] if args else None
 
     def __getattr__(self, name: str) -> Any:
         # Model code may read attributes of the sub-layer it called (e.g. ``self_attn.layer_idx``).
@@ -212,42 +422,89 @@ class BottleneckLayer(AdapterLayer):
             raise ValueError(f"Adapter {adapter_name!r} already exists on this layer.")
         params = [p for p in self.base_layer.parameters()]
         device = params[0].device if params else None
-        self.bottleneck[adapter_name] = BottleneckBlock(
-            self.hidden_size, config.size_for(self.hidden_size), config, device
-        )
+        block = BottleneckBlock(self.hidden_size, config.size_for(self.hidden_size), config, device)
+        block.train(self.base_layer.training)  # an adapter added to a model in eval mode drops out nothing
+        self.bottleneck[adapter_name] = block
         if adapter_name not in self.active_adapters:
             self.active_adapters.append(adapter_name)
 
-    def _adapt(self, h: torch.Tensor, names: list[str], residual: bool) -> torch.Tensor:
-        """h (batch, ..., d) through the adapters: stacked with residual, or summed deltas (parallel)."""
-        if self.row_groups is not None:  # mixed batch: each row through its own adapter (or none)
-            out = h if residual else torch.zeros_like(h)
-            for name, rows in self.row_groups:
-                if name in self.bottleneck:
-                    out = out.index_add(0, rows, self.bottleneck[name](h.index_select(0, rows)))
-            return out
-        if residual:
-            for name in names:
-                h = h + self.bottleneck[name](h)
-            return h
-        return sum((self.bottleneck[n](h) for n in names), torch.zeros_like(h))
+    def unload(self) -> nn.Module:
+        source = self._residual_source
+        if source is not None:  # drop this layer's hook (found by owner, so a deep copy drops its own)
+            hooks = source._forward_pre_hooks
+            for key in [k for k, fn in hooks.items() if getattr(fn, "__self__", None) is self]:
+                del hooks[key]
+            object.__setattr__(self, "_residual_source", None)
+        return self.base_layer
+
+    def block(self, name: str) -> BottleneckBlock:
+        block = self.bottleneck[name]
+        assert isinstance(block, BottleneckBlock)
+        return block
+
+    # -- the maths -------------------------------------------------------------------------
+    def _site(
+        self, names: list[str], h: torch.Tensor, r: torch.Tensor | None, ln: LayerNormFn
+    ) -> torch.Tensor:
+        blocks = [self.block(n) for n in names]
+        site = parallel_site if blocks[0].config.is_parallel else sequential_site
+        return site(blocks, h, r, ln)
+
+    def _z(self, names: list[str], h: torch.Tensor, r: torch.Tensor | None, ln: LayerNormFn) -> torch.Tensor:
+        """``z`` for the whole batch: one setup, or each row group through its own adapter."""
+        if self.row_groups is None:
+            return self._site(names, h, r, ln)
+        out = h
+        for name, rows in self.row_groups:
+            if name in self.bottleneck:
+                rr = r.index_select(0, rows) if r is not None else None
+                out = out.index_copy(0, rows, self._site([name], h.index_select(0, rows), rr, ln))
+        return out
+
+    def _needs_residual(self, names: list[str]) -> bool:
+        groups = [n for n, _ in self.row_groups] if self.row_groups is not None else names
+        return any(
+            (c := self.block(n).config).is_parallel or bool(c.original_ln_before)
+            for n in groups
+            if n in self.bottleneck
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         names = [n for n in self.active_adapters if n in self.bottleneck]
         if self.disabled or (not names and self.row_groups is None):
+            self._residual = None
             return self.base_layer(*args, **kwargs)
-        if self.mode == SEQUENTIAL:
-            out = self.base_layer(*args, **kwargs)
-            return _replace_first(out, self._adapt(_first(out), names, residual=True))
-        if self.mode == RESIDUAL_ARG:  # BertOutput(hidden_states, input_tensor)
-            if len(args) >= 2:
-                args = (args[0], self._adapt(args[1], names, residual=True), *args[2:])
-            else:
-                kwargs = {**kwargs, "input_tensor": self._adapt(kwargs["input_tensor"], names, residual=True)}
-            return self.base_layer(*args, **kwargs)
-        x = args[0] if args else kwargs["hidden_states"]
+        if self.mode == POST_LN:
+            return self._forward_post_ln(names, *args, **kwargs)
+        r = self._residual
+        self._residual = None
+        if self._residual_source is None:  # a sub-layer without a known LayerNorm: its input is r
+            r = args[0] if args else next(iter(kwargs.values()), None)
+        if r is None and self._needs_residual(names):
+            raise RuntimeError(
+                "This bottleneck adapter reads the residual stream, but the block did not call the LayerNorm "
+                "in front of the sub-layer before it; use original_ln_before=False and a sequential placement "
+                "for this model."
+            )
         out = self.base_layer(*args, **kwargs)
-        return _replace_first(out, _first(out) + self._adapt(x, names, residual=False))
+        return _replace_first(out, self._z(names, _first(out), r, None))
+
+    def _forward_post_ln(
+        self, names: list[str], hidden_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
+        assert self.parts is not None
+        dense, dropout, norm = (getattr(self.base_layer, p) for p in self.parts)
+        r = args[0] if args else kwargs["input_tensor"]
+        h = dropout(dense(hidden_states))
+        z = self._z(names, h, r, norm)
+        if self.row_groups is None:
+            after = self.block(names[-1]).config.original_ln_after  # the last adapter's, as AdapterHub
+            return norm(z + r) if after else z
+        out = norm(z + r)
+        for name, rows in self.row_groups:
+            if name in self.bottleneck and not self.block(name).config.original_ln_after:
+                out = out.index_copy(0, rows, z.index_select(0, rows))
+        return out
 
     def merge_one(self, adapter_name: str, safe_merge: bool) -> None:
         raise ValueError(MERGE_ERROR)
@@ -268,10 +525,6 @@ def _output_width(module: nn.Module) -> int | None:
     return int(getattr(last, "out_features", 0)) or None
 
 
-def _matches(path: str, spec: list[str] | str) -> bool:
-    return name_matches(path, spec)
-
-
 def _candidates(model: nn.Module) -> list[str]:
     """Names that look like block sub-layers: attention/MLP-like names, and children of numbered blocks."""
     hint = re.compile(r"attn|attention|mlp|ffn|feed_?forward", re.I)
@@ -285,12 +538,20 @@ def _candidates(model: nn.Module) -> list[str]:
     return sorted(out)[:12]
 
 
+@dataclass(frozen=True)
+class Site:
+    path: str
+    mode: str
+    parts: tuple[str, str, str] | None = None  # POST_LN: (dense, dropout, LayerNorm) attribute names
+    ln_path: str | None = None  # PRE_LN: the LayerNorm whose input is the residual stream
+
+
 class BottleneckTuner(Tuner):
     prefix: ClassVar[str] = "bottleneck"
     layer_base: ClassVar[type[AdapterLayer]] = BottleneckLayer
 
-    def _sites(self, model: nn.Module, config: BottleneckConfig) -> list[tuple[str, str]]:
-        """(module path, mode) of every place an adapter goes, or a clear error."""
+    def _sites(self, model: nn.Module, config: BottleneckConfig) -> list[Site]:
+        """Every place an adapter goes, or a clear error."""
         mtype = model_type(model)
         user = config.attention_modules is not None or config.ffn_modules is not None
         known = SUBLAYERS.get(mtype or "")
@@ -301,56 +562,64 @@ class BottleneckTuner(Tuner):
                 f"type {mtype!r}. Name them: BottleneckConfig(attention_modules=[...], ffn_modules=[...]) with "
                 f"module names (or suffixes) of your model, e.g. among {_candidates(model)}."
             )
-        wanted: list[tuple[list[str] | str, str, str]] = []  # (spec, mode, role)
+        wanted: list[tuple[list[str] | str, str | None, str]] = []  # (spec, sibling LayerNorm, role)
         if user:
             if config.placement == "houlsby":
-                wanted.append((config.attention_modules or [], SEQUENTIAL, "attention_modules"))
+                wanted.append((config.attention_modules or [], None, "attention_modules"))
             if config.ffn_modules is None:
                 raise ValueError(
                     f"placement={config.placement!r} needs ffn_modules (the feed-forward sub-layers)."
                 )
-            wanted.append(
-                (
-                    config.ffn_modules,
-                    PARALLEL if config.placement == "parallel" else SEQUENTIAL,
-                    "ffn_modules",
-                )
-            )
+            wanted.append((config.ffn_modules, None, "ffn_modules"))
         else:
             assert known is not None
             if config.placement == "houlsby":
-                wanted.append((known.attention, SEQUENTIAL, "attention"))
-            if config.placement == "parallel":
-                wanted.append(
-                    (known.parallel or known.ffn, known.parallel_mode if known.parallel else PARALLEL, "ffn")
-                )
-            else:
-                wanted.append((known.ffn, SEQUENTIAL, "ffn"))
+                wanted.append((known.attention, known.attention_ln, "attention"))
+            wanted.append((known.ffn, known.ffn_ln, "ffn"))
+        parts = known.post_ln if known is not None and not user else None
         layers = config.layers_to_transform
         layer_set = {layers} if isinstance(layers, int) else set(layers) if layers is not None else None
-        sites: list[tuple[str, str]] = []
-        for spec, mode, role in wanted:
+        leave_out = set(config.leave_out or [])
+        sites: list[Site] = []
+        for spec, ln_leaf, role in wanted:
             found = []
             for path, _ in model.named_modules():
-                if not path or ".base_layer" in "." + path or not _matches(path, spec):
+                if not path or ".base_layer" in "." + path or not name_matches(path, spec):
                     continue
-                if layer_set is not None and _layer_index(path, DEFAULT_LAYERS_PATTERNS) not in layer_set:
+                index = _layer_index(path, DEFAULT_LAYERS_PATTERNS)
+                if (layer_set is not None and index not in layer_set) or index in leave_out:
                     continue
-                found.append((path, mode))
+                if parts is not None:
+                    found.append(Site(path, POST_LN, parts=parts))
+                else:
+                    ln_path = path.rpartition(".")[0] + "." + ln_leaf if ln_leaf else None
+                    found.append(Site(path, PRE_LN, ln_path=ln_path))
             if not found:
                 leaves = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
                 close = difflib.get_close_matches(str(spec).split(".")[-1], leaves, n=4, cutoff=0.3)
+                restricted = " (restricted to layers" if layer_set is not None or leave_out else ""
                 raise ValueError(
                     f"Bottleneck {role}={spec!r} matched no module of the model"
-                    + (f" (restricted to layers {sorted(layer_set)})" if layer_set is not None else "")
+                    + (
+                        f"{restricted} {sorted(layer_set or [])}, leave_out {sorted(leave_out)})"
+                        if restricted
+                        else ""
+                    )
                     + f". Modules that look close: {close or _candidates(model)}."
                 )
             sites += found
+        if not config.original_ln_after and any(s.mode == PRE_LN for s in sites):
+            raise ValueError(
+                f"original_ln_after=False makes a sub-layer return the adapter's output without the block's "
+                f"residual, but in this model ({mtype}) the block adds the residual itself after "
+                f"{sites[0].path!r}, so deltatune cannot take it away (AdapterHub refuses this too for such "
+                "models). Use original_ln_after=True here."
+            )
         return sites
 
     def target_paths(self, model: nn.Module, config: PeftConfig) -> list[str]:
         assert isinstance(config, BottleneckConfig)
-        return [p for p, _ in self._sites(model, config)]
+        return [s.path for s in self._sites(model, config)]
 
     def inject(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> None:
         from deltatune.methods.base import replace_module
@@ -360,14 +629,16 @@ class BottleneckTuner(Tuner):
         sites = self._sites(model, config)
         existing = [p for p, m in model.named_modules() if isinstance(m, BottleneckLayer)]
         plan = []
-        for path, mode in sites:  # check everything before changing anything
+        for site in sites:  # check everything before changing anything
+            path = site.path
             module = model.get_submodule(path)
             if isinstance(module, BottleneckLayer):
-                if module.mode != mode:
+                kinds = {module.block(n).config.is_parallel for n in module.bottleneck}
+                if module.mode != site.mode or kinds != {config.is_parallel}:
                     raise ValueError(
-                        f"{path!r} already carries bottleneck adapters in {module.mode!r} mode; this "
-                        f"adapter needs {mode!r} mode there (placement={config.placement!r}). Put adapters "
-                        "of different placements on separate copies of the base model."
+                        f"{path!r} already carries bottleneck adapters of another placement; this adapter "
+                        f"(placement={config.placement!r}) would be combined with them in a way neither "
+                        "means. Put adapters of different placements on separate copies of the base model."
                     )
             elif any(e.startswith(path + ".") or path.startswith(e + ".") for e in existing):
                 raise ValueError(
@@ -384,15 +655,55 @@ class BottleneckTuner(Tuner):
                     f"Cannot tell the hidden size at {path!r} (no linear layer inside it). Name a sub-layer that "
                     "ends in a linear projection."
                 )
-            plan.append((path, mode, int(d), module))
-        for path, mode, d, module in plan:
+            plan.append((site, int(d), module))
+        for site, d, module in plan:
             if isinstance(module, BottleneckLayer):
                 module.add_adapter(adapter_name, config)
-            else:
-                replace_module(model, path, BottleneckLayer(module, adapter_name, config, mode, d))
+                continue
+            ln = model.get_submodule(site.ln_path) if site.ln_path else None
+            layer = BottleneckLayer(module, adapter_name, config, site.mode, d, site.parts, ln)
+            replace_module(model, site.path, layer)
+
+    def load_state_dict(
+        self, peft_model: Any, config: PeftConfig, adapter_name: str, state: dict[str, torch.Tensor]
+    ) -> None:
+        """As every layer method, after lining up a differing model prefix (``bert.encoder...`` saved
+        from a model with a head, loaded into a bare ``BertModel``): keys are matched from the
+        numbered block on, and only when that matches every key one to one."""
+        kmap = self.key_map(peft_model.base_model, config, adapter_name)
+        if state and not set(state) <= set(kmap):
+            # Older deltatune files put BERT's adapters on the sub-layer's dense layer.
+            state = {_OLD_BERT_SITE.sub(".output.bottleneck.", k): v for k, v in state.items()}
+        if state and not set(state) <= set(kmap):
+            state = _align_prefix(state, list(kmap)) or state
+        super().load_state_dict(peft_model, config, adapter_name, state)
 
     def check_mergeable(self, config: PeftConfig) -> None:
         raise ValueError(MERGE_ERROR)
+
+
+_OLD_BERT_SITE = re.compile(r"\.output\.dense\.bottleneck\.")
+_BLOCK = re.compile(r"(?:^|\.)((?:layers|layer|h|block|blocks)\.\d+\..*)$")
+
+
+def _align_prefix(state: dict[str, torch.Tensor], wanted: list[str]) -> dict[str, torch.Tensor] | None:
+    def tail(key: str) -> str | None:
+        m = _BLOCK.search(key)
+        return m.group(1) if m else None
+
+    by_tail: dict[str, str] = {}
+    for k in wanted:
+        t = tail(k)
+        if t is None or t in by_tail:
+            return None
+        by_tail[t] = k
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        t = tail(k)
+        if t is None or t not in by_tail or by_tail[t] in out:
+            return None
+        out[by_tail[t]] = v
+    return out
 
 
 register_method(PeftType.BOTTLENECK.value, BottleneckConfig, BottleneckTuner)
