@@ -425,3 +425,17 @@ def test_a_loaded_prompt_never_reads_the_tokenizer_path_of_its_config(tmp_path, 
     assert torch.all(loaded.prompt_encoder["default"].embedding.weight == 0.5)
     host = PeftModel.from_pretrained(tiny_llama_lm(), str(tmp_path))
     host.load_adapter(str(tmp_path), "again", is_trainable=True)
+
+
+def test_a_catastrophic_pattern_on_a_mixture_of_experts_model_is_fast():
+    """On MoE models, target_modules is also matched against expert parameter names (to map old
+    per-expert names onto fused parameters): that matching is linear-time too."""
+    from test_moe import tiny_moe
+
+    base = tiny_moe("mixtral")
+    before = _snapshot(base)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="matched no"):
+        get_peft_model(base, LoraConfig(target_modules=CATASTROPHIC))
+    assert time.perf_counter() - start < SECONDS
+    _assert_identical(base, before)

@@ -370,9 +370,9 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"target modules:  {info['target_modules']}")
     if info["modules_to_save"]:
         print(f"modules to save: {info['modules_to_save']}")
-    for key in ("r", "lora_alpha", "use_dora", "num_virtual_tokens"):
-        if key in info["config"] and info["config"][key] not in (None, False):
-            print(f"{key + ':':<17}{info['config'][key]}")
+    for key in ("r", "lora_alpha", "use_dora", "target_parameters", "num_virtual_tokens"):
+        if key in info["config"] and info["config"][key] not in (None, False, []):
+            print(f"{key + ':':<16} {info['config'][key]}")
     if info.get("problem"):
         print(f"cannot load:     {info['problem']}")
     if info.get("note"):

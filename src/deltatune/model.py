@@ -545,9 +545,13 @@ class PeftModel(nn.Module):
     def _unload(self) -> nn.Module:
         from deltatune.methods.base import replace_module
 
+        done: list[str] = []
         for path, module in list(self.base_model.named_modules()):
+            if any(path.startswith(d + ".") for d in done):
+                continue  # inside a layer already unloaded (nested wrappers unload as one)
             if isinstance(module, AdapterLayer):
                 replace_module(self.base_model, path, module.unload())
+                done.append(path)
             elif isinstance(module, ModulesToSaveWrapper):
                 # The active adapter's trained copy (PEFT does the same); the original when
                 # the active adapter has no copy here.

@@ -11,38 +11,59 @@ from __future__ import annotations
 import difflib
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
 from deltatune.patterns import fullmatch
 
-# The ecosystem's defaults (what PEFT picks), so that a config with no targets means the
-# same thing here and there.
-LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "opt": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "gptj": ["q_proj", "v_proj"],
-    "bloom": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "electra": ["query", "value"],
+# The ecosystem's defaults: PEFT's table (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, PEFT
+# 0.21) in full, so that a config with no targets means the same thing here and there. A value is a
+# list of module names or a regex string. The last entries are deltatune's own, for architectures
+# PEFT has no default for (PEFT raises there); any architecture in neither gets the fallback below.
+LORA_DEFAULT_TARGETS: dict[str, list[str] | str] = {
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
     "bart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+    # deltatune's additions (no PEFT default):
+    "distilbert": ["q_lin", "v_lin"],
     "mbart": ["q_proj", "v_proj"],
 }
 
@@ -174,7 +195,7 @@ def find_targets(
     exclude_modules: str | Iterable[str] | None = None,
     layers_to_transform: int | Iterable[int] | None = None,
     layers_pattern: str | Iterable[str] | None = None,
-    defaults: dict[str, list[str]] | None = None,
+    defaults: Mapping[str, list[str] | str] | None = None,
     accept: Callable[[str, nn.Module], bool] | None = None,
     method: str = "this method",
     modules_to_save: Iterable[str] | None = None,
@@ -192,7 +213,7 @@ def find_targets(
     exact: set[str] = set()
     if target_modules is None:
         mtype = model_type(model)
-        if defaults is not None and mtype in defaults:
+        if defaults is not None and mtype is not None and mtype in defaults:
             target_modules = defaults[mtype]
         else:
             target_modules = fallback_targets(model)

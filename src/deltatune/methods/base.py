@@ -330,9 +330,7 @@ class Tuner:
         if bias == "all":
             for name, p in model.named_parameters():
                 # Not a task head's frozen original (its trained copy is the adapter's already).
-                if name.endswith("bias") and not any(
-                    k in name for k in (".modules_to_save.", ".original_module.")
-                ):
+                if _is_bias(name) and not any(k in name for k in (".modules_to_save.", ".original_module.")):
                     p.requires_grad_(True)
         elif bias.endswith("_only"):
             for module in model.modules():
@@ -359,9 +357,7 @@ class Tuner:
             key = saved_key(name, adapter_name, containers)
             if key is not None:
                 out[key] = name
-            elif (
-                bias == "all" and name.endswith("bias") and ".modules_to_save." not in name
-            ) or name in own_bias:
+            elif (bias == "all" and _is_bias(name) and ".modules_to_save." not in name) or name in own_bias:
                 out[name] = name
         return out
 
@@ -534,6 +530,12 @@ def copy_checked(
                 )
             else:
                 dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
+
+
+def _is_bias(name: str) -> bool:
+    """A parameter named ``bias`` (as PEFT counts them for ``bias="all"``; GPT-OSS's expert
+    ``gate_up_proj_bias`` is not one)."""
+    return name == "bias" or name.endswith(".bias")
 
 
 def _path_of(model: nn.Module, target: nn.Module) -> str:

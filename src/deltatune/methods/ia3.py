@@ -56,6 +56,13 @@ IA3_DEFAULT_TARGETS: dict[str, list[str]] = {
     "t5": ["k", "v", "wo"],
     "mt5": ["k", "v", "wi_1"],
     "bart": ["q_proj", "v_proj", "fc2"],
+    "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+    "deberta": ["in_proj", "output.dense"],
+    "gpt_bigcode": ["c_attn", "mlp.c_proj"],
+    "llama4": ["q_proj", "v_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "v_proj", "down_proj"],
+    "RefinedWebModel": ["query_key_value", "dense_4h_to_h"],
+    "RefinedWeb": ["query_key_value", "dense_4h_to_h"],
 }
 IA3_DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
     "llama": ["down_proj"],
@@ -78,6 +85,13 @@ IA3_DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
     "t5": ["wo"],
     "mt5": [],
     "bart": ["fc2"],
+    "gpt_neo": ["c_proj"],
+    "deberta": ["output.dense"],
+    "gpt_bigcode": ["mlp.c_proj"],
+    "llama4": ["down_proj"],
+    "gemma3_text": ["down_proj"],
+    "RefinedWebModel": ["dense_4h_to_h"],
+    "RefinedWeb": ["dense_4h_to_h"],
 }
 
 

@@ -33,9 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, register_method
+from deltatune.methods import lora_param, moe_targets
 from deltatune.methods.base import AdapterLayer, Tuner, adapter_dtype, adapter_factory, stored_weight
 from deltatune.patterns import fullmatch
-from deltatune.targeting import LORA_DEFAULT_TARGETS, find_targets, linear_types, resolved_targets
+from deltatune.targeting import (
+    LORA_DEFAULT_TARGETS,
+    all_linear_targets,
+    find_targets,
+    linear_types,
+    resolved_targets,
+)
 
 
 @dataclass
@@ -62,12 +69,17 @@ class LoraConfig(PeftConfig):
     layer_replication: list[tuple[int, int]] | None = None
     megatron_config: dict[str, Any] | None = None
     megatron_core: str | None = "megatron.core"
+    # LoRA on named parameters (fused MoE experts, routers): see deltatune.methods.lora_param.
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.LORA.value
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
+        lora_param.check_param_names(self.target_parameters)
         _check_types(self)
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(
@@ -804,8 +816,29 @@ class LoraTuner(Tuner):
             if not dora_supported(base):
                 raise ValueError(dora_unsupported_message(path, base))
 
+    def inject(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> None:
+        """LoRA on the targeted modules, then on the parameters ``target_parameters`` names."""
+        assert isinstance(config, LoraConfig)
+        model = peft_model.base_model
+        if moe_targets.moe_family(model) is not None:  # transformers 5 fused these experts
+            leaves = {p.split(".")[-1] for p in all_linear_targets(model, config.task_type)}
+            moe_targets.convert_moe_targets(model, config, sorted(leaves))
+        if config.target_parameters:
+            lora_param.check_param_config(config)  # refuse before any module is wrapped
+        super().inject(peft_model, config, adapter_name)
+        others = [c for name, c in peft_model.peft_config.items() if name != adapter_name]
+        lora_param.inject_parameters(model, config, adapter_name, others)
+
+    def load_state_dict(
+        self, peft_model: Any, config: PeftConfig, adapter_name: str, state: dict[str, torch.Tensor]
+    ) -> None:
+        state = moe_targets.convert_v4_state(peft_model.base_model, state)  # old per-expert MoE files
+        super().load_state_dict(peft_model, config, adapter_name, state)
+
     def target_paths(self, model: nn.Module, config: PeftConfig) -> list[str]:
         assert isinstance(config, LoraConfig)
+        if config.target_parameters and not config.target_modules and config.target_modules is not None:
+            return []  # parameters only (target_modules=[])
         paths = find_targets(
             model,
             config.target_modules,
@@ -869,6 +902,12 @@ class LoraTuner(Tuner):
         if combination_type not in ("linear", "cat", "svd"):
             raise ValueError(f"combination_type={combination_type!r}: choose 'linear', 'cat' or 'svd'.")
         configs = [peft_model.peft_config[a] for a in adapters]
+        on_params = [a for a, c in zip(adapters, configs) if getattr(c, "target_parameters", None)]
+        if on_params:
+            raise ValueError(
+                f"Adapters {on_params} use target_parameters (LoRA on fused expert weights); add_weighted_adapter "
+                "does not combine those (nor does PEFT). Merge them in turn with merge_adapter instead."
+            )
         dora = [a for a, c in zip(adapters, configs) if getattr(c, "use_dora", False)]
         if dora:
             raise ValueError(

@@ -91,7 +91,8 @@ def _lora_config(task_type: str, opts: dict[str, Any], **extra: Any) -> Any:
     kw = {
         "r": r,
         "lora_alpha": 2 * r if alpha is None else alpha,
-        "lora_dropout": 0.05 if dropout is None else dropout,
+        # LoRA on parameters (target_parameters) adds to the weight itself: no input to drop.
+        "lora_dropout": (0.0 if opts.get("target_parameters") else 0.05) if dropout is None else dropout,
     }
     kw.update(_fields(cls, opts, skip=("r", "lora_alpha", "lora_dropout", "task_type")))
     kw.update(extra)

@@ -68,9 +68,14 @@ class RunOptions(TrainConfig):
     target_column: str = _opt("target", "seq2seq: output column")
     r: int = _opt(8, "LoRA / DoRA / QLoRA / LoftQ rank")
     lora_alpha: float | None = _opt(None, "LoRA alpha; default 2 * r")
-    lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
+    lora_dropout: float | None = _opt(
+        None, "dropout on the LoRA input; default 0.05 (0 with --target-parameters)"
+    )
     target_modules: list[str] | None = _opt(
         None, "module names to adapt (comma-separated); default: per architecture"
+    )
+    target_parameters: list[str] | None = _opt(
+        None, "LoRA on named parameters, e.g. MoE experts: mlp.experts.gate_up_proj,mlp.experts.down_proj"
     )
     num_virtual_tokens: int = _opt(20, "prompt / prefix tuning: number of virtual tokens")
     method_args: dict[str, Any] = _opt({}, "more fields of the method's config, as key=value (repeatable)")
@@ -257,7 +262,8 @@ def run(opts: RunOptions, log: Any = print) -> RunResult:
         train_cfg.lr = entry.default_lr
     method_opts = {
         "r": opts.r, "lora_alpha": opts.lora_alpha, "lora_dropout": opts.lora_dropout,
-        "target_modules": opts.target_modules, "num_virtual_tokens": opts.num_virtual_tokens,
+        "target_modules": opts.target_modules, "target_parameters": opts.target_parameters,
+        "num_virtual_tokens": opts.num_virtual_tokens,
         "gradient_checkpointing": opts.gradient_checkpointing, **opts.method_args,
     }  # fmt: skip
     run_info = {
