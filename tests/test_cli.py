@@ -182,6 +182,7 @@ def test_compare_table_on_a_tiny_model(workdir, capsys):
         if line.startswith("| ") and "---" not in line
     }
     assert {"lora", "ia3", "full"} <= set(rows) and "1.00x" in rows["lora"]
+    assert "| 1.00x (1.00-1.00) |" in rows["lora"] and "interleaved rounds" in text
     data = json.loads((workdir / "cmp" / "compare.json").read_text())
     by = {r["method"]: r for r in data}
     assert by["full"]["trainable"] == by["full"]["total"] > by["lora"]["trainable"] > by["ia3"]["trainable"]
@@ -297,8 +298,9 @@ def test_failed_resume_names_the_difference_and_writes_nothing(workdir, capsys):
     config = (workdir / "ck" / "config.yaml").read_text()
     capsys.readouterr()
     assert (
-        main(_train_args(workdir, "ck", "--max-steps", "6", "--save-every", "2", "--resume", "--r", "4")) == 2
-    )
+        main(_train_args(workdir, "ck", "--max-steps", "6", "--save-every", "2", "--resume", "--r", "4",
+                         "--resume-changes", "max_steps,r")) == 2
+    )  # fmt: skip
     line = _error(capsys)
     assert "Cannot resume from" in line and "(8, 32) saved, (4, 32) now" in line, line
     assert (workdir / "ck" / "config.yaml").read_text() == config

@@ -168,6 +168,10 @@ def check_options(opts: Any) -> None:
         raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it.")
 
 
+class NonFiniteLoss(ValueError):
+    """The training loss became NaN or infinite."""
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -444,6 +448,7 @@ class Trainer:
                 _assign(params[name], value)
         dist_utils.load_optimizer_state(self.model, self.optimizer, c.optimizer)
         self.scheduler.load_state_dict(c.scheduler)
+        self._apply_settings_to_optimizer()
         ckpt.set_rng_state(c.rng)
         self.state = c.state
         self.best = c.best
@@ -451,6 +456,19 @@ class Trainer:
         if self.main:
             _write_jsonl(self._metrics_path(), self.history)
             print(f"Resumed from {path} (step {self.state.step} of {self.total_steps}).")
+
+    def _apply_settings_to_optimizer(self) -> None:
+        """This run's lr, betas and weight decay over those stored with a checkpoint's optimizer
+        state (equal unless a resume was allowed to change them): the settings say what trains."""
+        cfg = self.config
+        fn = self.scheduler.lr_lambdas[0]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = cfg.lr
+            group["lr"] = cfg.lr * fn(self.scheduler.last_epoch)
+            group["betas"] = (cfg.adam_betas[0], cfg.adam_betas[1])
+            group["weight_decay"] = cfg.weight_decay
+        self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _clear_previous_run(self) -> None:
         """A fresh start: the old metrics go, and old checkpoints too (else a later --resume would
@@ -498,7 +516,8 @@ class Trainer:
                 f"{cfg.output_dir} holds checkpoints of an earlier run (up to step {stale[-1][0]}). "
                 "Pass --resume to continue it, a new --output-dir, or --overwrite to replace it."
             )
-        self._write_run_config()
+        if resume_from is None:  # a resumed run keeps its record of what it started with
+            self._write_run_config()
         if resume_from is not None:
             self._resume(resume_from)
         elif self.main:
@@ -545,6 +564,7 @@ class Trainer:
                     loss.backward()
                 loss_acc += loss.detach()
                 self.state.micro += 1
+            self._stop_if_not_finite(loss_acc)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if cfg.max_grad_norm > 0:
@@ -630,6 +650,20 @@ class Trainer:
             history=list(self.history),
         )
 
+    def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
+        """Stop before a NaN / inf loss reaches the weights (fp16's scaler skips such steps itself)."""
+        if self.scaler is not None:
+            return
+        value = float(loss)
+        if self.world > 1:
+            value = dist_utils.all_reduce_sum([value])[0]
+        if not math.isfinite(value):
+            raise NonFiniteLoss(
+                f"Training stopped at step {self.state.step + 1}: the loss is {value} (the weights were not "
+                "updated with it, and no adapter was saved). Lower --lr, check the data (records with no "
+                "token to train on), or use --mixed-precision no."
+            )
+
     def _eval_and_maybe_stop(self, step: int) -> bool:
         metrics = self.evaluate()
         self._record({"step": step, **metrics})
@@ -672,10 +706,22 @@ class Trainer:
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    """metrics.jsonl; a torn last line (what a kill mid-write leaves) is dropped."""
     if not os.path.isfile(path):
         return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = [line for line in fh if line.strip()]
+    rows = []
+    for n, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if n == len(lines) - 1:
+                break
+            raise ValueError(f"{path}, line {n + 1}: not valid JSON ({exc.msg}).") from exc
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
