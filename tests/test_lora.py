@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import MODELS, model_output, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama, tiny_mlp, tiny_t5
 from deltatune import LoraConfig, PeftModel, get_peft_model
-from deltatune.methods.lora import Embedding, Linear
+from deltatune.methods.lora import Embedding, Linear, fast
 
 
 def wrap(name: str, **kw: object) -> tuple[PeftModel, nn.Module, dict[str, torch.Tensor]]:
@@ -309,13 +309,13 @@ def test_inference_on_many_tokens_folds_lora_into_the_weight(monkeypatch: pytest
     model.add_adapter("b", LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "up_proj"]))
     randomize_lora(model)
     folds: list[str] = []
-    original = Linear._folded_weight
+    original = fast._folded_weight
 
-    def spy(self: Linear, weight: torch.Tensor, names: list[str]) -> torch.Tensor:
+    def spy(layer: Linear, weight: torch.Tensor, names: list[str]) -> torch.Tensor:
         folds.append(",".join(names))
-        return original(self, weight, names)
+        return original(layer, weight, names)
 
-    monkeypatch.setattr(Linear, "_folded_weight", spy)
+    monkeypatch.setattr(fast, "_folded_weight", spy)
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     weights = [m.base_layer.weight.clone() for m in layers]
     long_ids = torch.randint(1, 96, (4, 32), generator=torch.Generator().manual_seed(0))  # 128 tokens

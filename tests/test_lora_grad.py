@@ -1,7 +1,7 @@
 """LoRA gradients: the fused training path's hand-written backward is exact.
 
 deltatune trains a plain ``nn.Linear`` base through one custom autograd node
-(``_FusedLoraLinear``); these tests check its backward against autograd's numerical
+(``FusedLoraLinear``); these tests check its backward against autograd's numerical
 gradient and a whole model's adapter gradients against Hugging Face PEFT's.
 """
 
@@ -12,7 +12,7 @@ import torch
 
 import deltatune as dt
 from conftest import MODELS, model_output, randomize_lora
-from deltatune.methods.lora import _FusedLoraLinear
+from deltatune.methods.lora.fast import FusedLoraLinear
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -28,14 +28,14 @@ def test_fused_node_matches_numerical_gradient(bias: bool, dropout_input: bool) 
     # A separate x_d (the dropped input) must get its own gradient, not x's.
     xd = leaf(6, 5) if dropout_input else x
     inputs = (x, xd, w, bias_t, a, b, 0.7)
-    assert torch.autograd.gradcheck(_FusedLoraLinear.apply, inputs)
+    assert torch.autograd.gradcheck(FusedLoraLinear.apply, inputs)
 
 
 def test_fused_node_skips_gradients_nobody_asked_for() -> None:
     x = torch.randn(6, 5)
     w, a = torch.randn(4, 5), torch.randn(3, 5, requires_grad=True)
     b = torch.randn(4, 3, requires_grad=True)
-    _FusedLoraLinear.apply(x, x, w, None, a, b, 2.0).sum().backward()
+    FusedLoraLinear.apply(x, x, w, None, a, b, 2.0).sum().backward()
     assert w.grad is None and x.grad is None
     assert a.grad is not None and b.grad is not None
     # Expected values by the chain rule: y = x wᵀ + 2 (x aᵀ) bᵀ, upstream gradient of ones.

@@ -177,9 +177,8 @@ def test_dora_eval_cache_follows_changes_to_the_4bit_codes(base4):
         q.base_layer.weight_packed.copy_(q.base_layer.weight_packed.flip(0))
         stale_or_fresh = model(input_ids=x).logits
         for m in model.modules():
-            if hasattr(m, "_dora_cache"):
-                m._dora_cache.clear()
-                m._wsq_cache = None
+            if hasattr(m, "reset_caches"):
+                m.reset_caches()
         recomputed = model(input_ids=x).logits
     torch.testing.assert_close(stale_or_fresh, recomputed, rtol=0, atol=0)
 

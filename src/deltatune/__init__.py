@@ -1,7 +1,10 @@
 """deltatune: parameter-efficient fine-tuning for PyTorch and Hugging Face transformers."""
 
-from deltatune import methods  # noqa: F401  (registers every method)
-from deltatune.config import PeftConfig, PeftType, TaskType, register_method, registered_methods
+from deltatune import (
+    methods,  # noqa: F401  (registers every method)
+    quant,  # noqa: F401  (4-bit bases for adapters; the LoftQ initialisation of LoRA)
+)
+from deltatune.config import CliRecipe, PeftConfig, PeftType, TaskType, register_method, registered_methods
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.lora import LoraConfig
@@ -14,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BottleneckConfig",
+    "CliRecipe",
     "IA3Config",
     "LoftQConfig",
     "LoraConfig",

@@ -635,10 +635,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from safetensors import SafetensorError
 
-    from deltatune.train.methods import MethodUnavailable
-
     return (CliError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError, MethodUnavailable, SafetensorError, re.error)  # fmt: skip
+            PermissionError, SafetensorError, re.error)  # fmt: skip
 
 
 def _user_message(exc: BaseException) -> str:

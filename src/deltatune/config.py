@@ -1,8 +1,8 @@
 """Configs, task types and the method registry.
 
-A method registers itself with :func:`register_method`, naming its config class and its
-tuner (the object that injects, saves and loads it). The wrapper model looks methods up
-here by ``peft_type`` and never learns their names.
+A method registers itself once with :func:`register_method`: its ``peft_type``, its config
+class, its tuner (the object that injects, saves and loads it) and its command-line recipes.
+The wrapper model and the trainer look methods up here and never learn their names.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import enum
 import json
 import os
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -36,7 +37,9 @@ class TaskType(str, enum.Enum):
 
 
 class PeftType(str, enum.Enum):
-    """Method names as written in ``adapter_config.json`` (the ecosystem's spelling)."""
+    """The built-in methods' names as written in ``adapter_config.json`` (the ecosystem's spelling).
+
+    A method added later registers any other name; the registry, not this enum, is the list."""
 
     LORA = "LORA"
     IA3 = "IA3"
@@ -145,22 +148,82 @@ def _inert(key: str, value: Any) -> bool:
     return key in _INERT_KEYS or value is None or value is False or value in ({}, [], "")
 
 
-@dataclass
+@dataclass(frozen=True)
+class CliRecipe:
+    """One way to train a method from the command line: ``deltatune train --method <name>``.
+
+    The trainer builds the method's config from the run's options: ``config_defaults`` first,
+    then every option that is a field of the config class (``--method-arg key=value``, ``--r``,
+    ...), then what ``options`` returns (a method's own translation of the options, e.g.
+    LoRA's lora_alpha = 2 r by default; it wins). ``extra_args`` are ``--method-arg`` keys that
+    ``options`` reads and that are no config field. ``quantize_base``: quantise the base
+    model's linear layers to NF4 first (QLoRA).
+    """
+
+    name: str
+    description: str
+    default_lr: float
+    config_defaults: Mapping[str, Any] = field(default_factory=dict)
+    options: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    extra_args: tuple[str, ...] = ()
+    quantize_base: bool = False
+
+
+@dataclass(frozen=True)
 class MethodSpec:
+    """Everything the library and the CLI need to know about a registered method."""
+
     peft_type: str
     config_cls: type[PeftConfig]
-    tuner_cls: type[Tuner]
+    tuner_cls: type[Tuner[Any]]
+    cli: tuple[CliRecipe, ...] = ()
+    tuner: Tuner[Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tuner", self.tuner_cls())  # tuners hold no state: one per method
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register_method(peft_type: str, config_cls: type[PeftConfig], tuner_cls: type[Tuner]) -> None:
-    """Make a method known to the wrapper: ``peft_type`` is the name used in config files."""
-    _REGISTRY[str(peft_type)] = MethodSpec(str(peft_type), config_cls, tuner_cls)
+def register_method(
+    peft_type: str,
+    config_cls: type[PeftConfig],
+    tuner_cls: type[Tuner[Any]],
+    *,
+    cli: Sequence[CliRecipe] = (),
+) -> MethodSpec:
+    """Make a method known to the library and the CLI, once.
+
+    ``peft_type`` is the name written in ``adapter_config.json``; ``config_cls`` sets it in its
+    ``__post_init__``; ``tuner_cls`` injects, saves and loads the method (``methods.base.Tuner``);
+    ``cli`` names the method's ``deltatune train --method`` recipes. A type or CLI name that is
+    already registered is refused.
+    """
+    key = str(peft_type)
+    if key in _REGISTRY:
+        spec = _REGISTRY[key]
+        raise ValueError(
+            f"A method with peft_type {key!r} is already registered ({spec.config_cls.__name__}, "
+            f"{spec.tuner_cls.__name__}); pick another peft_type for {config_cls.__name__}."
+        )
+    taken = {r.name: spec.peft_type for spec in _REGISTRY.values() for r in spec.cli}
+    names = [r.name for r in cli]
+    clash = sorted({n for n in names if n in taken or names.count(n) > 1})
+    if clash:
+        raise ValueError(f"CLI method name(s) {clash} are already taken; pick others for {key!r}.")
+    spec = MethodSpec(key, config_cls, tuner_cls, tuple(cli))
+    _REGISTRY[key] = spec
+    return spec
+
+
+def cli_recipes() -> dict[str, tuple[MethodSpec, CliRecipe]]:
+    """Every registered CLI recipe by its ``--method`` name, in registration order."""
+    return {r.name: (spec, r) for spec in _REGISTRY.values() for r in spec.cli}
 
 
 def method_for(config_or_type: PeftConfig | str) -> MethodSpec:
+    """The registered method of a config (by its ``peft_type``) or of a ``peft_type`` string."""
     key = config_or_type if isinstance(config_or_type, str) else config_or_type.peft_type
     if key is None or str(key) not in _REGISTRY:
         raise ValueError(

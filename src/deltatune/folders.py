@@ -63,23 +63,14 @@ def _fsync_tree(root: str) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
             path = os.path.join(folder, name)
-            try:
-                if not stat.S_ISREG(os.lstat(path).st_mode):
-                    continue  # links, pipes, devices: nothing to flush (and a pipe would block)
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.lstat(path).st_mode):  # not links, pipes (a pipe would block), devices
+                    _fsync_dir(path)
         _fsync_dir(folder)
 
 
 def _fsync_dir(path: str) -> None:
-    """Make renames in ``path`` durable (POSIX); a no-op where folders cannot be opened."""
+    """Flush ``path`` (a file, or a folder: its renames) to disk; a no-op where it cannot be opened."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

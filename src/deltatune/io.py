@@ -368,7 +368,12 @@ def decode_tensors(snapshot: Snapshot, device: str = "cpu") -> dict[str, torch.T
     return {k: v.to(device) for k, v in state.items()} if device != "cpu" else state
 
 
-def _load_pickle(data: bytes, where: str, device: str) -> dict[str, torch.Tensor]:
+def _load_pickle(
+    data: bytes,
+    where: str,
+    device: str,
+    writer: str = "as PEFT's save_pretrained(safe_serialization=False) writes",
+) -> dict[str, torch.Tensor]:
     import io as _io
 
     try:
@@ -382,19 +387,31 @@ def _load_pickle(data: bytes, where: str, device: str) -> dict[str, torch.Tensor
     ):
         raise ValueError(
             f"{where} holds a {type(state).__name__}, not an adapter state dict (a dict of tensor "
-            "names to tensors, as PEFT's save_pretrained(safe_serialization=False) writes)."
+            f"names to tensors{', ' + writer if writer else ''})."
         )
     return dict(state)
+
+
+def load_pickled_tensors(path: str, device: str = "cpu", writer: str = "") -> dict[str, torch.Tensor]:
+    """A pickled dict of tensor names to tensors, loaded with ``weights_only=True`` (call only when the
+    user allowed pickles); anything else is a clear error (``writer``: what writes such files)."""
+    with open(path, "rb") as fh:
+        return _load_pickle(fh.read(), path, device, writer)
 
 
 def load_tensors(directory: str, allow_pickle: bool = False, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Load an adapter's weights from a folder; only safetensors unless pickle is asked for."""
     snapshot = open_snapshot(directory, allow_pickle=allow_pickle)
+    check_pickle_allowed(snapshot, allow_pickle)
+    return decode_tensors(snapshot, device)
+
+
+def check_pickle_allowed(snapshot: Snapshot, allow_pickle: bool) -> None:
+    """Refuse a folder whose only weights are a pickle unless the caller allowed pickles."""
     if snapshot.weights_name == PICKLE_WEIGHTS_NAME and not allow_pickle:
         raise ValueError(
-            f"{directory!r} holds only {PICKLE_WEIGHTS_NAME}, a pickle file, which can run code when "
+            f"{snapshot.directory!r} holds only {PICKLE_WEIGHTS_NAME}, a pickle file, which can run code when "
             "loaded. deltatune loads safetensors only. If you trust this file, pass "
             "allow_pickle=True (it is then loaded with torch.load(weights_only=True)), or convert it "
             "to safetensors."
         )
-    return decode_tensors(snapshot, device)

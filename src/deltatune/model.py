@@ -8,10 +8,7 @@ the :class:`~deltatune.methods.base.AdapterLayer` protocol.
 from __future__ import annotations
 
 import contextlib
-import copy
-import inspect
 import os
-import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -19,223 +16,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.config import CONFIG_NAME, TASK_HEADS, PeftConfig, method_for
-from deltatune.formats import read_foreign_folder
-from deltatune.io import WEIGHTS_NAME, atomic_write_text, replace_folder, save_tensors
-from deltatune.methods.base import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper, Tuner
-from deltatune.untrusted import check_tensors, dry_run, loading_weights, read_adapter
-
-SAVED_PREFIX = "base_model.model."  # the ecosystem's key prefix for adapter tensors
-
-
-def _tuner(config: PeftConfig) -> Tuner:
-    return method_for(config).tuner_cls()
-
-
-# Keyword arguments of PEFT's loaders that only steer Hub downloads: without effect on a local
-# folder, so they are accepted and ignored.
-_HUB_ONLY_KWARGS = frozenset(
-    {"token", "use_auth_token", "cache_dir", "local_files_only", "force_download", "proxies"}
+from deltatune.config import TASK_HEADS, PeftConfig, method_for
+from deltatune.io import replace_folder
+from deltatune.methods.base import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper, Tuner, replace_module
+from deltatune.peft_compat import (
+    WithBaseSignature,
+    check_kwargs,
+    check_save_kwargs,
+    read_adapter,
+    warn_autocast,
+    write_adapter_files,
 )
-# PEFT keyword arguments deltatune accepts only at their default, since any other value would
-# ask for something deltatune does not do: keyword → (default, why another value is refused).
-_DEFAULT_ONLY_KWARGS: dict[str, tuple[Any, str]] = {
-    "revision": (None, "deltatune loads local folders only; a revision picks a commit on the Hub"),
-    "ignore_mismatched_sizes": (False, "deltatune always refuses tensors whose shape does not fit"),
-}
+from deltatune.untrusted import dry_run, loading_weights
+from deltatune.wrapping import (
+    check_adapter_name,
+    check_unwrapped,
+    count_parameters,
+    grad_flags,
+    mixed_batch,
+    strip_adapter_modules,
+)
 
 
-def _check_kwargs(call: str, kwargs: dict[str, Any], accepted: frozenset[str] = _HUB_ONLY_KWARGS) -> None:
-    """Refuse keyword arguments that would change the result if they were silently ignored."""
-    unknown = sorted(k for k in kwargs if k not in accepted and k not in _DEFAULT_ONLY_KWARGS)
-    if unknown:
-        raise TypeError(
-            f"{call}() got unexpected keyword argument(s) {unknown}: deltatune does not know them "
-            "and refuses them rather than ignore them. Check the spelling, or drop them (Hub "
-            "download options other than token/cache_dir/... do not apply to local folders)."
-        )
-    for key, (default, why) in _DEFAULT_ONLY_KWARGS.items():
-        if key in kwargs and kwargs[key] != default:
-            raise ValueError(f"{call}({key}={kwargs[key]!r}) is not supported: {why}. Drop {key}.")
-
-
-def _warn_autocast(autocast_adapter_dtype: bool) -> None:
-    if not autocast_adapter_dtype:
-        warnings.warn(
-            "autocast_adapter_dtype=False is not supported: deltatune keeps adapters over fp16/bf16 "
-            "base layers in fp32 (PEFT's default, autocast_adapter_dtype=True).",
-            stacklevel=3,
-        )
-
-
-def _adapter_dir(model_id: str | os.PathLike[str], subfolder: str | None) -> str:
-    """The local folder that holds the adapter: ``model_id``, or ``model_id/subfolder``."""
-    root = os.fspath(model_id)
-    if not subfolder:
-        return root
-    path = os.path.join(root, subfolder)
-    if not os.path.isdir(path):
-        found = (
-            sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, CONFIG_NAME)))
-            if os.path.isdir(root)
-            else []
-        )
-        raise FileNotFoundError(
-            f"subfolder={subfolder!r}: {path!r} is not a folder. Sub-folders of {root!r} that hold an "
-            f"adapter: {found}."
-        )
-    return path
-
-
-def _read_folder(
-    directory: str, allow_pickle: bool, device: str | None, need_config: bool = True
-) -> tuple[PeftConfig | None, dict[str, torch.Tensor]]:
-    """An adapter folder's config and tensors, read as untrusted input: another library's folder
-    (AdapterHub's) through its reader, deltatune's / PEFT's own through :func:`read_adapter`."""
-    foreign = read_foreign_folder(directory, allow_pickle=allow_pickle, device=device or "cpu")
-    if foreign is None:
-        return read_adapter(
-            directory, allow_pickle=allow_pickle, device=device or "cpu", need_config=need_config
-        )
-    check_tensors(foreign[1], directory)
-    return foreign
-
-
-def _remap_keys(
-    state: dict[str, torch.Tensor], key_mapping: dict[str, str] | None
-) -> dict[str, torch.Tensor]:
-    """Rename saved keys with PEFT's ``key_mapping`` rule: regex → replacement, applied to the
-    key without its ``base_model.model.`` (or ``base_model.``) prefix; the first pattern that
-    matches wins."""
-    if not key_mapping:
-        return state
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), "")
-        rest = key[len(prefix) :]
-        for pattern, replacement in key_mapping.items():
-            new, n = re.subn(pattern, replacement, rest)
-            if n:
-                rest = new
-                break
-        out[prefix + rest] = value
-    return out
-
-
-class _SignedForward:
-    """A wrapper's bound forward whose ``inspect.signature`` is its base model's forward plus
-    ``adapter_names`` (the call itself goes to the wrapper's forward unchanged)."""
-
-    __slots__ = ("_call", "_model")
-
-    def __init__(self, call: Any, model: Any) -> None:
-        self._call = call
-        self._model = model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call(*args, **kwargs)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        try:
-            base = inspect.signature(self._model.base_model.forward)
-        except (TypeError, ValueError):  # a forward inspect cannot read: the wrapper's own
-            return inspect.signature(self._call)
-        params = list(base.parameters.values())
-        var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
-        named = [
-            p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD and p.name != "adapter_names"
-        ]
-        extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
-        return base.replace(parameters=[*named, extra, *var_kw])
-
-
-class _WithBaseSignature:
-    """Descriptor for ``PeftModel.forward``: instances get a ``_SignedForward``."""
-
-    def __init__(self, func: Any) -> None:
-        self.func = func
-        self.__doc__ = func.__doc__
-
-    def __get__(self, instance: Any, owner: Any = None) -> Any:
-        if instance is None:
-            return self.func
-        return _SignedForward(self.func.__get__(instance, owner), instance)
-
-
-def _logical_numel(module: nn.Module) -> int:
-    """Parameters a module stores in packed form (4-bit codes), counted at their logical size."""
-    fn = getattr(module, "logical_param_count", None)
-    return int(fn()) if callable(fn) else 0
-
-
-# Characters that cannot appear in a folder name on some common filesystem (Windows forbids
-# <>:"|?*), besides path separators: an adapter name becomes a sub-folder in save_pretrained.
-_BAD_NAME_CHARS = frozenset('/\\<>:"|?*')
-
-
-def check_adapter_name(adapter_name: object) -> None:
-    """Refuse names that are not a single, portable folder name (save_pretrained writes non-default
-    adapters to ``save_directory/<name>``) or that would break module paths (a '.')."""
-    if not isinstance(adapter_name, str) or not adapter_name.strip():
-        raise ValueError(
-            f"Adapter name {adapter_name!r} must be a non-empty string, e.g. 'default' or 'task_a'."
-        )
-    bad = sorted({c for c in adapter_name if c in _BAD_NAME_CHARS or ord(c) < 32 or c == "\x7f"})
-    if "." in adapter_name or bad or adapter_name != adapter_name.strip() or len(adapter_name.encode()) > 200:
-        raise ValueError(
-            f"Adapter name {adapter_name!r} cannot be used: an adapter name must be a single folder name "
-            "(save_pretrained writes it to save_directory/<name>) and a module key, so it must not contain "
-            f"'.', path separators or any of {''.join(sorted(_BAD_NAME_CHARS))}, control characters, or "
-            f"leading/trailing spaces, and be at most 200 bytes{f' (found {bad})' if bad else ''}. Use e.g. "
-            f"{re.sub(r'[^A-Za-z0-9_-]+', '_', adapter_name).strip('_')[:64] or 'task_a'!r}."
-        )
-
-
-def _check_unwrapped(model: nn.Module) -> None:
-    """Refuse a base model that already carries adapters: two wrappers over one base would share
-    (and overwrite) each other's layers."""
-    if isinstance(model, PeftModel):
-        raise ValueError(
-            "This model is already wrapped; use model.add_adapter(name, config) to add another adapter."
-        )
-    for path, module in model.named_modules():
-        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
-            raise ValueError(
-                f"This base model already holds deltatune adapter layers (e.g. at {path!r}): it is wrapped by "
-                "another PeftModel. Add the adapter to that wrapper with peft_model.add_adapter(name, config), "
-                "or take the plain model back first with peft_model.unload() (or merge_and_unload())."
-            )
-        if type(module).__module__.startswith("peft.") and path:
-            raise ValueError(
-                f"This base model holds layers of the peft library (e.g. {type(module).__name__} at {path!r}). "
-                "Call unload() or merge_and_unload() on the peft model first and wrap the returned base model."
-            )
-
-
-def _grad_flags(model: nn.Module) -> dict[int, tuple[torch.Tensor, bool]]:
-    return {id(p): (p, p.requires_grad) for p in model.parameters()}
-
-
-def _strip_adapter_modules(model: nn.Module, keep: set[int] | frozenset[int] = frozenset()) -> None:
-    """Put the original modules back in place of every adapter layer / modules_to_save wrapper
-    (except those whose ``id`` is in ``keep``)."""
-    from deltatune.methods.base import replace_module
-
-    while True:
-        found = next(
-            (
-                (p, m)
-                for p, m in model.named_modules()
-                if isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) and id(m) not in keep
-            ),
-            None,
-        )
-        if found is None:
-            return
-        path, module = found
-        original = module.base_layer if isinstance(module, AdapterLayer) else module.original_module
-        replace_module(model, path, original)
+def _tuner(config: PeftConfig) -> Tuner[Any]:
+    return method_for(config).tuner
 
 
 class PeftModel(nn.Module):
@@ -247,12 +51,16 @@ class PeftModel(nn.Module):
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
-        _check_unwrapped(model)
+        if isinstance(model, PeftModel):
+            raise ValueError(
+                "This model is already wrapped; use model.add_adapter(name, config) to add another adapter."
+            )
+        check_unwrapped(model)
         self.base_model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter: str | None = None
         self._disabled = False
-        flags = _grad_flags(model)
+        flags = grad_flags(model)
         for p in model.parameters():
             p.requires_grad_(False)
         try:
@@ -263,10 +71,10 @@ class PeftModel(nn.Module):
 
     def _restore_base(self, flags: dict[int, tuple[torch.Tensor, bool]]) -> None:
         """Undo the wrapping after a failed construction or load: the caller's model gets its own
-        modules and requires_grad flags (``flags``, from ``_grad_flags`` before the call) back."""
+        modules and requires_grad flags (``flags``, from ``grad_flags`` before the call) back."""
         for config in self.peft_config.values():
             _tuner(config).delete(self, None)
-        _strip_adapter_modules(self.base_model)
+        strip_adapter_modules(self.base_model)
         for p, requires_grad in flags.values():
             p.requires_grad_(requires_grad)
         self.peft_config = {}
@@ -361,7 +169,7 @@ class PeftModel(nn.Module):
         config = self.peft_config.pop(adapter_name, None)
         if config is not None:
             _tuner(config).delete(self, adapter_name)
-        _strip_adapter_modules(self.base_model, keep=before)
+        strip_adapter_modules(self.base_model, keep=before)
         if self.active_adapter == adapter_name:
             self.active_adapter = None
 
@@ -543,8 +351,6 @@ class PeftModel(nn.Module):
         return self._unload()
 
     def _unload(self) -> nn.Module:
-        from deltatune.methods.base import replace_module
-
         done: list[str] = []
         for path, module in list(self.base_model.named_modules()):
             if any(path.startswith(d + ".") for d in done):
@@ -567,16 +373,7 @@ class PeftModel(nn.Module):
     # -- parameters ---------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts; 4-bit weights count at their logical size."""
-        trainable = total = 0
-        for _, p in self.named_parameters():
-            n = p.numel()
-            if type(p).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte
-                n *= 2 * getattr(getattr(p, "quant_storage", None), "itemsize", 1)
-            total += n
-            if p.requires_grad:
-                trainable += n
-        total += sum(_logical_numel(m) for m in self.modules())
-        return trainable, total
+        return count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -585,50 +382,15 @@ class PeftModel(nn.Module):
         )
 
     # -- forward ----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _mixed_batch(self, adapter_names: list[str], batch_size: int, device: torch.device) -> Iterator[None]:
-        if len(adapter_names) != batch_size:
-            raise ValueError(
-                f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} rows; "
-                "give one adapter name (or '__base__') per row."
-            )
-        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
-        if unknown:
-            raise ValueError(
-                f"adapter_names mentions unknown adapters {unknown}; this model has {list(self.peft_config)}."
-            )
-        if any(layer.merged for layer in self._layers()):
-            raise ValueError("A mixed-batch forward needs unmerged adapters; call unmerge_adapter() first.")
-        groups: dict[str, list[int]] = {}
-        for row, name in enumerate(adapter_names):
-            groups.setdefault(name, []).append(row)
-        row_groups = [(n, torch.tensor(rows, dtype=torch.long, device=device)) for n, rows in groups.items()]
-        modules = list(self._adapter_modules())
-        for m in modules:
-            m.row_groups = row_groups
-        try:
-            yield
-        finally:
-            for m in modules:
-                m.row_groups = None
-
-    @staticmethod
-    def _batch_info(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, torch.device]:
-        for value in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *kwargs.values()):
-            if isinstance(value, torch.Tensor):
-                return value.shape[0], value.device
-        raise ValueError("adapter_names needs a tensor input to know the batch size.")
-
     def _forward_entry(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is not None:
-            batch, device = self._batch_info(args, kwargs)
-            with self._mixed_batch(adapter_names, batch, device):
+            with mixed_batch(self.base_model, adapter_names, list(self.peft_config), args, kwargs):
                 return self._forward(args, kwargs, adapter_names)
         return self._forward(args, kwargs, None)
 
     # transformers.Trainer keeps only the dataset columns that inspect.signature(model.forward)
     # names (it looks through PEFT's own classes only), so forward reports the base model's.
-    forward = _WithBaseSignature(_forward_entry)  # type: ignore[assignment]
+    forward = WithBaseSignature(_forward_entry)  # type: ignore[assignment]
 
     def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: list[str] | None) -> Any:
         if not self._disabled and self.active_adapter is not None:
@@ -638,9 +400,9 @@ class PeftModel(nn.Module):
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's ``generate`` with the active adapter (``adapter_names``: one per row)."""
         if adapter_names is not None:
-            batch, device = self._batch_info(args, kwargs)
-            with self._mixed_batch(adapter_names, batch, device):
+            with mixed_batch(self.base_model, adapter_names, list(self.peft_config), args, kwargs):
                 return self._generate(args, kwargs, adapter_names)
         return self._generate(args, kwargs, None)
 
@@ -692,19 +454,9 @@ class PeftModel(nn.Module):
         The default adapter goes in ``save_directory``; others in sub-folders named after them.
         ``is_main_process=False`` (other ranks of a distributed run) writes nothing.
         """
-        _check_kwargs("save_pretrained", kwargs, accepted=frozenset())
-        if not safe_serialization:
-            raise ValueError("deltatune writes safetensors only; drop safe_serialization=False.")
-        if save_embedding_layers is True:
-            raise ValueError(
-                "save_embedding_layers=True is not supported: deltatune saves the adapter's own tensors "
-                "(for a targeted embedding, its LoRA factors), not full copies of the base embeddings."
-            )
-        if path_initial_model_for_weight_conversion is not None:
-            raise ValueError(
-                "path_initial_model_for_weight_conversion is not supported by deltatune; save the "
-                "adapter without it."
-            )
+        check_save_kwargs(
+            safe_serialization, save_embedding_layers, path_initial_model_for_weight_conversion, kwargs
+        )
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a folder path.")
@@ -725,13 +477,7 @@ class PeftModel(nn.Module):
         with replace_folder(save_directory) as root:
             for name in names:
                 target = root if name == "default" else os.path.join(root, name)
-                config = copy.copy(self.peft_config[name])
-                config.inference_mode = True
-                state = self.get_adapter_state_dict(name)
-                os.makedirs(target, exist_ok=True)
-                save_tensors(state, os.path.join(target, WEIGHTS_NAME))
-                config.save_pretrained(target)
-                atomic_write_text(os.path.join(target, "README.md"), _model_card(config, state))
+                write_adapter_files(target, self.peft_config[name], self.get_adapter_state_dict(name))
 
     def load_adapter(
         self,
@@ -756,18 +502,17 @@ class PeftModel(nn.Module):
         and change nothing here; Hub-only keywords (``token``, ``cache_dir``, ...) are ignored.
         Any other keyword is refused with a TypeError.
         """
-        _check_kwargs("load_adapter", kwargs)
-        _warn_autocast(autocast_adapter_dtype)
-        directory = _adapter_dir(model_id, subfolder)
-        config, state = _read_folder(directory, allow_pickle, torch_device)
-        assert config is not None
-        config.inference_mode = not is_trainable
-        state = _remap_keys(state, key_mapping)
+        check_kwargs("load_adapter", kwargs)
+        warn_autocast(autocast_adapter_dtype)
+        config, state = read_adapter(
+            model_id, subfolder, is_trainable=is_trainable, allow_pickle=allow_pickle, device=torch_device,
+            key_mapping=key_mapping,
+        )  # fmt: skip
         check_adapter_name(adapter_name)
         if adapter_name not in self.peft_config:  # sizes checked on the meta device before any allocation
-            dry_run(self, None, self.base_model, config, adapter_name, state, directory)
+            dry_run(self, None, self.base_model, config, adapter_name, state, os.fspath(model_id))
         before = {id(m) for m in self._adapter_modules()}
-        with loading_weights():
+        with loading_weights():  # the file's values replace any initialisation
             self.add_adapter(adapter_name, config)
         try:
             self._load_state(adapter_name, state)
@@ -810,18 +555,16 @@ class PeftModel(nn.Module):
 
         Keywords as in :meth:`load_adapter`; any keyword deltatune does not know raises TypeError.
         """
-        _check_kwargs("from_pretrained", kwargs)
-        _warn_autocast(autocast_adapter_dtype)
-        directory = _adapter_dir(model_id, subfolder)
-        from_file, state = _read_folder(directory, allow_pickle, torch_device, need_config=config is None)
-        config = config or from_file
-        assert config is not None
-        config.inference_mode = not is_trainable
-        state = _remap_keys(state, key_mapping)
-        _check_unwrapped(model)  # sizes checked on the meta device before any allocation:
-        dry_run(None, cls, model, config, adapter_name, state, directory)
-        flags = _grad_flags(model)
-        with loading_weights():
+        check_kwargs("from_pretrained", kwargs)
+        warn_autocast(autocast_adapter_dtype)
+        config, state = read_adapter(
+            model_id, subfolder, config=config, is_trainable=is_trainable, allow_pickle=allow_pickle,
+            device=torch_device, key_mapping=key_mapping,
+        )  # fmt: skip
+        check_unwrapped(model)  # sizes checked on the meta device before any allocation:
+        dry_run(None, cls, model, config, adapter_name, state, os.fspath(model_id))
+        flags = grad_flags(model)
+        with loading_weights():  # the file's values replace any initialisation
             peft_model = cls(model, config, adapter_name)  # refuses an already wrapped base first
         try:
             peft_model._load_state(adapter_name, state)
@@ -831,23 +574,6 @@ class PeftModel(nn.Module):
         if not is_trainable:
             peft_model.eval()
         return peft_model
-
-
-def _model_card(config: PeftConfig, state: dict[str, torch.Tensor]) -> str:
-    n = sum(t.numel() for t in state.values())
-    targets = getattr(config, "target_modules", None)
-    return (
-        "---\nlibrary_name: peft\ntags:\n- deltatune\n"
-        + (f"base_model: {config.base_model_name_or_path}\n" if config.base_model_name_or_path else "")
-        + "---\n\n"
-        + f"# {config.peft_type} adapter\n\n"
-        + f"- method: {config.peft_type}\n- task type: {config.task_type}\n"
-        + f"- base model: {config.base_model_name_or_path or 'unknown'}\n"
-        + (f"- target modules: {targets}\n" if targets is not None else "")
-        + f"- adapter parameters: {n:,d}\n\n"
-        + "Saved by deltatune in the Hugging Face PEFT file format: load it with "
-        + "`deltatune.PeftModel.from_pretrained(base, path)` or `peft.PeftModel.from_pretrained(base, path)`.\n"
-    )
 
 
 def get_peft_model(
@@ -864,7 +590,7 @@ def get_peft_model(
     ``mixed`` and ``low_cpu_mem_usage`` are accepted for PEFT compatibility and change nothing;
     ``revision`` is recorded in the config, as PEFT does.
     """
-    _warn_autocast(autocast_adapter_dtype)
+    warn_autocast(autocast_adapter_dtype)
     peft_model = PeftModel(model, peft_config, adapter_name)  # refuses an already wrapped base first
     if revision is not None:
         peft_config.revision = revision

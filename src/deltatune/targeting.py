@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from torch import nn
 
 from deltatune.patterns import fullmatch
+from deltatune.stored_weights import stored_weight, stored_weight_types
 
 # The ecosystem's defaults: PEFT's table (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, PEFT
 # 0.21) in full, so that a config with no targets means the same thing here and there. A value is a
@@ -85,22 +86,22 @@ def model_type(model: nn.Module) -> str | None:
 
 
 def linear_types() -> tuple[type, ...]:
-    """Module types that count as 'linear' for ``all-linear`` and the fallback."""
+    """Module types that count as 'linear' for ``all-linear`` and the fallback: ``nn.Linear``,
+    GPT-2's ``Conv1D``, and the layer types of registered stored-weight families (4-bit layers)."""
     from transformers.pytorch_utils import Conv1D
 
-    types: list[type] = [nn.Linear, Conv1D]
-    try:  # 4-bit layers of our own and of bitsandbytes are linear layers too
-        from deltatune.quant.nf4 import Linear4bit
-
-        types.append(Linear4bit)
-    except ImportError:
-        pass
+    types: list[type] = [nn.Linear, Conv1D, *stored_weight_types()]
     # bitsandbytes layers exist only if the user already imported it (importing it here is
     # slow and noisy on machines without its kernels).
     bnb = sys.modules.get("bitsandbytes")
     if bnb is not None:
         types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
     return tuple(types)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A linear layer by type, or a base layer whose weight a registered stored-weight family reads."""
+    return isinstance(module, linear_types()) or stored_weight(module) is not None
 
 
 def _is_adapter_wrapper(module: nn.Module) -> bool:
@@ -121,7 +122,7 @@ def _linear_paths(model: nn.Module) -> list[str]:
         if not name or any(name.startswith(w + ".") for w in wrappers):
             continue
         base = getattr(module, "base_layer", None) if _is_adapter_wrapper(module) else module
-        if isinstance(base, linear_types()):
+        if base is not None and is_linear(base):
             out.append(name)
     return out
 
@@ -290,9 +291,7 @@ def _show(targets: object) -> str:
 
 
 def no_match_message(model: nn.Module, targets: object, layers: object = None) -> str:
-    leaf_names = sorted(
-        {n.split(".")[-1] for n, m in model.named_modules() if n and isinstance(m, linear_types())}
-    )
+    leaf_names = sorted({n.split(".")[-1] for n, m in model.named_modules() if n and is_linear(m)})
     asked = [targets] if isinstance(targets, str) else list(targets or [])  # type: ignore[call-overload]
     close: list[str] = []
     for t in asked:

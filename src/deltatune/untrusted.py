@@ -32,9 +32,9 @@ from torch import nn
 from deltatune.config import PeftConfig, config_from_dict
 from deltatune.io import (
     CONFIG_NAME,
-    PICKLE_WEIGHTS_NAME,
     WEIGHTS_NAME,
     Snapshot,
+    check_pickle_allowed,
     decode_tensors,
     open_snapshot,
     parse_json_object,
@@ -152,13 +152,7 @@ def read_adapter(
     directory = os.fspath(directory)
     snapshot = open_snapshot(directory, allow_pickle=allow_pickle)
     config = _config_of(snapshot) if need_config else None
-    if snapshot.weights_name == PICKLE_WEIGHTS_NAME and not allow_pickle:
-        raise ValueError(
-            f"{directory!r} holds only {PICKLE_WEIGHTS_NAME}, a pickle file, which can run code when "
-            "loaded. deltatune loads safetensors only. If you trust this file, pass "
-            "allow_pickle=True (it is then loaded with torch.load(weights_only=True)), or convert it "
-            "to safetensors."
-        )
+    check_pickle_allowed(snapshot, allow_pickle)
     state = decode_tensors(snapshot, device)
     check_tensors(state, os.path.join(directory, snapshot.weights_name or WEIGHTS_NAME))
     return config, state
@@ -275,3 +269,14 @@ def dry_run(
             f"{where}: the adapter config asks for {new:,d} new parameters but the file holds {file_numel:,d} "
             "values; the config's sizes do not belong to these weights. Nothing was allocated or changed."
         )
+
+
+def is_embedding_layer(model: nn.Module, layer: str) -> bool:
+    """Whether adapter layer ``layer`` wraps an embedding table: an ``nn.Embedding`` or the model's
+    output embeddings (the LM head). Its whole table is the one base weight the adapter format
+    carries (PEFT saves it after a vocabulary resize); any other base weight in a file is refused."""
+    module = model.get_submodule(layer)
+    base = getattr(module, "base_layer", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    return isinstance(base, nn.Embedding) or (head is not None and head in (module, base))

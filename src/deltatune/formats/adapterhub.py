@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from deltatune.config import PeftConfig, config_from_dict
-from deltatune.io import CONFIG_NAME, open_snapshot, parse_json_object
+from deltatune.io import CONFIG_NAME, load_pickled_tensors, open_snapshot, parse_json_object
 
 SAFETENSORS_NAME = "adapter.safetensors"
 PICKLE_NAME = "pytorch_adapter.bin"
@@ -174,15 +174,7 @@ def _load_weights(
             "with torch.load(weights_only=True)), or save the adapter again with AdapterHub's "
             "save_adapter(..., use_safetensors=True)."
         )
-    try:
-        state = torch.load(bin_path, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises several types for bad pickles
-        raise ValueError(f"{bin_path} could not be loaded with weights_only=True: {exc}") from exc
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise ValueError(f"{bin_path} holds a {type(state).__name__}, not a dict of tensor names to tensors.")
-    return dict(state)
+    return load_pickled_tensors(bin_path, device, "as AdapterHub's save_adapter writes")
 
 
 def _part(rest: str, ln_before: bool) -> str | None:

@@ -1,12 +1,13 @@
-"""One module per method family; importing this package registers them all."""
+"""One module (or small package) per method family; importing this package registers them all.
 
-from deltatune.methods import (
-    bottleneck,  # noqa: F401  (registers bottleneck adapters)
-    ia3,  # noqa: F401  (registers (IA)³)
-    lora,  # noqa: F401  (registers LoRA)
-    prefix,  # noqa: F401  (registers prefix tuning)
-    prompt,  # noqa: F401  (registers prompt tuning)
-)
+The order of the imports is the order in which ``deltatune train --help`` and
+``deltatune compare`` list the methods.
+"""
 
-# LoRA on quantised bases (QLoRA) and the LoftQ initialisation register into lora.py.
-from deltatune.quant import loftq, qlora  # noqa: E402, F401
+# isort: off
+from deltatune.methods import lora  # noqa: F401  (registers LoRA, DoRA, QLoRA and LoftQ recipes)
+from deltatune.methods import ia3  # noqa: F401  (registers (IA)³)
+from deltatune.methods import bottleneck  # noqa: F401  (registers bottleneck adapters)
+from deltatune.methods import prompt  # noqa: F401  (registers prompt tuning)
+from deltatune.methods import prefix  # noqa: F401  (registers prefix tuning)
+# isort: on

@@ -19,15 +19,21 @@ calls the tuner of an adapter's config and the generic :class:`AdapterLayer` pro
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Iterator
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 from torch import nn
 
 from deltatune.config import TASK_HEADS, PeftConfig
+from deltatune.stored_weights import (  # noqa: F401  (what adapter layers need of their base, here too)
+    adapter_dtype,
+    adapter_factory,
+    quantized_merge_error,
+    stored_weight,
+)
 from deltatune.targeting import name_matches
+from deltatune.untrusted import is_embedding_layer
 
 BASE_ADAPTER = "__base__"  # row tag for "no adapter" in a mixed batch
 
@@ -67,7 +73,15 @@ class AdapterLayer(nn.Module):
         return names
 
     def add_adapter(self, adapter_name: str, config: Any, **kwargs: Any) -> None:
+        """Create adapter ``adapter_name``'s tensors from ``config`` in this layer's containers and
+        make it active here (:meth:`activate`). ``kwargs["path"]`` is the module path (for
+        per-module settings such as LoRA's ``rank_pattern``). A name that exists must raise."""
         raise NotImplementedError
+
+    def activate(self, adapter_name: str) -> None:
+        """Mark a newly added adapter active on this layer (the wrapper then picks the active set)."""
+        if adapter_name not in self.active_adapters:
+            self.active_adapters.append(adapter_name)
 
     def adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
         for c in self.adapter_containers:
@@ -81,6 +95,7 @@ class AdapterLayer(nn.Module):
                 yield from entry.parameters()
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the adapter's entries from every container; a merged adapter must be unmerged first."""
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged into the base weights; unmerge it first.")
         for c in self.adapter_containers:
@@ -91,6 +106,40 @@ class AdapterLayer(nn.Module):
 
     def set_adapter(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapter_names]
+
+    # -- forward ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Dispatch; subclasses hold the maths in :meth:`forward_active` and :meth:`forward_mixed`.
+
+        Adapters disabled: the base layer alone (merged adapters are unmerged first). A mixed
+        batch (``row_groups`` set by the wrapper): :meth:`forward_mixed`. Otherwise the active
+        adapters not merged into the base weight go to :meth:`forward_active` (none: the base).
+        """
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.row_groups is not None:
+            if self.merged:
+                raise ValueError(
+                    "A mixed-batch forward needs unmerged adapters; call unmerge_adapter() first."
+                )
+            return self.forward_mixed(x, self.row_groups, *args, **kwargs)
+        names = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        return self.forward_active(x, names, *args, **kwargs)
+
+    def forward_active(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> Any:
+        """The layer's output with adapters ``names`` (active, unmerged, in order) applied to input ``x``."""
+        raise NotImplementedError
+
+    def forward_mixed(
+        self, x: torch.Tensor, row_groups: list[tuple[str, torch.Tensor]], *args: Any, **kwargs: Any
+    ) -> Any:
+        """The output for a mixed batch: ``row_groups`` pairs an adapter name (or ``"__base__"``, or one
+        this layer lacks: no adapter) with the batch rows (dimension 0 of ``x``) that use it."""
+        raise NotImplementedError
 
     # -- merging ----------------------------------------------------------------------
     @property
@@ -119,9 +168,12 @@ class AdapterLayer(nn.Module):
             self.unmerge_one(self.merged_adapters.pop())
 
     def merge_one(self, adapter_name: str, safe_merge: bool) -> None:
+        """Fold adapter ``adapter_name`` into the base weights in place (exactly, or refuse in
+        :meth:`check_merge`); with ``safe_merge``, raise instead of writing non-finite weights."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base layer.")
 
     def unmerge_one(self, adapter_name: str) -> None:
+        """Take a merged adapter back out of the base weights (the inverse of :meth:`merge_one`)."""
         raise NotImplementedError
 
     def unload(self) -> nn.Module:
@@ -129,56 +181,18 @@ class AdapterLayer(nn.Module):
         return self.base_layer
 
 
-@dataclass(frozen=True)
-class StoredWeight:
-    """How LoRA reads a base layer whose weight is not a dense tensor at rest (e.g. 4-bit codes).
+class DelegatingLayer(AdapterLayer):
+    """An adapter layer that answers attribute reads its own module lacks from its base layer:
+    model code may read attributes of the sub-layer it called (``self_attn.layer_idx``,
+    ``experts.num_experts``), and it called this layer instead."""
 
-    Other files register one per family of such layers in :data:`STORED_WEIGHTS`
-    (deltatune.quant.qlora does for its own and bitsandbytes' quantised layers). Adapter
-    layers ask on every call, so swapping a base for another kind just works.
-    """
-
-    accepts: Callable[[nn.Module], bool]
-    dense: Callable[[nn.Module], torch.Tensor]  # the weight (out, in), materialised on demand
-    version: Callable[[nn.Module], tuple[Any, ...]]  # changes whenever the stored weight changes
-    factory: Callable[[nn.Module], dict[str, Any]]  # device / dtype for new adapter tensors
-    merge_error: Callable[[str, nn.Module], str]  # why merge_adapter() cannot merge in place, and what to do
-
-
-STORED_WEIGHTS: list[StoredWeight] = []
-
-
-def stored_weight(module: nn.Module) -> StoredWeight | None:
-    return next((kind for kind in STORED_WEIGHTS if kind.accepts(module)), None)
-
-
-def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Adapters train in fp32 even over a half-precision base (small, and fp16 Adam is fragile).
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def adapter_factory(base: nn.Module) -> dict[str, Any]:
-    """``device`` and ``dtype`` for new adapter tensors beside ``base``: its weight's device, and
-    its weight's dtype but fp32 for 16-bit ones (a registered stored weight says for itself)."""
-    kind = stored_weight(base)
-    if kind is not None:
-        return kind.factory(base)
-    w = getattr(base, "weight", None)
-    if not isinstance(w, torch.Tensor):
-        return {"device": None, "dtype": torch.float32}
-    return {"device": w.device if w.numel() or w.is_meta else None, "dtype": adapter_dtype(w.dtype)}
-
-
-def quantized_merge_error(adapter: str, base: nn.Module, change: str) -> str:
-    """Why an adapter cannot be merged into a quantised base in place, and what to do instead.
-
-    ``adapter``: e.g. "adapter 'default'"; ``change``: what merging does to the weights."""
-    return (
-        f"Cannot merge {adapter} into a {type(base).__name__} in place: {change} quantised weights needs "
-        "a dense copy or a re-quantisation, which changes the outputs. Use "
-        "deltatune.quant.merge_quantized(peft_model, requantize=False or True, probe_inputs=batch): it "
-        "returns the merged model and a report of the output error per layer."
-    )
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self.base_layer, name)
 
 
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -226,6 +240,8 @@ class ModulesToSaveWrapper(nn.Module):
             yield from self.modules_to_save[adapter_name].parameters()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The active adapter's trained copy (the original when disabled); a mixed batch: each
+        group of rows through its own copy, or the original for rows without one."""
         if self.disabled or not self.active_adapters:
             return self.original_module(*args, **kwargs)
         if self.row_groups is None:
@@ -262,40 +278,69 @@ def saved_key(param_path: str, adapter_name: str, containers: set[str]) -> str |
     return None
 
 
-class Tuner:
-    """How one method injects itself into a model and moves its weights in and out of files.
+class AdapterHost(Protocol):
+    """What a tuner may ask of the wrapper model that holds its adapters (``PeftModel``).
 
-    Layer-based methods subclass this and set ``layer_types`` and ``prefix``; the defaults
-    below then do injection, trainability and (de)serialisation. Methods that act on the
-    forward instead (prompt learning) override ``inject`` / ``forward`` / ``generate`` / the
-    state-dict methods.
+    ``get_base_model()`` is the transformers model with the adapter layers inside; tuners reach
+    the model through it only, so the wrapper may arrange its own attributes as it needs.
     """
 
-    prefix: ClassVar[str] = ""  # parameters of this method contain this (e.g. "lora_")
+    peft_config: dict[str, PeftConfig]
+    training: bool
+
+    @property
+    def active_adapter(self) -> str | None: ...
+
+    @property
+    def active_peft_config(self) -> PeftConfig: ...
+
+    def get_base_model(self) -> nn.Module: ...
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None: ...
+
+    def add_module(self, name: str, module: nn.Module | None) -> None: ...
+
+
+ConfigT = TypeVar("ConfigT", bound=PeftConfig)
+
+
+class Tuner(Generic[ConfigT]):
+    """How one method injects itself into a model and moves its weights in and out of files.
+
+    Generic over the method's config class. Layer-based methods subclass this, set
+    ``layer_base`` (their :class:`AdapterLayer` base class) and implement ``target_paths`` and
+    ``create_layer``; the defaults below then do injection, trainability and
+    (de)serialisation. Methods that act on the forward instead (prompt learning) override
+    ``inject`` / ``forward`` / ``generate`` / the state-dict methods. Tuners hold no state: the
+    registry keeps one per method. What a tuner may ask of the wrapper is :class:`AdapterHost`.
+    """
+
     # Prefix the wrapper adds to (and strips from) this tuner's state-dict keys in adapter
     # files. Prompt-learning methods write complete keys themselves ("prompt_embeddings").
     saved_prefix: ClassVar[str] = "base_model.model."
     layer_base: ClassVar[type[AdapterLayer]] = AdapterLayer
-    default_targets: ClassVar[dict[str, list[str]] | None] = None
     # Whether the method puts virtual positions in front of the input (and -100 in front of the
     # labels): a causal LM's loss then also predicts each row's first label.
     prepends_virtual_tokens: ClassVar[bool] = False
 
     # -- injection --------------------------------------------------------------------
-    def check_config(self, model: nn.Module, config: PeftConfig) -> None:
+    def check_config(self, model: nn.Module, config: ConfigT) -> None:
         """Validate a config against a model before anything is changed."""
 
-    def target_paths(self, model: nn.Module, config: PeftConfig) -> list[str]:
+    def target_paths(self, model: nn.Module, config: ConfigT) -> list[str]:
+        """Module paths (in ``model``, the transformers model) that ``config`` targets, in model order.
+
+        May record what it resolved into ``config`` (e.g. ``target_modules`` written out for a
+        default or ``all-linear``), so the saved config means the same to every reader."""
         raise NotImplementedError
 
-    def create_layer(
-        self, path: str, module: nn.Module, config: PeftConfig, adapter_name: str
-    ) -> AdapterLayer:
+    def create_layer(self, path: str, module: nn.Module, config: ConfigT, adapter_name: str) -> AdapterLayer:
+        """The adapter layer that wraps ``module`` (at ``path``), holding adapter ``adapter_name``."""
         raise NotImplementedError
 
-    def inject(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> None:
-        """Add adapter ``adapter_name`` to ``peft_model.base_model`` (wrapping targeted modules)."""
-        model = peft_model.base_model
+    def inject(self, peft_model: AdapterHost, config: ConfigT, adapter_name: str) -> None:
+        """Add adapter ``adapter_name`` to ``peft_model.get_base_model()`` (wrapping targeted modules)."""
+        model = peft_model.get_base_model()
         self.check_config(model, config)
         for path in self.target_paths(model, config):
             module = model.get_submodule(path)
@@ -304,7 +349,7 @@ class Tuner:
             else:
                 replace_module(model, path, self.create_layer(path, module, config, adapter_name))
 
-    def inject_modules_to_save(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+    def inject_modules_to_save(self, model: nn.Module, config: ConfigT, adapter_name: str) -> None:
         names = list(getattr(config, "modules_to_save", None) or [])
         names += TASK_HEADS.get(str(config.task_type), [])
         if not names:
@@ -320,7 +365,7 @@ class Tuner:
                 module.add_adapter(adapter_name)
 
     # -- trainability -----------------------------------------------------------------
-    def mark_trainable(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+    def mark_trainable(self, model: nn.Module, config: ConfigT, adapter_name: str) -> None:
         """Make the adapter's own parameters (and the biases its config asks for) trainable."""
         for module in model.modules():
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
@@ -343,7 +388,7 @@ class Tuner:
     def adapter_containers(self) -> set[str]:
         return set(self.layer_base.adapter_containers)
 
-    def key_map(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> dict[str, str]:
+    def key_map(self, model: nn.Module, config: ConfigT, adapter_name: str) -> dict[str, str]:
         """Saved key (without ``base_model.model.``) → parameter path in the base ``model``."""
         containers = self.adapter_containers()
         out: dict[str, str] = {}
@@ -361,19 +406,21 @@ class Tuner:
                 out[name] = name
         return out
 
-    def state_dict(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+    def state_dict(
+        self, peft_model: AdapterHost, config: ConfigT, adapter_name: str
+    ) -> dict[str, torch.Tensor]:
         """The adapter's tensors, keyed as in the ecosystem's files (minus ``base_model.model.``)."""
-        model = peft_model.base_model
+        model = peft_model.get_base_model()
         params = dict(model.named_parameters())
         return {k: params[p] for k, p in self.key_map(model, config, adapter_name).items()}
 
     def load_state_dict(
-        self, peft_model: Any, config: PeftConfig, adapter_name: str, state: dict[str, torch.Tensor]
+        self, peft_model: AdapterHost, config: ConfigT, adapter_name: str, state: dict[str, torch.Tensor]
     ) -> None:
         """Copy saved tensors into the adapter's parameters, with errors that name the problem."""
-        model = peft_model.base_model
+        model = peft_model.get_base_model()
         kmap = self.key_map(model, config, adapter_name)
-        params = dict(model.named_parameters())
+        params: dict[str, torch.Tensor] = dict(model.named_parameters())
         state = dict(state)
         # The reference library also saves the full base weight of a targeted embedding
         # (``embed_tokens.base_layer.weight``, e.g. after a vocabulary resize). Such a key names a
@@ -397,12 +444,11 @@ class Tuner:
                 and torch.equal(dst, src.to(device=dst.device, dtype=dst.dtype))
             ):
                 del state[k]  # the base already holds exactly these values
-            elif not _is_embedding(model, layer):
+            elif not is_embedding_layer(model, layer):
                 raise ValueError(
                     f"The adapter file carries a base-model weight {k!r} of layer {layer!r}, which is not an "
-                    "embedding table (the only base weight the adapter format needs, after a vocabulary resize). "
-                    "Loading it would silently replace the base model's own weight, so nothing was loaded. Remove "
-                    "the key from the file; base weights belong in the base model's checkpoint."
+                    "embedding table (the only base weight the format needs), so nothing was loaded: remove "
+                    "the key; base weights belong in the base model's checkpoint."
                 )
             elif alone:
                 kmap[k] = k  # PEFT's resized-vocabulary case: the adapter needs its own embedding table
@@ -427,18 +473,23 @@ class Tuner:
         copy_checked(kmap, params, state, model)
 
     # -- lifecycle hooks (no-ops for layer-based methods) -------------------------------
-    def extra_parameters(self, peft_model: Any, adapter_name: str) -> Iterator[nn.Parameter]:
+    def extra_parameters(self, peft_model: AdapterHost, adapter_name: str) -> Iterator[nn.Parameter]:
         """Adapter parameters that live outside AdapterLayers (e.g. a prompt encoder)."""
         return iter(())
 
-    def delete(self, peft_model: Any, adapter_name: str | None) -> None:
+    def delete(self, peft_model: AdapterHost, adapter_name: str | None) -> None:
         """Drop what the method keeps outside layers (``None``: everything)."""
 
-    def check_mergeable(self, config: PeftConfig) -> None:
+    def check_mergeable(self, config: ConfigT) -> None:
         """Raise a clear error if this method's adapters cannot be merged into the weights."""
 
     def add_weighted_adapter(
-        self, peft_model: Any, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any
+        self,
+        peft_model: AdapterHost,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        **kwargs: Any,
     ) -> None:
         """Create ``adapter_name`` as a weighted combination of existing adapters."""
         raise NotImplementedError(f"{type(self).__name__} has no weighted combination of adapters.")
@@ -449,24 +500,18 @@ class Tuner:
         return True
 
     def forward(
-        self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
+        self, peft_model: AdapterHost, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
-        return peft_model.base_model(*args, **kwargs)
+        """The wrapper's forward with this method's adapters active. Layer-based methods run the
+        base model (their layers do the rest); prompt learning changes the inputs first."""
+        return peft_model.get_base_model()(*args, **kwargs)
 
     def generate(
-        self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
+        self, peft_model: AdapterHost, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
-        return peft_model.base_model.generate(*args, **kwargs)
-
-
-def _is_embedding(model: nn.Module, layer: str) -> bool:
-    """Whether adapter layer ``layer`` wraps an embedding table: an ``nn.Embedding`` or the model's
-    output embeddings (the LM head, which PEFT saves whole after a vocabulary resize)."""
-    module = model.get_submodule(layer)
-    base = getattr(module, "base_layer", None)
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    return isinstance(base, nn.Embedding) or (head is not None and head in (module, base))
+        """``generate`` with this method's adapters active (see :meth:`forward`)."""
+        base: Any = peft_model.get_base_model()
+        return base.generate(*args, **kwargs)
 
 
 def copy_checked(

@@ -44,8 +44,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from deltatune.config import PeftConfig, PeftType, register_method
-from deltatune.methods.base import AdapterLayer, Tuner
+from deltatune.config import CliRecipe, PeftConfig, PeftType, register_method
+from deltatune.methods.base import AdapterLayer, DelegatingLayer, Tuner
 from deltatune.targeting import DEFAULT_LAYERS_PATTERNS, _layer_index, linear_types, model_type, name_matches
 
 # Placement presets: the values AdapterHub's DoubleSeqBnConfig / SeqBnConfig / ParBnConfig give
@@ -372,7 +372,7 @@ def _replace_first(out: Any, h: torch.Tensor) -> Any:
     return h
 
 
-class BottleneckLayer(AdapterLayer):
+class BottleneckLayer(DelegatingLayer):
     """A block sub-layer (``base_layer``) whose output passes through named bottleneck adapters.
 
     ``mode`` POST_LN: the wrapped module ends a post-LN sub-layer (``LN(dropout(dense(x)) + r)``)
@@ -407,15 +407,6 @@ class BottleneckLayer(AdapterLayer):
 
     def _capture_residual(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._residual = args[0] if args else None
-
-    def __getattr__(self, name: str) -> Any:
-        # Model code may read attributes of the sub-layer it called (e.g. ``self_attn.layer_idx``).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "_modules", "_parameters", "_buffers"):
-                raise
-            return getattr(self.base_layer, name)
 
     def add_adapter(self, adapter_name: str, config: Any, **kwargs: Any) -> None:
         if adapter_name in self.bottleneck:
@@ -706,4 +697,9 @@ def _align_prefix(state: dict[str, torch.Tensor], wanted: list[str]) -> dict[str
     return out
 
 
-register_method(PeftType.BOTTLENECK.value, BottleneckConfig, BottleneckTuner)
+register_method(
+    PeftType.BOTTLENECK.value,
+    BottleneckConfig,
+    BottleneckTuner,
+    cli=[CliRecipe("bottleneck", "bottleneck adapters after attention / FFN blocks", 1e-3)],
+)

@@ -30,8 +30,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig, PeftType, register_method
-from deltatune.methods.base import AdapterLayer, Tuner, adapter_factory, quantized_merge_error, stored_weight
+from deltatune.config import CliRecipe, PeftConfig, PeftType, register_method
+from deltatune.methods.base import AdapterHost, AdapterLayer, Tuner, replace_module
+from deltatune.stored_weights import adapter_factory, quantized_merge_error, stored_weight
 from deltatune.targeting import find_targets, model_type, name_matches, resolved_targets
 
 # The ecosystem's defaults (PEFT's tables), so that an empty config means the same everywhere.
@@ -176,8 +177,7 @@ class IA3Layer(AdapterLayer):
         if not config.init_ia3_weights:  # random vector, e.g. for tests of the maths
             vec = vec + 0.5 * torch.randn(shape, dtype=factory["dtype"]).to(factory["device"])
         self.ia3_l[adapter_name] = nn.Parameter(vec)
-        if adapter_name not in self.active_adapters:
-            self.active_adapters.append(adapter_name)
+        self.activate(adapter_name)
 
     @property
     def quantized(self) -> bool:
@@ -196,14 +196,10 @@ class IA3Layer(AdapterLayer):
                 scale = self.vector(name) if scale is None else scale * self.vector(name)
         return scale
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disabled:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.row_groups is not None:
-            return self._forward_mixed(x, *args, **kwargs)
-        scale = self._scale(self.active_adapters)
+    def forward_active(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """y = base(l ⊙ x) for feed-forward modules, else l ⊙ base(x); l = the product of the
+        active adapters' vectors."""
+        scale = self._scale(names)
         if scale is None:
             return self.base_layer(x, *args, **kwargs)
         if self.is_feedforward:
@@ -211,15 +207,14 @@ class IA3Layer(AdapterLayer):
         out = self.base_layer(x, *args, **kwargs)
         return (out * scale).to(out.dtype)
 
-    def _forward_mixed(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward_mixed(
+        self, x: torch.Tensor, row_groups: list[tuple[str, torch.Tensor]], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """Each row gets its own adapter's vector (ones for base rows): one base call."""
-        if self.merged:
-            raise ValueError("A mixed-batch forward needs unmerged adapters; call unmerge_adapter() first.")
-        assert self.row_groups is not None
         width = self.in_features if self.is_feedforward else self.out_features
         any_vec = next(iter(self.ia3_l.values()))
         per_row = torch.ones(x.shape[0], width, dtype=any_vec.dtype, device=x.device)  # (batch, features)
-        for name, rows in self.row_groups:
+        for name, rows in row_groups:
             if name in self.ia3_l:
                 per_row = per_row.index_copy(0, rows, self.vector(name).expand(len(rows), width))
         per_row = per_row.view(x.shape[0], *([1] * (x.dim() - 2)), width)
@@ -277,12 +272,10 @@ class IA3Layer(AdapterLayer):
                 b.div_(vec.to(b.dtype))
 
 
-class IA3Tuner(Tuner):
-    prefix: ClassVar[str] = "ia3_"
+class IA3Tuner(Tuner[IA3Config]):
     layer_base: ClassVar[type[AdapterLayer]] = IA3Layer
 
-    def check_config(self, model: nn.Module, config: PeftConfig) -> None:
-        assert isinstance(config, IA3Config)
+    def check_config(self, model: nn.Module, config: IA3Config) -> None:
         if config.target_modules is None and model_type(model) not in IA3_DEFAULT_TARGETS:
             raise ValueError(
                 f"(IA)³ has no default target modules for model type {model_type(model)!r}. Pass "
@@ -298,8 +291,7 @@ class IA3Tuner(Tuner):
             return IA3_DEFAULT_FEEDFORWARD.get(model_type(model) or "", [])
         return []
 
-    def target_paths(self, model: nn.Module, config: PeftConfig) -> list[str]:
-        assert isinstance(config, IA3Config)
+    def target_paths(self, model: nn.Module, config: IA3Config) -> list[str]:
         ff = self._feedforward(model, config)
         paths = find_targets(
             model,
@@ -319,18 +311,16 @@ class IA3Tuner(Tuner):
         return paths
 
     def create_layer(
-        self, path: str, module: nn.Module, config: PeftConfig, adapter_name: str
+        self, path: str, module: nn.Module, config: IA3Config, adapter_name: str
     ) -> AdapterLayer:
-        assert isinstance(config, IA3Config)
         _, _, transposed = _shape(module)
         if transposed:
             config.fan_in_fan_out = True  # GPT-2 Conv1D: record it so other readers merge correctly
         is_ff = name_matches(path, config.feedforward_modules)
         return IA3Layer(module, adapter_name, config, is_feedforward=is_ff)
 
-    def inject(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> None:
-        assert isinstance(config, IA3Config)
-        model = peft_model.base_model
+    def inject(self, peft_model: AdapterHost, config: IA3Config, adapter_name: str) -> None:
+        model = peft_model.get_base_model()
         self.check_config(model, config)
         for path in self.target_paths(model, config):
             module = model.get_submodule(path)
@@ -344,12 +334,15 @@ class IA3Tuner(Tuner):
                     )
                 module.add_adapter(adapter_name, config)
             else:
-                from deltatune.methods.base import replace_module
-
                 replace_module(model, path, self.create_layer(path, module, config, adapter_name))
 
     def add_weighted_adapter(
-        self, peft_model: Any, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any
+        self,
+        peft_model: AdapterHost,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        **kwargs: Any,
     ) -> None:
         """New vectors l = Σ wᵢ lᵢ per module (a linear combination of the scales).
 
@@ -365,7 +358,7 @@ class IA3Tuner(Tuner):
             raise ValueError(
                 f"(IA)³ adapters combine linearly only; combination_type={ctype!r} is not available."
             )
-        layers = [(p, m) for p, m in peft_model.base_model.named_modules() if isinstance(m, IA3Layer)]
+        layers = [(p, m) for p, m in peft_model.get_base_model().named_modules() if isinstance(m, IA3Layer)]
         for path, layer in layers:
             present = [a for a in adapters if a in layer.ia3_l]
             if present and len(present) != len(adapters):
@@ -383,4 +376,9 @@ class IA3Tuner(Tuner):
                     layer.ia3_l[adapter_name].copy_(combined)
 
 
-register_method(PeftType.IA3.value, IA3Config, IA3Tuner)
+register_method(
+    PeftType.IA3.value,
+    IA3Config,
+    IA3Tuner,
+    cli=[CliRecipe("ia3", "(IA)3: learned rescaling of keys, values and FFN activations", 5e-3)],
+)

@@ -43,7 +43,7 @@ from torch import nn
 from torch.func import functional_call
 
 from deltatune.methods import lora_experts
-from deltatune.methods.base import AdapterLayer, adapter_dtype, replace_module
+from deltatune.methods.base import AdapterLayer, DelegatingLayer, adapter_dtype, replace_module
 
 # Names of LoRA's per-adapter containers: a module inside one is an adapter's own, never a target.
 _ADAPTER_PARTS = {
@@ -58,7 +58,7 @@ _ADAPTER_PARTS = {
 }
 
 
-class ParamLora(AdapterLayer):
+class ParamLora(DelegatingLayer):
     """LoRA on one parameter (2-D, or 3-D with the experts first) of the wrapped module."""
 
     adapter_containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
@@ -91,15 +91,6 @@ class ParamLora(AdapterLayer):
                 "weight (out, in) or a 3-D stack of expert weights (experts, out, in)."
             )
         self.add_adapter(adapter_name, config, path=path)
-
-    def __getattr__(self, name: str) -> Any:
-        # Model code may read attributes of the module it called (``experts.num_experts``, ``gate.top_k``).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "_modules", "_parameters", "_buffers"):
-                raise
-            return getattr(self.base_layer, name)
 
     @property
     def weight(self) -> torch.Tensor:

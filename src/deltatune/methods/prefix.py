@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig, PeftType, register_method
+from deltatune.config import CliRecipe, PeftType, register_method
 from deltatune.methods.prompt_learning import (
     PromptLearningConfig,
     PromptLearningTuner,
@@ -35,6 +35,7 @@ from deltatune.methods.prompt_learning import (
     encoders,
     extend_mask,
     fill_model_fields,
+    generate_inputs,
     text_config,
 )
 
@@ -105,6 +106,7 @@ class PrefixEncoder(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self) -> torch.Tensor:
+        """The per-layer key/value prefixes, through the reparameterisation MLP when it is on."""
         if self.projected:
             return self.transform(self.embedding.weight)
         return self.embedding.weight
@@ -162,8 +164,8 @@ def _refuse_checkpointing(model: nn.Module) -> None:
         )
 
 
-class PrefixTuningTuner(PromptLearningTuner):
-    def check_config(self, model: nn.Module, config: PeftConfig) -> None:
+class PrefixTuningTuner(PromptLearningTuner[PrefixTuningConfig]):
+    def check_config(self, model: nn.Module, config: PrefixTuningConfig) -> None:
         super().check_config(model, config)
         if _cache_argument(model.forward) is None and _backbone(model) is None:
             raise ValueError(
@@ -172,11 +174,10 @@ class PrefixTuningTuner(PromptLearningTuner):
                 "so its attention cannot take a prefix. Use prompt tuning (PromptTuningConfig) or LoRA instead."
             )
 
-    def inject(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> None:
-        assert isinstance(config, PrefixTuningConfig)
-        self.check_config(peft_model.base_model, config)
-        _kv_fields(config, peft_model.base_model)
-        fill_model_fields(config, peft_model.base_model)
+    def inject(self, peft_model: Any, config: PrefixTuningConfig, adapter_name: str) -> None:
+        self.check_config(peft_model.get_base_model(), config)
+        _kv_fields(config, peft_model.get_base_model())
+        fill_model_fields(config, peft_model.get_base_model())
         if config.num_layers is None or config.num_attention_heads is None:
             raise ValueError(
                 "Could not read the model's layer and head counts; set num_layers and num_attention_heads."
@@ -185,15 +186,14 @@ class PrefixTuningTuner(PromptLearningTuner):
             config.encoder_hidden_size = config.token_dim
         super().inject(peft_model, config, adapter_name)
 
-    def build_encoder(self, peft_model: Any, config: PromptLearningConfig) -> nn.Module:
-        assert isinstance(config, PrefixTuningConfig)
+    def build_encoder(self, peft_model: Any, config: PrefixTuningConfig) -> nn.Module:
         return PrefixEncoder(config)
 
     def virtual_tokens(self, peft_model: Any, adapter_name: str) -> torch.Tensor:
         return encoders(peft_model)[adapter_name]()
 
     def load_virtual_tokens(
-        self, peft_model: Any, config: PeftConfig, adapter_name: str, value: torch.Tensor
+        self, peft_model: Any, config: PrefixTuningConfig, adapter_name: str, value: torch.Tensor
     ) -> None:
         bank = encoders(peft_model)
         encoder = bank[adapter_name]
@@ -206,7 +206,6 @@ class PrefixTuningTuner(PromptLearningTuner):
                 "continuing with the prefixes as trainable parameters (prefix_projection has no effect now).",
                 stacklevel=3,
             )
-            assert isinstance(config, PrefixTuningConfig)
             plain = PrefixEncoder(PrefixTuningConfig(**{**config.to_dict(), "prefix_projection": False}))
             plain.to(encoder.embedding.weight.device)
             requires_grad = encoder.embedding.weight.requires_grad
@@ -247,7 +246,7 @@ class PrefixTuningTuner(PromptLearningTuner):
         self, peft_model: Any, inputs: dict[str, Any], adapter_names: list[str] | None, for_generate: bool
     ) -> Any:
         """Add the prefix cache and extended masks to ``inputs``; returns the cache (``None``: no adapter rows)."""
-        model = peft_model.base_model
+        model = peft_model.get_base_model()
         config = peft_model.active_peft_config
         n = int(config.num_virtual_tokens)
         encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
@@ -314,7 +313,9 @@ class PrefixTuningTuner(PromptLearningTuner):
     def forward(
         self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
-        model = peft_model.base_model
+        """The base model with each row's key/value prefixes as the attention cache it starts from
+        (handed to the backbone when the top model takes no cache, e.g. a classifier)."""
+        model = peft_model.get_base_model()
         inputs = bind_inputs(model.forward, args, kwargs)
         cache = self._prepare(peft_model, inputs, adapter_names, for_generate=False)
         if cache is None or _cache_argument(model.forward) is not None:
@@ -340,12 +341,9 @@ class PrefixTuningTuner(PromptLearningTuner):
     def generate(
         self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
-        model = peft_model.base_model
-        inputs = dict(kwargs)
-        if args:
-            if "input_ids" in inputs or len(args) > 1:
-                raise TypeError("Pass generate() inputs by keyword (input_ids=..., attention_mask=...).")
-            inputs["input_ids"] = args[0]
+        """``generate`` starting from the prefix cache; the mask covers the prefix positions."""
+        model = peft_model.get_base_model()
+        inputs = generate_inputs(args, kwargs)
         if _cache_argument(model.forward) is None:
             raise ValueError(
                 f"{type(model).__name__} cannot generate with a prefix: its forward takes no cache."
@@ -356,4 +354,16 @@ class PrefixTuningTuner(PromptLearningTuner):
         return model.generate(**inputs)
 
 
-register_method(PeftType.PREFIX_TUNING, PrefixTuningConfig, PrefixTuningTuner)
+register_method(
+    PeftType.PREFIX_TUNING,
+    PrefixTuningConfig,
+    PrefixTuningTuner,
+    cli=[
+        CliRecipe(
+            "prefix",
+            "prefix tuning: trained per-layer key/value prefixes",
+            1e-2,
+            config_defaults={"num_virtual_tokens": 20},
+        )
+    ],
+)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig, PeftType, register_method
+from deltatune.config import CliRecipe, PeftType, register_method
 from deltatune.methods.prompt_learning import (
     PromptLearningConfig,
     PromptLearningTuner,
@@ -31,6 +31,7 @@ from deltatune.methods.prompt_learning import (
     copy_into,
     encoders,
     extend_mask,
+    generate_inputs,
     is_causal,
 )
 from deltatune.untrusted import loading
@@ -104,6 +105,7 @@ class PromptEmbedding(nn.Module):
         self.embedding = nn.Embedding(total, token_dim)
 
     def forward(self) -> torch.Tensor:
+        """The soft prompt table, (total virtual tokens, token_dim)."""
         return self.embedding.weight
 
 
@@ -134,17 +136,16 @@ def _init_ids(config: PromptTuningConfig, total: int, vocab: int) -> list[int] |
     return ids[:total]
 
 
-class PromptTuningTuner(PromptLearningTuner):
+class PromptTuningTuner(PromptLearningTuner[PromptTuningConfig]):
     prepends_virtual_tokens = True
 
-    def build_encoder(self, peft_model: Any, config: PromptLearningConfig) -> nn.Module:
-        assert isinstance(config, PromptTuningConfig)
+    def build_encoder(self, peft_model: Any, config: PromptTuningConfig) -> nn.Module:
         assert config.num_virtual_tokens is not None and config.token_dim is not None
         total = config.num_virtual_tokens * (config.num_transformer_submodules or 1)
         encoder = PromptEmbedding(total, config.token_dim)
         if config.inference_mode or config.prompt_tuning_init == PromptTuningInit.RANDOM.value or loading():
             return encoder  # (a loaded adapter's file replaces the init: no tokenizer path from it is read)
-        words = peft_model.base_model.get_input_embeddings()
+        words = peft_model.get_base_model().get_input_embeddings()
         ids = _init_ids(config, total, words.weight.shape[0])
         if ids is not None and not words.weight.is_meta:
             with torch.no_grad():
@@ -156,7 +157,7 @@ class PromptTuningTuner(PromptLearningTuner):
         return encoders(peft_model)[adapter_name]()
 
     def load_virtual_tokens(
-        self, peft_model: Any, config: PeftConfig, adapter_name: str, value: torch.Tensor
+        self, peft_model: Any, config: PromptTuningConfig, adapter_name: str, value: torch.Tensor
     ) -> None:
         encoder = encoders(peft_model)[adapter_name]
         assert isinstance(encoder, PromptEmbedding)
@@ -172,7 +173,7 @@ class PromptTuningTuner(PromptLearningTuner):
         self, peft_model: Any, inputs: dict[str, Any], adapter_names: list[str] | None, for_generate: bool
     ) -> dict[str, Any] | None:
         """Inputs with the soft prompt in front; ``None`` when no row uses an adapter."""
-        model = peft_model.base_model
+        model = peft_model.get_base_model()
         config = peft_model.active_peft_config
         n = int(config.num_virtual_tokens)
         ids, embeds = inputs.pop("input_ids", None), inputs.pop("inputs_embeds", None)
@@ -223,7 +224,8 @@ class PromptTuningTuner(PromptLearningTuner):
     def forward(
         self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
-        model = peft_model.base_model
+        """The base model on the inputs with each row's soft prompt in front of its embeddings."""
+        model = peft_model.get_base_model()
         inputs = bind_inputs(model.forward, args, kwargs)
         self._prepend(peft_model, inputs, adapter_names, for_generate=False)
         return model(**inputs)
@@ -231,14 +233,23 @@ class PromptTuningTuner(PromptLearningTuner):
     def generate(
         self, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Any
     ) -> Any:
-        model = peft_model.base_model
-        inputs = dict(kwargs)
-        if args:
-            if "input_ids" in inputs or len(args) > 1:
-                raise TypeError("Pass generate() inputs by keyword (input_ids=..., attention_mask=...).")
-            inputs["input_ids"] = args[0]
+        """``generate`` on the inputs with the soft prompts in front (see :meth:`forward`)."""
+        model = peft_model.get_base_model()
+        inputs = generate_inputs(args, kwargs)
         prepared = self._prepend(peft_model, inputs, adapter_names, for_generate=True)
         return model.generate(**(prepared if prepared is not None else inputs))
 
 
-register_method(PeftType.PROMPT_TUNING, PromptTuningConfig, PromptTuningTuner)
+register_method(
+    PeftType.PROMPT_TUNING,
+    PromptTuningConfig,
+    PromptTuningTuner,
+    cli=[
+        CliRecipe(
+            "prompt",
+            "prompt tuning: trained virtual token embeddings",
+            3e-2,
+            config_defaults={"num_virtual_tokens": 20},
+        )
+    ],
+)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -143,6 +143,16 @@ def bind_inputs(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[
     return out
 
 
+def generate_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``generate()``'s inputs as keywords: a positional argument can only be ``input_ids``."""
+    inputs = dict(kwargs)
+    if args:
+        if "input_ids" in inputs or len(args) > 1:
+            raise TypeError("Pass generate() inputs by keyword (input_ids=..., attention_mask=...).")
+        inputs["input_ids"] = args[0]
+    return inputs
+
+
 def accepts(fn: Any, name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters
@@ -240,7 +250,10 @@ def extend_mask(
     return plan.join(plan.prefix_mask(n, mask).to(mask.device), mask, base_at_end)
 
 
-class PromptLearningTuner(Tuner):
+PLConfigT = TypeVar("PLConfigT", bound=PromptLearningConfig)
+
+
+class PromptLearningTuner(Tuner[PLConfigT]):
     """Shared lifecycle of prompt-learning methods; subclasses build the encoder and the forward."""
 
     saved_prefix: ClassVar[str] = ""
@@ -250,19 +263,18 @@ class PromptLearningTuner(Tuner):
         return False
 
     # -- encoder ----------------------------------------------------------------------
-    def build_encoder(self, peft_model: Any, config: PromptLearningConfig) -> nn.Module:
+    def build_encoder(self, peft_model: Any, config: PLConfigT) -> nn.Module:
         raise NotImplementedError
 
-    def check_config(self, model: nn.Module, config: PeftConfig) -> None:
+    def check_config(self, model: nn.Module, config: PLConfigT) -> None:
         if not isinstance(config, PromptLearningConfig):
             raise TypeError(
                 f"{type(self).__name__} needs a prompt-learning config, got {type(config).__name__}."
             )
 
-    def inject(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> None:
-        model = peft_model.base_model
+    def inject(self, peft_model: Any, config: PLConfigT, adapter_name: str) -> None:
+        model = peft_model.get_base_model()
         self.check_config(model, config)
-        assert isinstance(config, PromptLearningConfig)
         fill_model_fields(config, model)
         encoder = self.build_encoder(peft_model, config)
         ref = next(model.parameters(), None)
@@ -286,7 +298,7 @@ class PromptLearningTuner(Tuner):
         elif adapter_name in bank:
             del bank[adapter_name]
 
-    def check_mergeable(self, config: PeftConfig) -> None:
+    def check_mergeable(self, config: PLConfigT) -> None:
         raise ValueError(
             f"{config.peft_type} adapters cannot be merged into the model's weights: they add virtual tokens to "
             "every input instead of changing a weight. Keep the adapter loaded (PeftModel) for inference."
@@ -306,16 +318,16 @@ class PromptLearningTuner(Tuner):
         raise NotImplementedError
 
     # -- files ------------------------------------------------------------------------
-    def state_dict(self, peft_model: Any, config: PeftConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+    def state_dict(self, peft_model: Any, config: PLConfigT, adapter_name: str) -> dict[str, torch.Tensor]:
         out = {EMBEDDINGS_KEY: self.virtual_tokens(peft_model, adapter_name).detach()}
-        model = peft_model.base_model
+        model = peft_model.get_base_model()
         params = dict(model.named_parameters())
         for key, path in self.key_map(model, config, adapter_name).items():
             out[HEAD_PREFIX + key] = params[path]
         return out
 
     def load_state_dict(
-        self, peft_model: Any, config: PeftConfig, adapter_name: str, state: dict[str, torch.Tensor]
+        self, peft_model: Any, config: PLConfigT, adapter_name: str, state: dict[str, torch.Tensor]
     ) -> None:
         state = dict(state)
         if EMBEDDINGS_KEY not in state:
@@ -332,11 +344,11 @@ class PromptLearningTuner(Tuner):
                     key = key[len(prefix) :]
                     break
             heads[key] = value
-        model = peft_model.base_model
+        model = peft_model.get_base_model()
         copy_checked(self.key_map(model, config, adapter_name), dict(model.named_parameters()), heads)
 
     def load_virtual_tokens(
-        self, peft_model: Any, config: PeftConfig, adapter_name: str, value: torch.Tensor
+        self, peft_model: Any, config: PLConfigT, adapter_name: str, value: torch.Tensor
     ) -> None:
         raise NotImplementedError
 

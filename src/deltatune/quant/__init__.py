@@ -11,19 +11,7 @@ from deltatune.quant.loftq import (
     loftq_report,
     quantize_dequantize,
 )
-from deltatune.quant.nf4 import (
-    DEFAULT_SKIP_MODULES,
-    NF4_CODEBOOK,
-    Linear4bit,
-    NF4Tensor,
-    dynamic_map,
-    logical_param_count,
-    memory_footprint,
-    nf4_codebook,
-    prepare_model_for_kbit_training,
-    quantize_model,
-    quantize_nf4,
-)
+from deltatune.quant.nf4 import NF4_CODEBOOK, Linear4bit, NF4Tensor, dynamic_map, nf4_codebook, quantize_nf4
 from deltatune.quant.qlora import (
     LayerMergeError,
     MergeReport,
@@ -31,6 +19,13 @@ from deltatune.quant.qlora import (
     is_quantized_linear,
     merge_quantized,
     to_dense_linear,
+)
+from deltatune.quant.whole_model import (
+    DEFAULT_SKIP_MODULES,
+    logical_param_count,
+    memory_footprint,
+    prepare_model_for_kbit_training,
+    quantize_model,
 )
 
 __all__ = [

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from deltatune.methods.lora import LORA_INIT_FNS, Linear, LoraConfig
+from deltatune.methods.lora.dora import row_norm
 from deltatune.quant.nf4 import Linear4bit, NF4Tensor, quantize_nf4
 
 __all__ = [
@@ -324,7 +325,7 @@ def loftq_report(peft_model: Any, adapter_name: str | None = None) -> LoftQRepor
     settings = _settings_of(config) if config is not None else None
     layers = [
         m.__dict__["loftq_errors"][name]
-        for m in peft_model.base_model.modules()
+        for m in peft_model.get_base_model().modules()
         if isinstance(m, Linear) and name in m.__dict__.get("loftq_errors", {})
     ]
     if not layers:
@@ -485,7 +486,9 @@ def loftq_initialize(
     weights = _load_original(original_weights)
     report = LoftQReport(settings.loftq_bits, settings.loftq_iter)
     layers = [
-        (p, m) for p, m in peft_model.base_model.named_modules() if isinstance(m, Linear) and name in m.lora_A
+        (p, m)
+        for p, m in peft_model.get_base_model().named_modules()
+        if isinstance(m, Linear) and name in m.lora_A
     ]
     if not layers:
         raise ValueError(f"Adapter {name!r} has no LoRA linear layers to initialise.")
@@ -538,9 +541,8 @@ def loftq_initialize(
             )
             dense.copy_((result.q.T if layer.fan_in_fan_out else result.q).to(dense.dtype))
         _apply(layer, name, path, result)
-        layer._wsq_cache = None  # the base changed: cached row norms are stale
-        layer._dora_cache.clear()
+        layer.reset_caches()  # the base changed: cached row norms are stale
         if layer.use_dora.get(name):  # DoRA's magnitude starts at the row norms of the new Q + s·BA
-            layer.lora_magnitude_vector[name].copy_(layer._dora_norm(name))
+            layer.lora_magnitude_vector[name].copy_(row_norm(layer, name))
         report.layers.append(layer.__dict__["loftq_errors"][name])
     return report

@@ -20,7 +20,7 @@ What differs is the base weight, which is never a dense tensor at rest::
 bitsandbytes layers are supported when bitsandbytes is imported (as it is after
 ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``).
 
-How: this file registers the quantised layer types in ``base.STORED_WEIGHTS``; a LoRA
+How: this file registers the quantised layer types with ``stored_weights.register_stored_weight``; a LoRA
 ``Linear`` asks that registry on every call, so the same class serves dense and quantised
 bases, and a base swapped later (``quantize_model`` on an adapted model, or
 :func:`merge_quantized` putting a dense base back) needs nothing else. (IA)³ layers
@@ -37,15 +37,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.methods.base import (
-    STORED_WEIGHTS,
-    AdapterLayer,
+from deltatune.methods.base import AdapterLayer, replace_module
+from deltatune.quant.nf4 import Linear4bit
+from deltatune.stored_weights import (
     StoredWeight,
     adapter_dtype,
     quantized_merge_error,
-    replace_module,
+    register_stored_weight,
 )
-from deltatune.quant.nf4 import Linear4bit
 
 __all__ = [
     "LayerMergeError",
@@ -169,15 +168,16 @@ def _lora_merge_error(adapter_name: str, base: nn.Module) -> str:
 
 # LoRA / DoRA layers over any of these read the dense weight through dequantize_weight (one
 # layer at a time, for DoRA's row norms) and refuse an in-place merge.
-STORED_WEIGHTS.insert(
-    0,
+register_stored_weight(
     StoredWeight(
+        name="4-bit / 8-bit quantised linear",
         accepts=is_quantized_linear,
         dense=dequantize_weight,
         version=_storage_key,
         factory=adapter_tensor_factory,
         merge_error=_lora_merge_error,
-    ),
+        types=(Linear4bit,),
+    )
 )
 
 
@@ -337,7 +337,7 @@ def merge_quantized(
     name = peft_model.active_adapter
     if name is None:
         raise ValueError("No active adapter to merge; pass adapter_name=... .")
-    base = peft_model.base_model
+    base = peft_model.get_base_model()
     layers = [
         (path, m)
         for path, m in base.named_modules()

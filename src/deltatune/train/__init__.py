@@ -2,7 +2,7 @@
 
 from deltatune.train.data import Collator, DataError, DataSpec, encode, load_records
 from deltatune.train.loop import TrainConfig, Trainer, TrainResult
-from deltatune.train.methods import METHODS, MethodUnavailable, available_methods
+from deltatune.train.methods import METHODS, available_methods
 from deltatune.train.run import RunOptions, RunResult, run
 
 __all__ = [
@@ -10,7 +10,6 @@ __all__ = [
     "Collator",
     "DataError",
     "DataSpec",
-    "MethodUnavailable",
     "RunOptions",
     "RunResult",
     "TrainConfig",

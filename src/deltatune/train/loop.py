@@ -22,9 +22,8 @@ import json
 import math
 import os
 import random
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,137 +34,8 @@ from deltatune.config import method_for
 from deltatune.train import checkpoint as ckpt
 from deltatune.train import distributed as dist_utils
 from deltatune.train.data import Collator, count_tokens
-
-
-def _opt(default: Any, help: str, **kw: Any) -> Any:
-    """A config field with its ``--help`` text (the CLI builds its options from these)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a training run (the run folder keeps a copy as config.yaml)."""
-
-    output_dir: str = _opt("runs/deltatune", "run folder: config, metrics, plot, checkpoints, final adapter")
-    epochs: float = _opt(3.0, "passes over the training data (ignored when --max-steps > 0)")
-    max_steps: int = _opt(0, "optimizer steps to run; 0 = derive from --epochs")
-    batch_size: int = _opt(16, "examples per micro-batch per process")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)")
-    lr: float = _opt(5e-4, "peak learning rate of AdamW")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    adam_betas: list[float] = _opt([0.9, 0.999], "AdamW betas")
-    warmup_ratio: float = _opt(0.06, "fraction of steps with linear warm-up (used when --warmup-steps is 0)")
-    warmup_steps: int = _opt(0, "warm-up steps; overrides --warmup-ratio when > 0")
-    scheduler: str = _opt(
-        "linear", "learning-rate decay after warm-up", choices=["linear", "cosine", "constant"]
-    )
-    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this; 0 = no clipping")
-    mixed_precision: str = _opt(
-        "no", "autocast dtype: no, bf16, fp16 (CUDA only), auto (bf16 on a GPU that supports it)",
-        choices=["no", "bf16", "fp16", "auto"],
-    )  # fmt: skip
-    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
-    eval_every: int = _opt(0, "evaluate every N optimizer steps; 0 = only at the end")
-    eval_batch_size: int = _opt(64, "examples per evaluation batch")
-    early_stopping_patience: int = _opt(0, "stop after N evaluations without improvement; 0 = never")
-    metric: str = _opt(
-        "auto", "metric for early stopping / best model: accuracy, loss, or auto (accuracy when known)"
-    )
-    save_every: int = _opt(0, "write a checkpoint every N optimizer steps; 0 = none")
-    keep_checkpoints: int = _opt(2, "checkpoints kept on disk (oldest deleted)")
-    resume: bool = _opt(False, "continue from the newest checkpoint in --output-dir")
-    overwrite: bool = _opt(
-        False, "replace the run already in --output-dir (its adapter, metrics and checkpoints are deleted)"
-    )
-    seed: int = _opt(42, "seed for initialisation, data order and dropout")
-    quiet: bool = _opt(False, "no progress bar: one plain log line every --log-every steps")
-    log_every: int = _opt(10, "steps between metric records (and log lines in quiet mode)")
-    plot: bool = _opt(True, "write plot.png (loss / metric curves) into the run folder")
-    fsdp: bool = _opt(False, "under torchrun: shard parameters and optimizer state with FSDP instead of DDP")
-
-    def __post_init__(self) -> None:
-        check_options(self)
-
-
-def check_device(spec: str) -> torch.device:
-    """``--device`` as a torch device that exists here, or a ValueError saying what to pass."""
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"--device {spec!r} is not a device name; use cpu, cuda, cuda:1 or mps.") from exc
-    if device.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise ValueError(f"--device {spec}: no CUDA device is available here; use --device cpu.")
-        if device.index is not None and device.index >= n:
-            raise ValueError(
-                f"--device {spec}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})."
-            )
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"--device {spec}: MPS is not available here; use --device cpu.")
-    elif device.type != "cpu":
-        raise ValueError(f"--device {spec!r}: deltatune trains on cpu, cuda or mps.")
-    return device
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_options(opts: Any) -> None:
-    """Refuse option values that cannot work, naming the option (as a CLI flag) and the fix.
-
-    Checked for every field of ``opts`` that it has, so :class:`TrainConfig` and the CLI's
-    ``RunOptions`` share it; runs when the dataclass is built (YAML, flags or Python).
-    """
-
-    def need(name: str, ok: Callable[[Any], bool], rule: str) -> None:
-        if not hasattr(opts, name):
-            return
-        value = getattr(opts, name)
-        if value is None:
-            return
-        if isinstance(value, bool) or not ok(value):
-            raise ValueError(f"{_flag(name)} {value!r}: {rule}.")
-
-    def num(test: Callable[[float], bool]) -> Callable[[Any], bool]:
-        return lambda v: isinstance(v, (int, float)) and not math.isnan(v) and test(v)
-
-    def whole(test: Callable[[int], bool]) -> Callable[[Any], bool]:
-        return lambda v: isinstance(v, int) and test(v)
-
-    need("epochs", num(lambda v: v > 0), "must be > 0 (or give --max-steps)")
-    need("max_steps", whole(lambda v: v >= 0), "must be an integer >= 0 (0 = derive from --epochs)")
-    for name in ("batch_size", "grad_accum", "eval_batch_size", "max_length", "num_virtual_tokens"):
-        need(name, whole(lambda v: v >= 1), "must be an integer >= 1")
-    need("lr", num(lambda v: v > 0), "the learning rate must be > 0")
-    need("weight_decay", num(lambda v: v >= 0), "must be >= 0")
-    need("warmup_ratio", num(lambda v: 0 <= v < 1), "must be in [0, 1)")
-    need("max_grad_norm", num(lambda v: v >= 0), "must be >= 0 (0 = no clipping)")
-    for name in ("warmup_steps", "eval_every", "early_stopping_patience", "save_every", "keep_checkpoints"):
-        need(name, whole(lambda v: v >= 0), "must be an integer >= 0")
-    need("log_every", whole(lambda v: v >= 1), "must be an integer >= 1")
-    need("metric", lambda v: v in ("auto", "accuracy", "loss"), "choose auto, accuracy or loss")
-    need("eval_fraction", num(lambda v: 0 < v < 1), "must be between 0 and 1 (exclusive), e.g. 0.1")
-    need("r", whole(lambda v: v >= 1), "the rank must be an integer >= 1")
-    need("lora_alpha", num(lambda v: v > 0), "must be > 0 (default: 2 * r)")
-    need("lora_dropout", num(lambda v: 0 <= v < 1), "must be in [0, 1)")
-    betas = getattr(opts, "adam_betas", None)
-    if betas is not None and (
-        len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)
-    ):
-        raise ValueError(
-            f"--adam-betas {','.join(str(b) for b in betas) or '(empty)'}: give two numbers in [0, 1), "
-            "e.g. --adam-betas 0.9,0.999."
-        )
-    device = getattr(opts, "device", None)
-    if device is not None:
-        check_device(device)
-    if getattr(opts, "resume", False) and getattr(opts, "overwrite", False):
-        raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it.")
+from deltatune.train.options import TrainConfig, autocast_dtype, lr_lambda
+from deltatune.train.report import StepLog, plot_metrics, read_jsonl, save_gathered_adapter, write_jsonl
 
 
 class NonFiniteLoss(ValueError):
@@ -181,35 +51,6 @@ class TrainResult:
     tokens: int
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def lr_lambda(total: int, warmup: int, kind: str) -> Callable[[int], float]:
-    """Multiplier of the peak learning rate at step ``s``: linear warm-up, then decay."""
-
-    def fn(s: int) -> float:
-        if warmup and s < warmup:
-            return (s + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        progress = (s - warmup) / max(1, total - warmup)
-        progress = min(max(progress, 0.0), 1.0)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress
-
-    return fn
-
-
-def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    if setting == "no":
-        return None
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if setting == "fp16":
-        if device.type != "cuda":
-            raise ValueError("mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16' or 'no'.")
-        return torch.float16
-    return torch.bfloat16
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -287,7 +128,8 @@ class Trainer:
             self.optimizer, lr_lambda(self.total_steps, warmup, config.scheduler)
         )
         self.amp = autocast_dtype(config.mixed_precision, self.device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        # Loss scaling for fp16 autocast only; otherwise a disabled scaler passes everything through.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.state = ckpt.LoopState()
         self.best: dict[str, torch.Tensor] | None = None
         self.history: list[dict[str, Any]] = []
@@ -452,9 +294,9 @@ class Trainer:
         ckpt.set_rng_state(c.rng)
         self.state = c.state
         self.best = c.best
-        self.history = [h for h in _read_jsonl(self._metrics_path()) if h.get("step", 0) <= self.state.step]
+        self.history = [h for h in read_jsonl(self._metrics_path()) if h.get("step", 0) <= self.state.step]
         if self.main:
-            _write_jsonl(self._metrics_path(), self.history)
+            write_jsonl(self._metrics_path(), self.history)
             print(f"Resumed from {path} (step {self.state.step} of {self.total_steps}).")
 
     def _apply_settings_to_optimizer(self) -> None:
@@ -524,96 +366,12 @@ class Trainer:
             self._clear_previous_run()
         self.model.train()
         batches = self._micro_batches(self.state.micro)
-        bar = None
-        if self.main and not cfg.quiet:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=self.total_steps,
-                initial=self.state.step,
-                desc="train",
-                unit="step",
-                dynamic_ncols=True,
-                file=sys.stderr,
-            )
-        start = time.perf_counter()
-        first_step = self.state.step
-        step_loss = float("nan")
-        tokens = window_tokens = 0
-        window_start = start
-        loss_acc = torch.zeros((), device=self.device)
-        window_loss, window_n = 0.0, 0
+        log = StepLog(self, show_bar=self.main and not cfg.quiet)
         stopped = False
         while self.state.step < self.total_steps:
-            # Each micro-batch's mean loss is weighted by its share of the step's loss terms (over
-            # all processes; DDP then averages), so the step's gradient is that of one big batch.
-            group = [next(batches) for _ in range(cfg.grad_accum)]
-            items = [loss_items(b["labels"], self.task, self._skip_first) for b in group]
-            total = dist_utils.all_reduce_sum([float(sum(items))])[0]
-            for k, batch in enumerate(group):
-                n_tok = count_tokens(batch) * self.world
-                tokens += n_tok
-                window_tokens += n_tok
-                weight = items[k] * self.world / total if total > 0 else 1.0 / cfg.grad_accum
-                with dist_utils.no_sync(self.model, skip=k < cfg.grad_accum - 1), self._autocast():
-                    out = self.model(**batch, **self._extra_kwargs())
-                    loss = out.loss * weight
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-                loss_acc += loss.detach()
-                self.state.micro += 1
-            self._stop_if_not_finite(loss_acc)
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)  # DTensor-aware under FSDP
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state.step += 1
+            loss = self._step([next(batches) for _ in range(cfg.grad_accum)], log)
             step = self.state.step
-            if step % max(1, cfg.log_every) == 0 or step == self.total_steps or bar is not None:
-                step_loss = float(loss_acc)  # one sync per step; cheap next to a forward/backward
-                window_loss += step_loss
-                window_n += 1
-            loss_acc.zero_()
-            lr = self.scheduler.get_last_lr()[0]
-            if step % max(1, cfg.log_every) == 0 or step == self.total_steps:
-                now = time.perf_counter()
-                mean_loss = window_loss / max(1, window_n)
-                if self.world > 1:  # the logged loss is the mean over processes
-                    mean_loss = dist_utils.all_reduce_sum([mean_loss])[0] / self.world
-                row = {
-                    "step": step,
-                    "epoch": round(self.state.micro / self.micro_per_epoch, 3),
-                    "loss": mean_loss,
-                    "lr": lr,
-                    "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                }
-                self._record(row)
-                if cfg.quiet and self.main:
-                    eta = (now - start) / max(1, step - first_step) * (self.total_steps - step)
-                    print(
-                        f"step {step}/{self.total_steps} loss {row['loss']:.4f} lr {lr:.2e} "
-                        f"tok/s {row['tokens_per_s']:.0f} eta {eta:.0f}s",
-                        flush=True,
-                    )
-                window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, now
-            if bar is not None:
-                bar.update(1)
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(
-                    loss=f"{step_loss:.4f}",
-                    lr=f"{lr:.2e}",
-                    tok_s=f"{tokens / max(elapsed, 1e-9):.0f}",
-                    refresh=False,
-                )
+            log.after_step(step, loss, float(self.scheduler.get_last_lr()[0]))
             if (
                 cfg.eval_every
                 and step % cfg.eval_every == 0
@@ -625,18 +383,9 @@ class Trainer:
                 self.save_checkpoint()
             if stopped:
                 break
-        if bar is not None:
-            bar.close()
-        seconds = time.perf_counter() - start
-        final = self.evaluate() if self.eval_examples else {}
-        if final:
-            self._record({"step": self.state.step, **final})
-            if cfg.early_stopping_patience and self.best is not None:
-                value = final[self._metric_name()]
-                if not self._improved(value):  # the best evaluated weights win over the last ones
-                    self._restore_best()
-                    final = self.evaluate()
-                    final["restored_best_step"] = float(self.state.best_step or 0)
+        log.close()
+        seconds = time.perf_counter() - log.start
+        final = self._final_evaluation()
         if self.main and cfg.plot:
             plot_metrics(self.history, os.path.join(cfg.output_dir, "plot.png"))
         losses = [h["loss"] for h in self.history if "loss" in h]
@@ -645,14 +394,57 @@ class Trainer:
             train_loss=losses[-1] if losses else float("nan"),
             eval_metrics=final,
             seconds=seconds,
-            tokens=tokens,
+            tokens=log.tokens,
             stopped_early=stopped,
             history=list(self.history),
         )
 
+    def _step(self, group: list[dict[str, torch.Tensor]], log: StepLog) -> torch.Tensor:
+        """One optimizer step over ``group`` (grad_accum micro-batches); returns the step's loss
+        (a tensor, not synchronised).
+
+        Each micro-batch's mean loss is weighted by its share of the step's loss terms (over all
+        processes; DDP then averages), so the step's gradient is that of one big batch.
+        """
+        cfg = self.config
+        items = [loss_items(b["labels"], self.task, self._skip_first) for b in group]
+        total = dist_utils.all_reduce_sum([float(sum(items))])[0]
+        step_loss = torch.zeros((), device=self.device)
+        for k, batch in enumerate(group):
+            log.count_tokens(count_tokens(batch) * self.world)
+            weight = items[k] * self.world / total if total > 0 else 1.0 / cfg.grad_accum
+            with dist_utils.no_sync(self.model, skip=k < cfg.grad_accum - 1), self._autocast():
+                out = self.model(**batch, **self._extra_kwargs())
+                loss = out.loss * weight
+            self.scaler.scale(loss).backward()  # the scaler is a no-op unless fp16 autocast
+            step_loss += loss.detach()
+            self.state.micro += 1
+        self._stop_if_not_finite(step_loss)
+        self.scaler.unscale_(self.optimizer)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)  # DTensor-aware under FSDP
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return step_loss
+
+    def _final_evaluation(self) -> dict[str, float]:
+        """Evaluate at the end; with early stopping, the best evaluated weights win over the last ones."""
+        final = self.evaluate() if self.eval_examples else {}
+        if final:
+            self._record({"step": self.state.step, **final})
+            patience, best = self.config.early_stopping_patience, self.best
+            if patience and best is not None and not self._improved(final[self._metric_name()]):
+                self._restore_best()
+                final = self.evaluate()
+                final["restored_best_step"] = float(self.state.best_step or 0)
+        return final
+
     def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
         """Stop before a NaN / inf loss reaches the weights (fp16's scaler skips such steps itself)."""
-        if self.scaler is not None:
+        if self.scaler.is_enabled():
             return
         value = float(loss)
         if self.world > 1:
@@ -703,81 +495,6 @@ class Trainer:
         elif self.main:
             model.save_pretrained(path)  # type: ignore[operator]
         dist_utils.barrier()
-
-
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    """metrics.jsonl; a torn last line (what a kill mid-write leaves) is dropped."""
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        lines = [line for line in fh if line.strip()]
-    rows = []
-    for n, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if n == len(lines) - 1:
-                break
-            raise ValueError(f"{path}, line {n + 1}: not valid JSON ({exc.msg}).") from exc
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
-    from deltatune.io import atomic_write_text
-
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def plot_metrics(history: list[dict[str, Any]], path: str) -> bool:
-    """Training loss (left) and evaluation metrics (right) against steps, as a PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot.png (pip install matplotlib, or deltatune[default]).")
-        return False
-    train = [h for h in history if "loss" in h]
-    evals = [h for h in history if "eval_loss" in h]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    axes[0].plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss")
-    if evals:
-        axes[0].plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="eval loss")
-    axes[0].set_xlabel("step")
-    axes[0].set_ylabel("loss")
-    axes[0].legend()
-    key = "accuracy" if any("accuracy" in h for h in evals) else "perplexity"
-    if evals:
-        axes[1].plot([h["step"] for h in evals], [h.get(key, float("nan")) for h in evals], "o-", color="C2")
-    axes[1].set_xlabel("step")
-    axes[1].set_ylabel(key)
-    axes[1].set_title(f"held-out {key}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def save_gathered_adapter(model: nn.Module, path: str, main: bool) -> None:
-    """Save an FSDP-sharded PeftModel's adapter: shards gathered on every rank, files written by rank 0."""
-    import copy
-
-    from deltatune.io import WEIGHTS_NAME, atomic_directory, atomic_write_text, save_tensors
-    from deltatune.model import _model_card
-
-    name = model.active_adapter  # type: ignore[attr-defined]
-    state = {k: dist_utils.full_tensor(v) for k, v in model.get_adapter_state_dict(name).items()}  # type: ignore[operator]
-    if not main:
-        return
-    config: Any = copy.copy(model.peft_config[name])  # type: ignore[index]
-    config.inference_mode = True
-    with atomic_directory(path) as tmp:
-        save_tensors(state, os.path.join(tmp, WEIGHTS_NAME))
-        config.save_pretrained(tmp)
-        atomic_write_text(os.path.join(tmp, "README.md"), _model_card(config, state))
 
 
 def loss_items(labels: torch.Tensor, task: str, skip_first: bool) -> int:

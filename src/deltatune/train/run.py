@@ -37,8 +37,9 @@ from deltatune.train.data import (
     require_columns,
     split_indices,
 )
-from deltatune.train.loop import TrainConfig, Trainer, TrainResult, _opt
+from deltatune.train.loop import TrainConfig, Trainer, TrainResult
 from deltatune.train.methods import get_method
+from deltatune.train.options import _opt
 
 
 @dataclass
