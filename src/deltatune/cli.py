@@ -618,6 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, > 0 = sampling")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.set_defaults(func=_generate)
+
+    from deltatune.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub, fmt)
     return parser
 
 
