@@ -191,6 +191,7 @@ TOO_LONG_FOR_NOW = {
     "deltatune/methods/bottleneck.py": "AdapterHub's configurations just landed; split config / layer / tuner next",
     "deltatune/cli.py": "grew with the run-folder and error work; split the subcommands into their own modules",
     "deltatune/train/data.py": "grew with the data checks; split the readers from the checks and the collator",
+    "deltatune/advise.py": "just landed; split the meta-model tracing, the memory estimates and the choice",
 }
 
 

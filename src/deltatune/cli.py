@@ -622,7 +622,56 @@ def build_parser() -> argparse.ArgumentParser:
     from deltatune.serve.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub, fmt)
+    _add_advise_parser(sub, fmt)
     return parser
+
+
+def _add_advise_parser(sub: Any, fmt: Any) -> None:
+    from deltatune.advise import GPUS, TASKS
+
+    adv = sub.add_parser(
+        "advise",
+        help="which fine-tuning method fits this model, this hardware and this job, with numbers",
+        description="Build the model from its config without weights, estimate trainable parameters, "
+        "adapter size and training memory for every method, and recommend one with the command to run it. "
+        "Memory per device = weights + gradients + AdamW state (8 bytes per trainable parameter) + "
+        "max(activations, optimizer step temporary); activations are the bytes autograd saves in one "
+        "forward (counted on fake tensors) + 2 x the largest saved tensor; with gradient checkpointing, "
+        "the layers keep only their inputs (batch x seq x hidden each) plus one layer's saved tensors. "
+        "QLoRA weights: NF4 at 4.127 bits per weight. GB means 2**30 bytes. See docs/advise.md.",
+        formatter_class=fmt,
+    )
+    adv.add_argument("--model", required=True, help="a transformers config.json or a model folder")
+    adv.add_argument("--task", choices=list(TASKS), help="default: from the config's architectures")
+    adv.add_argument("--memory", help="memory per device, e.g. 24GB, 80GiB (default 24GB)")
+    adv.add_argument("--gpu", help=f"a GPU instead of --memory: {', '.join(GPUS)}")
+    adv.add_argument("--devices", type=int, default=1, help="devices available (FSDP shards over them)")
+    adv.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    adv.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch per device")
+    adv.add_argument(
+        "--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="base weights' dtype"
+    )
+    adv.add_argument("--no-weights", action="store_true", help="the model's weights cannot be changed")
+    adv.add_argument("--budget", help="largest share of trainable parameters, e.g. 0.005%%")
+    adv.add_argument("--adapters", type=int, default=1, help="adapters to serve from one base model")
+    adv.add_argument("--max-quality", action="store_true", help="quality matters more than cost")
+    adv.add_argument("--prompt-tokens", type=int, default=20, help="prompt tuning: virtual tokens")
+    adv.add_argument("--prefix-tokens", type=int, default=20, help="prefix tuning: virtual tokens")
+    adv.add_argument("--json", action="store_true", help="print everything as JSON")
+    adv.set_defaults(func=_advise)
+
+
+def _advise(args: argparse.Namespace) -> int:
+    from deltatune.advise import advise
+
+    result = advise(
+        args.model, task=args.task, memory=args.memory, gpu=args.gpu, devices=args.devices,
+        seq_len=args.seq_len, batch_size=args.batch_size, precision=args.precision,
+        no_weights=args.no_weights, budget=args.budget, adapters=args.adapters,
+        max_quality=args.max_quality, prompt_tokens=args.prompt_tokens, prefix_tokens=args.prefix_tokens,
+    )  # fmt: skip
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result)
+    return 0
 
 
 def _run_command(args: argparse.Namespace) -> int:
