@@ -149,15 +149,13 @@ def test_commands_name_a_non_utf8_adapter_config(tmp_path, capsys, cmd):
     extra = {"eval": [], "merge": [str(tmp_path / "out")], "generate": ["--prompt", "x"]}[cmd]
     assert main([cmd, str(tmp_path), *extra]) == 2
     line = _error(capsys, cmd)
-    assert f"{tmp_path / 'adapter_config.json'}: not a readable adapter config (UnicodeDecodeError" in line, (
-        line
-    )
+    assert f"{tmp_path / 'adapter_config.json'} is not UTF-8 text" in line, line
 
 
 def test_an_invalid_regex_is_a_one_line_error(root, capsys):
     assert main([*_train(root, "re"), "--method-arg", "target_modules=.*(query"]) == 2
     line = _error(capsys, "train")
-    assert "invalid regular expression '.*(query'" in line, line
+    assert "pattern '.*(query'" in line and "cannot be used: missing )" in line, line
 
 
 def test_a_huge_rank_is_refused_before_allocating(root, capsys):

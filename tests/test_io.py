@@ -1,4 +1,4 @@
-"""Atomic adapter saves: a crash at any point leaves the old adapter, the new one, or a clear error."""
+"""Atomic adapter saves: an exception at any point of a save leaves the old adapter or the new one."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deltatune import LoraConfig, PeftModel, get_peft_model
-from deltatune.io import CONFIG_NAME, WEIGHTS_NAME
+from deltatune.io import CONFIG_NAME
 from train_utils import tiny_llama_lm
 
 
@@ -76,21 +76,5 @@ def test_a_crash_at_every_rename_never_leaves_a_mix(tmp_path, monkeypatch):
             break
     else:
         pytest.fail("save_pretrained never finished")
-    assert outcomes[0] == "old" and outcomes[-1] == "new" and "error" in outcomes, outcomes
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
-
-
-def test_the_config_moves_in_last(tmp_path, monkeypatch):
-    model = _adapter(8, 1.0)
-    model.save_pretrained(str(tmp_path))
-    moved: list[str] = []
-    real_replace = os.replace
-
-    def replace(src, dst):
-        if os.path.dirname(os.path.abspath(dst)) == str(tmp_path):
-            moved.append(os.path.basename(dst))
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
-    model.save_pretrained(str(tmp_path))
-    assert moved[-1] == CONFIG_NAME and WEIGHTS_NAME in moved[:-1]
+    assert outcomes[0] == "old" and outcomes[-1] == "new" and "error" not in outcomes, outcomes
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]

@@ -21,11 +21,14 @@ PACKAGE = "deltatune"
 # Layers from the bottom up. A module may import modules of its own layer or of lower ones.
 # A module is in the layer of its longest listed prefix; modules listed nowhere are at the top.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    # Formats and codecs: files, the NF4 codec and its 4-bit Linear, the stored-weight registry.
+    # Formats and codecs: files, folder swaps, linear-time patterns, the NF4 codec and its 4-bit
+    # Linear, the stored-weight registry.
     (
         "codec",
         (
             "deltatune.io",
+            "deltatune.folders",
+            "deltatune.patterns",
             "deltatune.assets",
             "deltatune.model_cache",
             "deltatune.stored_weights",
@@ -34,8 +37,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     # What every method builds on: configs and the method registry, module targeting, other
-    # libraries' adapter folders read into configs.
-    ("core", ("deltatune.config", "deltatune.targeting", "deltatune.formats")),
+    # libraries' adapter folders read into configs, adapter folders read as untrusted input.
+    ("core", ("deltatune.config", "deltatune.targeting", "deltatune.formats", "deltatune.untrusted")),
     # Adapter layers and tuners, one package or file per method; LoRA over 4-bit bases; LoftQ.
     ("layers", ("deltatune.methods", "deltatune.quant.qlora", "deltatune.quant.loftq")),
     # The wrapper model and what works on whole (wrapped) models.

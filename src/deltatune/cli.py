@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import tempfile
 import types
@@ -412,30 +411,12 @@ def _merge(args: argparse.Namespace) -> int:
     _check_merge_output(args.adapter, base, args.output, args.overwrite)
     model, tokenizer, config = _load_adapter_model(args.adapter, args.model)
     merged = model.merge_and_unload()
-    # Built under a temporary name next to OUTPUT, then renamed: a failed save leaves OUTPUT as it was.
-    out = os.path.abspath(args.output)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-merge-", dir=parent)
-    old = None
-    try:
+    # Built beside OUTPUT and swapped in with one atomic rename: OUTPUT is always the old folder or the new one.
+    from deltatune.io import replace_folder
+
+    with replace_folder(args.output, keep_others=False) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if os.path.isdir(out):  # empty, or --overwrite: moved aside, deleted once the new one is in place
-            old = tempfile.mkdtemp(prefix=".old-merge-", dir=parent)
-            os.rmdir(old)
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if old is not None:  # put the previous folder back
-                os.rename(old, out)
-                old = None
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and os.path.isdir(out):
-            shutil.rmtree(old, ignore_errors=True)
     print(f"merged {config.peft_type} adapter into {config.base_model_name_or_path}; saved to {args.output}")
     return 0
 

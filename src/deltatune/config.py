@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from deltatune.io import CONFIG_NAME
+from deltatune.io import CONFIG_NAME, open_snapshot, parse_json_object, shorten
 
 if TYPE_CHECKING:
     from deltatune.methods.base import Tuner
@@ -118,7 +118,7 @@ class PeftConfig:
         if unknown:
             warnings.warn(
                 f"{cls.__name__}: ignoring config keys this version of deltatune does not know: "
-                f"{unknown}. They come from a newer or different library; the adapter is loaded without them.",
+                f"{[shorten(k, 80) for k in unknown[:20]]}{f' and {len(unknown) - 20} more' if len(unknown) > 20 else ''}. They come from a newer or different library; the adapter is loaded without them.",
                 stacklevel=2,
             )
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -126,22 +126,15 @@ class PeftConfig:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str]) -> PeftConfig:
         """Read ``adapter_config.json`` and return the config class its ``peft_type`` names."""
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
+        # Read as untrusted input: a regular file inside the folder, bounded size, UTF-8 JSON object.
+        snapshot = open_snapshot(os.fspath(directory), weights=False)
+        path = os.path.join(os.fspath(directory), CONFIG_NAME)
+        if snapshot.config_text is None:
             raise FileNotFoundError(
                 f"No {CONFIG_NAME} in {os.fspath(directory)!r}: this folder holds no saved adapter. "
                 "Pass the folder that save_pretrained() wrote."
             )
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc}); the adapter config is corrupt.") from exc
-        if not isinstance(data, dict):
-            raise ValueError(
-                f'{path} holds a JSON {type(data).__name__}, not an object with fields such as "peft_type": '
-                "it is not an adapter config (or is corrupt). Save the adapter again, or restore the file."
-            )
+        data = parse_json_object(snapshot.config_text, path)
         return config_from_dict(data)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from deltatune.config import TASK_HEADS, PeftConfig, method_for
+from deltatune.io import replace_folder
 from deltatune.methods.base import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper, Tuner, replace_module
 from deltatune.peft_compat import (
     WithBaseSignature,
@@ -24,8 +25,9 @@ from deltatune.peft_compat import (
     check_save_kwargs,
     read_adapter,
     warn_autocast,
-    write_adapter,
+    write_adapter_files,
 )
+from deltatune.untrusted import dry_run, loading_weights
 from deltatune.wrapping import (
     check_adapter_name,
     check_unwrapped,
@@ -470,9 +472,12 @@ class PeftModel(nn.Module):
             check_adapter_name(name)  # a sub-folder of save_directory, never a path outside it
         if not is_main_process:
             return
-        for name in names:
-            target = save_directory if name == "default" else os.path.join(save_directory, name)
-            write_adapter(target, self.peft_config[name], self.get_adapter_state_dict(name))
+        # One swap replaces the whole folder (every selected adapter at once): a crash at any moment
+        # leaves all the old files or all the new ones; the folder's other files are kept.
+        with replace_folder(save_directory) as root:
+            for name in names:
+                target = root if name == "default" else os.path.join(root, name)
+                write_adapter_files(target, self.peft_config[name], self.get_adapter_state_dict(name))
 
     def load_adapter(
         self,
@@ -503,8 +508,12 @@ class PeftModel(nn.Module):
             model_id, subfolder, is_trainable=is_trainable, allow_pickle=allow_pickle, device=torch_device,
             key_mapping=key_mapping,
         )  # fmt: skip
+        check_adapter_name(adapter_name)
+        if adapter_name not in self.peft_config:  # sizes checked on the meta device before any allocation
+            dry_run(self, None, self.base_model, config, adapter_name, state, os.fspath(model_id))
         before = {id(m) for m in self._adapter_modules()}
-        self.add_adapter(adapter_name, config)
+        with loading_weights():  # the file's values replace any initialisation
+            self.add_adapter(adapter_name, config)
         try:
             self._load_state(adapter_name, state)
         except BaseException:
@@ -552,8 +561,11 @@ class PeftModel(nn.Module):
             model_id, subfolder, config=config, is_trainable=is_trainable, allow_pickle=allow_pickle,
             device=torch_device, key_mapping=key_mapping,
         )  # fmt: skip
+        check_unwrapped(model)  # sizes checked on the meta device before any allocation:
+        dry_run(None, cls, model, config, adapter_name, state, os.fspath(model_id))
         flags = grad_flags(model)
-        peft_model = cls(model, config, adapter_name)  # refuses an already wrapped base first
+        with loading_weights():  # the file's values replace any initialisation
+            peft_model = cls(model, config, adapter_name)  # refuses an already wrapped base first
         try:
             peft_model._load_state(adapter_name, state)
         except BaseException:

@@ -19,7 +19,9 @@ import torch
 
 from deltatune.config import CONFIG_NAME, PeftConfig
 from deltatune.formats import read_foreign_folder
-from deltatune.io import WEIGHTS_NAME, atomic_directory, atomic_write_text, load_tensors, save_tensors
+from deltatune.io import WEIGHTS_NAME, atomic_write_text, replace_folder, save_tensors
+from deltatune.untrusted import check_tensors
+from deltatune.untrusted import read_adapter as read_untrusted
 
 # Keyword arguments of PEFT's loaders that only steer Hub downloads: without effect on a local
 # folder, so they are accepted and ignored.
@@ -167,12 +169,18 @@ def read_adapter(
     ``key_mapping``: what ``PeftModel.from_pretrained`` and ``load_adapter`` both read. A folder
     saved by another library (AdapterHub) is read through ``deltatune.formats``."""
     directory = adapter_dir(model_id, subfolder)
+    # Everything in the folder is untrusted input (deltatune.untrusted): one version of it, checked.
     foreign = read_foreign_folder(directory, allow_pickle=allow_pickle, device=device or "cpu")  # AdapterHub
-    config = config or (foreign[0] if foreign else PeftConfig.from_pretrained(directory))
+    if foreign is None:
+        from_file, state = read_untrusted(
+            directory, allow_pickle=allow_pickle, device=device or "cpu", need_config=config is None
+        )
+    else:
+        from_file, state = foreign
+        check_tensors(state, directory)
+    config = config or from_file
+    assert config is not None
     config.inference_mode = not is_trainable
-    state = (
-        foreign[1] if foreign else load_tensors(directory, allow_pickle=allow_pickle, device=device or "cpu")
-    )
     return config, remap_keys(state, key_mapping)
 
 
@@ -199,11 +207,18 @@ def check_save_kwargs(
 
 
 def write_adapter(directory: str, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:
-    """Write one adapter folder atomically: ``adapter_model.safetensors``, ``adapter_config.json``
-    (with ``inference_mode=True``, as PEFT writes it) and a model card."""
+    """Write one adapter folder atomically (built beside it, swapped in whole; see
+    :func:`deltatune.io.replace_folder`): its files as :func:`write_adapter_files` writes them."""
+    with replace_folder(directory) as tmp:
+        write_adapter_files(tmp, config, state)
+
+
+def write_adapter_files(directory: str, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:
+    """``adapter_model.safetensors``, ``adapter_config.json`` (with ``inference_mode=True``, as PEFT
+    writes it) and a model card, into ``directory`` (a folder being built, not yet in place)."""
     config = copy.copy(config)
     config.inference_mode = True
-    with atomic_directory(directory) as tmp:
-        save_tensors(state, os.path.join(tmp, WEIGHTS_NAME))
-        config.save_pretrained(tmp)
-        atomic_write_text(os.path.join(tmp, "README.md"), model_card(config, state))
+    os.makedirs(directory, exist_ok=True)
+    save_tensors(state, os.path.join(directory, WEIGHTS_NAME))
+    config.save_pretrained(directory)
+    atomic_write_text(os.path.join(directory, "README.md"), model_card(config, state))

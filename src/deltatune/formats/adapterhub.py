@@ -12,7 +12,6 @@ error naming the field, never loaded half right.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -23,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from deltatune.config import PeftConfig, config_from_dict
-from deltatune.io import CONFIG_NAME, load_pickled_tensors
+from deltatune.io import CONFIG_NAME, load_pickled_tensors, open_snapshot, parse_json_object
 
 SAFETENSORS_NAME = "adapter.safetensors"
 PICKLE_NAME = "pytorch_adapter.bin"
@@ -81,13 +80,11 @@ _KEY = re.compile(r"^(?P<block>(?:.*\.)?\d+)\.(?P<loc>.+?)\.adapters\.(?P<name>[
 
 
 def _read_json(directory: str | os.PathLike[str]) -> Any:
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
-        return None
+    # Read as untrusted input (a regular file inside the folder, bounded size and depth).
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        text = open_snapshot(os.fspath(directory), weights=False).config_text
+        return None if text is None else parse_json_object(text, os.path.join(directory, CONFIG_NAME))
+    except (OSError, ValueError):
         return None  # not ours to judge: the regular reader reports a broken config
 
 

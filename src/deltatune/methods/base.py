@@ -33,6 +33,7 @@ from deltatune.stored_weights import (  # noqa: F401  (what adapter layers need 
     stored_weight,
 )
 from deltatune.targeting import name_matches
+from deltatune.untrusted import is_embedding_layer
 
 BASE_ADAPTER = "__base__"  # row tag for "no adapter" in a mixed batch
 
@@ -443,8 +444,14 @@ class Tuner(Generic[ConfigT]):
                 and torch.equal(dst, src.to(device=dst.device, dtype=dst.dtype))
             ):
                 del state[k]  # the base already holds exactly these values
+            elif not is_embedding_layer(model, layer):
+                raise ValueError(
+                    f"The adapter file carries a base-model weight {k!r} of layer {layer!r}, which is not an "
+                    "embedding table (the only base weight the format needs), so nothing was loaded: remove "
+                    "the key; base weights belong in the base model's checkpoint."
+                )
             elif alone:
-                kmap[k] = k
+                kmap[k] = k  # PEFT's resized-vocabulary case: the adapter needs its own embedding table
             else:
                 differing.append(k)
         if differing:

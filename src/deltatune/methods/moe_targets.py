@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from deltatune.methods.lora_param import ParamLora, unwrapped_path
+from deltatune.patterns import fullmatch
 
 # transformers 5 fused the experts of these families into stacked parameters and turned the router
 # into a plain-weight module. PEFT maps the names a config (or "all-linear") gives for the old
@@ -107,13 +108,13 @@ def convert_moe_targets(model: nn.Module, config: Any, all_linear_leaves: list[s
 
 def _regex_leaves(model: nn.Module, regex: str, renames: dict[str, str]) -> set[str]:
     keys = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
-    leaves = {k.rsplit(".", 1)[-1] for k in keys if k and re.fullmatch(regex, k)}
+    leaves = {k.rsplit(".", 1)[-1] for k in keys if k and fullmatch(regex, k)}  # RE2: linear time
     containers: dict[str, set[str]] = {}
     for name, _ in model.named_parameters():
         owner, _, leaf = name.rpartition(".")
         containers.setdefault(leaf, set()).add(owner)
     for old, new in renames.items():
-        if old not in leaves and any(re.fullmatch(regex, f"{c}.{old}") for c in containers.get(new, ())):
+        if old not in leaves and any(fullmatch(regex, f"{c}.{old}") for c in containers.get(new, ())):
             leaves.add(old)
     return leaves
 

@@ -34,6 +34,7 @@ from deltatune.methods.prompt_learning import (
     generate_inputs,
     is_causal,
 )
+from deltatune.untrusted import loading
 
 
 class PromptTuningInit(str, enum.Enum):
@@ -142,8 +143,8 @@ class PromptTuningTuner(PromptLearningTuner[PromptTuningConfig]):
         assert config.num_virtual_tokens is not None and config.token_dim is not None
         total = config.num_virtual_tokens * (config.num_transformer_submodules or 1)
         encoder = PromptEmbedding(total, config.token_dim)
-        if config.inference_mode or config.prompt_tuning_init == PromptTuningInit.RANDOM.value:
-            return encoder
+        if config.inference_mode or config.prompt_tuning_init == PromptTuningInit.RANDOM.value or loading():
+            return encoder  # (a loaded adapter's file replaces the init: no tokenizer path from it is read)
         words = peft_model.get_base_model().get_input_embeddings()
         ids = _init_ids(config, total, words.weight.shape[0])
         if ids is not None and not words.weight.is_meta:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from deltatune.io import atomic_write_text, save_tensors
+from deltatune.io import atomic_write_text, save_tensors, use_default_mode
 
 STATE_NAME = "trainer_state.json"
 WEIGHTS = "trainable.safetensors"
@@ -155,6 +155,7 @@ def _new_directory(path: str) -> Iterator[str]:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    use_default_mode(tmp)  # 0755 under umask 022, not mkdtemp's 0700
     try:
         yield tmp
         if os.path.isdir(path):  # re-saving the same step (after a resume): replace it

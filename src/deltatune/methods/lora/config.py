@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from deltatune.config import PeftConfig, PeftType
 from deltatune.methods import lora_param
+from deltatune.patterns import fullmatch
 
 
 @dataclass
@@ -178,6 +178,6 @@ def _file_init(value: Any) -> Any:
 def _pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
     # A pattern key names a module path suffix (or a regex for one), as in PEFT.
     for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?(?:{key})", path):
+        if fullmatch(rf"(.*\.)?(?:{key})", path):  # RE2: a config's pattern cannot hang
             return value
     return default
