@@ -22,7 +22,16 @@ PACKAGE = "deltatune"
 # A module is in the layer of its longest listed prefix; modules listed nowhere are at the top.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # Formats and codecs: files, the NF4 codec and its 4-bit Linear, the stored-weight registry.
-    ("codec", ("deltatune.io", "deltatune.assets", "deltatune.stored_weights", "deltatune.quant.nf4")),
+    (
+        "codec",
+        (
+            "deltatune.io",
+            "deltatune.assets",
+            "deltatune.model_cache",
+            "deltatune.stored_weights",
+            "deltatune.quant.nf4",
+        ),
+    ),
     # What every method builds on: configs and the method registry, module targeting, other
     # libraries' adapter folders read into configs.
     ("core", ("deltatune.config", "deltatune.targeting", "deltatune.formats")),
