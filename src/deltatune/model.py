@@ -19,6 +19,7 @@ from torch import nn
 from deltatune.config import TASK_HEADS, PeftConfig, method_for
 from deltatune.methods.base import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper, Tuner, replace_module
 from deltatune.peft_compat import (
+    TunerModel,
     WithBaseSignature,
     check_kwargs,
     check_save_kwargs,
@@ -54,7 +55,10 @@ class PeftModel(nn.Module):
                 "This model is already wrapped; use model.add_adapter(name, config) to add another adapter."
             )
         check_unwrapped(model)
-        self.base_model = model
+        # PEFT's layout: a layer-based method's adapters sit in a tuner whose ``.model`` is the
+        # transformers model (keys ``base_model.model.<path>``); a prompt-learning method's
+        # ``base_model`` is the transformers model itself.
+        self.base_model = TunerModel(model, self) if _tuner(peft_config).is_layer_based else model
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter: str | None = None
         self._disabled = False
@@ -72,7 +76,7 @@ class PeftModel(nn.Module):
         modules and requires_grad flags (``flags``, from ``grad_flags`` before the call) back."""
         for config in self.peft_config.values():
             _tuner(config).delete(self, None)
-        strip_adapter_modules(self.base_model)
+        strip_adapter_modules(self.get_base_model())
         for p, requires_grad in flags.values():
             p.requires_grad_(requires_grad)
         self.peft_config = {}
@@ -101,7 +105,8 @@ class PeftModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         """The wrapped transformers model (with adapter layers inside), as PEFT's returns."""
-        return self.base_model
+        base = self.base_model
+        return base.model if isinstance(base, TunerModel) else base
 
     @property
     def active_peft_config(self) -> PeftConfig:
@@ -110,7 +115,7 @@ class PeftModel(nn.Module):
         return self.peft_config[self.active_adapter]
 
     def _adapter_modules(self) -> Iterator[AdapterLayer | ModulesToSaveWrapper]:
-        for m in self.base_model.modules():
+        for m in self.get_base_model().modules():
             if isinstance(m, (AdapterLayer, ModulesToSaveWrapper)):
                 yield m
 
@@ -140,12 +145,12 @@ class PeftModel(nn.Module):
                 current = list(peft_config.modules_to_save or [])  # type: ignore[attr-defined]
                 peft_config.modules_to_save = current + [h for h in heads if h not in current]  # type: ignore[attr-defined]
         if peft_config.base_model_name_or_path is None:
-            cfg = getattr(self.base_model, "config", None)
+            cfg = getattr(self.get_base_model(), "config", None)
             peft_config.base_model_name_or_path = getattr(cfg, "name_or_path", None) or None
         before = {id(m) for m in self._adapter_modules()}
         try:
             tuner.inject(self, peft_config, adapter_name)
-            tuner.inject_modules_to_save(self.base_model, peft_config, adapter_name)
+            tuner.inject_modules_to_save(self.get_base_model(), peft_config, adapter_name)
         except BaseException:
             self._discard_adapter(adapter_name, before)  # never a half-injected adapter
             raise
@@ -167,7 +172,7 @@ class PeftModel(nn.Module):
         config = self.peft_config.pop(adapter_name, None)
         if config is not None:
             _tuner(config).delete(self, adapter_name)
-        strip_adapter_modules(self.base_model, keep=before)
+        strip_adapter_modules(self.get_base_model(), keep=before)
         if self.active_adapter == adapter_name:
             self.active_adapter = None
 
@@ -214,7 +219,7 @@ class PeftModel(nn.Module):
             for p in self._adapter_params(name, tuner):
                 p.requires_grad_(False)
             if trainable:
-                tuner.mark_trainable(self.base_model, config, name)
+                tuner.mark_trainable(self.get_base_model(), config, name)
                 # Parameters a method keeps outside the base model (e.g. soft prompts) train too.
                 for p in tuner.extra_parameters(self, name):
                     p.requires_grad_(True)
@@ -230,7 +235,7 @@ class PeftModel(nn.Module):
         config = self.peft_config[adapter_name]
         merged = [
             p
-            for p, m in self.base_model.named_modules()
+            for p, m in self.get_base_model().named_modules()
             if isinstance(m, AdapterLayer) and adapter_name in m.merged_adapters
         ]
         if merged:  # checked on every layer before any is changed: never a half-deleted adapter
@@ -289,7 +294,7 @@ class PeftModel(nn.Module):
 
     # -- merging ----------------------------------------------------------------------
     def _layers(self) -> list[AdapterLayer]:
-        return [m for m in self.base_model.modules() if isinstance(m, AdapterLayer)]
+        return [m for m in self.get_base_model().modules() if isinstance(m, AdapterLayer)]
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Add the adapters' deltas into the base weights (reversible with unmerge_adapter)."""
@@ -350,23 +355,23 @@ class PeftModel(nn.Module):
 
     def _unload(self) -> nn.Module:
         done: list[str] = []
-        for path, module in list(self.base_model.named_modules()):
+        for path, module in list(self.get_base_model().named_modules()):
             if any(path.startswith(d + ".") for d in done):
                 continue  # inside a layer already unloaded (nested wrappers unload as one)
             if isinstance(module, AdapterLayer):
-                replace_module(self.base_model, path, module.unload())
+                replace_module(self.get_base_model(), path, module.unload())
                 done.append(path)
             elif isinstance(module, ModulesToSaveWrapper):
                 # The active adapter's trained copy (PEFT does the same); the original when
                 # the active adapter has no copy here.
                 active = module.active_adapters[-1] if module.active_adapters else None
                 keep = module.modules_to_save[active] if active else module.original_module
-                replace_module(self.base_model, path, keep)
+                replace_module(self.get_base_model(), path, keep)
         for config in self.peft_config.values():
             _tuner(config).delete(self, None)
         self.peft_config = {}
         self.active_adapter = None
-        return self.base_model
+        return self.get_base_model()
 
     # -- parameters ---------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -382,7 +387,7 @@ class PeftModel(nn.Module):
     # -- forward ----------------------------------------------------------------------
     def _forward_entry(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is not None:
-            with mixed_batch(self.base_model, adapter_names, list(self.peft_config), args, kwargs):
+            with mixed_batch(self.get_base_model(), adapter_names, list(self.peft_config), args, kwargs):
                 return self._forward(args, kwargs, adapter_names)
         return self._forward(args, kwargs, None)
 
@@ -395,12 +400,12 @@ class PeftModel(nn.Module):
             tuner = _tuner(self.active_peft_config)
             if not tuner.is_layer_based:
                 return tuner.forward(self, args, kwargs, adapter_names)
-        return self.base_model(*args, **kwargs)
+        return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the active adapter (``adapter_names``: one per row)."""
         if adapter_names is not None:
-            with mixed_batch(self.base_model, adapter_names, list(self.peft_config), args, kwargs):
+            with mixed_batch(self.get_base_model(), adapter_names, list(self.peft_config), args, kwargs):
                 return self._generate(args, kwargs, adapter_names)
         return self._generate(args, kwargs, None)
 
@@ -411,7 +416,7 @@ class PeftModel(nn.Module):
             tuner = _tuner(self.active_peft_config)
             if not tuner.is_layer_based:
                 return tuner.generate(self, args, kwargs, adapter_names)
-        base: Any = self.base_model
+        base: Any = self.get_base_model()
         return base.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(
@@ -419,9 +424,9 @@ class PeftModel(nn.Module):
     ) -> None:
         """Checkpointing that works with a frozen base: inputs are made to require grad."""
         kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        base: Any = self.base_model
+        base: Any = self.get_base_model()
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        enable = getattr(self.base_model, "enable_input_require_grads", None)
+        enable = getattr(self.get_base_model(), "enable_input_require_grads", None)
         if callable(enable):
             enable()
 
@@ -516,7 +521,7 @@ class PeftModel(nn.Module):
         tuner = _tuner(config)
         state = {k.removeprefix(tuner.saved_prefix): v for k, v in state.items()}
         tuner.load_state_dict(self, config, adapter_name, state)
-        if any(p.is_meta for p in self.base_model.parameters()):
+        if any(p.is_meta for p in self.get_base_model().parameters()):
             # The adapter's tensors were assigned (they hold the file's values); the base is empty.
             warnings.warn(
                 "The base model's weights are on the meta device: the adapter's tensors were loaded, but "
