@@ -60,7 +60,7 @@ def test_fresh_dora_changes_nothing_and_magnitude_is_row_norm(kind: str) -> None
     ref = logits(base, ids())
     model = get_peft_model(base, LoraConfig(r=4, target_modules=TARGETS[kind], use_dora=True))
     torch.testing.assert_close(logits(model, ids()), ref, rtol=0, atol=1e-5)
-    layer = model.base_model.get_submodule(
+    layer = model.get_base_model().get_submodule(
         "model.layers.0.mlp.down_proj" if kind == "llama" else "transformer.h.0.attn.c_attn"
     )
     w = layer.base_layer.weight
@@ -73,7 +73,7 @@ def test_forward_matches_formula(kind: str) -> None:
     """y = m / ‖W + sBA‖_row ⊙ (W + sBA) x + b, checked on one layer against a dense computation."""
     model = get_peft_model(tiny(kind), dora_config(kind))
     perturb_magnitudes(model)
-    layer = model.base_model.get_submodule(
+    layer = model.get_base_model().get_submodule(
         "model.layers.1.self_attn.q_proj" if kind == "llama" else "transformer.h.1.attn.c_attn"
     )
     w = layer.base_layer.weight.detach()
@@ -101,7 +101,7 @@ def test_merge_and_unmerge_exact(kind: str) -> None:
     torch.testing.assert_close(logits(model, ids()), unmerged, rtol=1e-5, atol=1e-5)
     model.unmerge_adapter()
     torch.testing.assert_close(logits(model, ids()), unmerged, rtol=1e-5, atol=1e-5)
-    for path, module in model.base_model.named_modules():
+    for path, module in model.get_base_model().named_modules():
         if hasattr(module, "lora_magnitude_vector"):
             key = path + (".weight")
             torch.testing.assert_close(module.base_layer.weight, originals[key], rtol=0, atol=1e-6)

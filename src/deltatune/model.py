@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import PushToHubMixin
 
+from deltatune import integrations
 from deltatune.config import TASK_HEADS, PeftConfig, method_for
 from deltatune.methods.base import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper, Tuner, replace_module
 from deltatune.peft_compat import (
@@ -24,6 +26,7 @@ from deltatune.peft_compat import (
     check_kwargs,
     check_save_kwargs,
     read_adapter,
+    tensors_from_state_dict,
     warn_autocast,
     write_adapter,
 )
@@ -41,12 +44,14 @@ def _tuner(config: PeftConfig) -> Tuner[Any]:
     return method_for(config).tuner
 
 
-class PeftModel(nn.Module):
+class PeftModel(PushToHubMixin, nn.Module):
     """A base model with one or more named adapters, all of one method.
 
     Calls that are not defined here (``config``, ``generate`` of the base, ...) pass
     through to the base model.
     """
+
+    _deltatune_peft_model = True  # what deltatune.integrations recognises
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
@@ -55,6 +60,7 @@ class PeftModel(nn.Module):
                 "This model is already wrapped; use model.add_adapter(name, config) to add another adapter."
             )
         check_unwrapped(model)
+        integrations.enable()  # transformers / accelerate / TRL then treat this model as PEFT's
         # PEFT's layout: a layer-based method's adapters sit in a tuner whose ``.model`` is the
         # transformers model (keys ``base_model.model.<path>``); a prompt-learning method's
         # ``base_model`` is the transformers model itself.
@@ -450,12 +456,20 @@ class PeftModel(nn.Module):
         save_embedding_layers: str | bool = "auto",
         is_main_process: bool = True,
         path_initial_model_for_weight_conversion: str | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        max_shard_size: int | str | None = None,
+        save_function: Any = None,
         **kwargs: Any,
     ) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` + README.
 
         The default adapter goes in ``save_directory``; others in sub-folders named after them.
         ``is_main_process=False`` (other ranks of a distributed run) writes nothing.
+        ``state_dict``: this model's full state dict (as ``self.state_dict()`` names it, e.g.
+        gathered by DeepSpeed / FSDP); the adapter's tensors are taken from it. An adapter
+        file is always one safetensors file, written atomically: ``max_shard_size`` and
+        ``save_function`` (``accelerator.save``) are accepted, as transformers' ``save_pretrained``
+        accepts them, and change nothing.
         """
         check_save_kwargs(
             safe_serialization, save_embedding_layers, path_initial_model_for_weight_conversion, kwargs
@@ -477,7 +491,10 @@ class PeftModel(nn.Module):
             return
         for name in names:
             target = save_directory if name == "default" else os.path.join(save_directory, name)
-            write_adapter(target, self.peft_config[name], self.get_adapter_state_dict(name))
+            tensors = self.get_adapter_state_dict(name)
+            if state_dict is not None:
+                tensors = tensors_from_state_dict(self, tensors, state_dict)
+            write_adapter(target, self.peft_config[name], tensors)
 
     def load_adapter(
         self,
@@ -508,12 +525,32 @@ class PeftModel(nn.Module):
             model_id, subfolder, is_trainable=is_trainable, allow_pickle=allow_pickle, device=torch_device,
             key_mapping=key_mapping,
         )  # fmt: skip
+        if adapter_name in self.peft_config:
+            self._reload_adapter(adapter_name, config, state)
+            return
         before = {id(m) for m in self._adapter_modules()}
         self.add_adapter(adapter_name, config)
         try:
             self._load_state(adapter_name, state)
         except BaseException:
             self._discard_adapter(adapter_name, before)  # leave the model as it was before the call
+            raise
+
+    def _reload_adapter(self, adapter_name: str, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:
+        """Load saved values into the existing adapter ``adapter_name``, as PEFT does (what
+        ``Trainer``'s ``resume_from_checkpoint`` relies on); on any error its values stay as they were."""
+        mine = self.peft_config[adapter_name]
+        ignore = {"inference_mode": None, "base_model_name_or_path": None, "revision": None}
+        if config.to_dict() | ignore != mine.to_dict() | ignore:
+            raise ValueError(
+                f"load_adapter(..., {adapter_name!r}): an adapter of that name exists with another config; "
+                f"load under a new name, or delete_adapter({adapter_name!r}) first."
+            )
+        before = {k: v.detach().clone() for k, v in self.get_adapter_state_dict(adapter_name).items()}
+        try:
+            self._load_state(adapter_name, state)
+        except BaseException:
+            self._load_state(adapter_name, before)
             raise
 
     def _load_state(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:

@@ -199,6 +199,28 @@ def check_save_kwargs(
         )
 
 
+def tensors_from_state_dict(
+    model: nn.Module, tensors: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The adapter's ``tensors`` (file key → this model's parameter) with their values taken from
+    ``state_dict``, a full state dict of ``model`` (the copy a distributed run gathered)."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    out: dict[str, torch.Tensor] = {}
+    missing: list[str] = []
+    for key, tensor in tensors.items():
+        name = names.get(id(tensor))
+        if name is not None and name in state_dict:
+            out[key] = state_dict[name]
+        else:
+            missing.append(name or key)
+    if missing:
+        raise ValueError(
+            f"save_pretrained(state_dict=...): the state dict lacks the adapter's tensors {missing[:3]} "
+            f"(of {len(missing)}); pass this model's own state_dict() (full key names), or no state_dict."
+        )
+    return out
+
+
 def write_adapter(directory: str, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:
     """Write one adapter folder atomically: ``adapter_model.safetensors``, ``adapter_config.json``
     (with ``inference_mode=True``, as PEFT writes it) and a model card."""
