@@ -80,7 +80,7 @@ def ids(batch: int = 2, seq: int = 7) -> torch.Tensor:
 
 
 def run(model: nn.Module, x: torch.Tensor, **kw: object) -> torch.Tensor:
-    inner = getattr(model, "base_model", model)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     extra = {"decoder_input_ids": x} if isinstance(inner, T5ForConditionalGeneration) else {}
     with torch.no_grad():
         out = model(input_ids=x, **extra, **kw)

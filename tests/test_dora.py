@@ -155,7 +155,9 @@ def test_gradients_match_peft_norm_detached() -> None:
         n = n.replace("base_model.model.", "", 1)
         return n.removesuffix(".weight") if "lora_magnitude_vector" in n else n
 
-    g_ours = {n.replace("base_model.", "", 1): p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    g_ours = {
+        n.replace("base_model.model.", "", 1): p.grad for n, p in ours.named_parameters() if p.requires_grad
+    }
     g_theirs = {their_name(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     assert set(g_ours) == set(g_theirs) and any("magnitude" in k for k in g_ours)
     for k in g_ours:
@@ -280,6 +282,6 @@ def test_dropout_in_training_matches_peft_on_biased_layers() -> None:
     grads = {n.replace(".weight", ""): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     for n, p in ours.named_parameters():
         if p.requires_grad:
-            key = "base_model.model." + n.removeprefix("base_model.")
+            key = n
             theirs_grad = grads[key.replace(".weight", "")]
             torch.testing.assert_close(p.grad.reshape(theirs_grad.shape), theirs_grad, rtol=1e-5, atol=1e-5)

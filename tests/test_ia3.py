@@ -57,7 +57,11 @@ def ids(batch: int = 2, seq: int = 7) -> torch.Tensor:
 
 
 def run(model: torch.nn.Module, x: torch.Tensor, **kw: object) -> torch.Tensor:
-    extra = {"decoder_input_ids": x} if "T5" in type(getattr(model, "base_model", model)).__name__ else {}
+    extra = (
+        {"decoder_input_ids": x}
+        if "T5" in type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+        else {}
+    )
     with torch.no_grad():
         out = model(input_ids=x, **extra, **kw)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
@@ -249,7 +253,7 @@ def test_unknown_architecture_needs_targets() -> None:
     with pytest.raises(ValueError, match="no default target modules.*feedforward_modules"):
         get_peft_model(mlp, IA3Config())
     model = get_peft_model(mlp, IA3Config(target_modules=["0", "2"], feedforward_modules=["2"]))
-    assert model.base_model[2].is_feedforward and not model.base_model[0].is_feedforward
+    assert model.base_model.model[2].is_feedforward and not model.base_model.model[0].is_feedforward
 
 
 def test_weighted_combination_of_vectors() -> None:

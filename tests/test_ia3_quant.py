@@ -367,7 +367,7 @@ def test_quantize_model_skips_bottleneck_adapters():
     x = ids()
     quantize_model(model)
     names = {n for n, m in model.named_modules() if isinstance(m, Linear4bit)}
-    assert "base_model.bert.encoder.layer.0.output.base_layer.dense" in names
+    assert "base_model.model.bert.encoder.layer.0.output.base_layer.dense" in names
     assert not any(".bottleneck." in n for n in names)
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith((".down", ".up")))
     before = dt.get_peft_model(quantize_model(copy.deepcopy(full)), dt.BottleneckConfig(init="normal"))  # type: ignore[call-arg]

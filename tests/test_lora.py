@@ -119,8 +119,8 @@ def test_layers_to_transform_and_exclude() -> None:
     )
     wrapped = [n for n, m in model.named_modules() if isinstance(m, Linear)]
     assert wrapped == [
-        "base_model.model.layers.1.self_attn.q_proj",
-        "base_model.model.layers.1.self_attn.v_proj",
+        "base_model.model.model.layers.1.self_attn.q_proj",
+        "base_model.model.model.layers.1.self_attn.v_proj",
     ]
     model = get_peft_model(
         tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"])
@@ -161,7 +161,7 @@ def test_only_adapter_parameters_train(model_name: str) -> None:
 def test_bias_modes() -> None:
     model = get_peft_model(tiny_mlp(), LoraConfig(target_modules=["lin0"], bias="lora_only"))
     assert {n for n, p in model.named_parameters() if p.requires_grad and "bias" in n} == {
-        "base_model.lin0.base_layer.bias"
+        "base_model.model.lin0.base_layer.bias"
     }
     model = get_peft_model(tiny_mlp(), LoraConfig(target_modules=["lin0"], bias="all"))
     assert sum(1 for n, p in model.named_parameters() if p.requires_grad and "bias" in n) == 3
@@ -178,7 +178,7 @@ def test_merge_unmerge_and_unload(model_name: str) -> None:
     torch.testing.assert_close(run(model, inputs), unmerged, atol=1e-5, rtol=0)
     for name, layer in model.named_modules():
         if isinstance(layer, Linear):
-            key = name.removeprefix("base_model.") + ".weight"
+            key = name.removeprefix("base_model.model.") + ".weight"
             torch.testing.assert_close(layer.base_layer.weight, base_weights[key], atol=1e-6, rtol=0)
     merged = model.merge_and_unload()
     assert not any(isinstance(m, Linear) for m in merged.modules())
@@ -347,7 +347,7 @@ def test_inference_on_many_tokens_folds_lora_into_the_weight(monkeypatch: pytest
 # -- parity with PEFT (the oracle) on targeting, init values and heads -------------------------
 def _lora_paths(model: nn.Module) -> set[str]:
     """Paths (in the base model) of the modules that hold LoRA factors, for ours and PEFT's wrapper."""
-    prefix = "base_model." if isinstance(model, PeftModel) else "base_model.model."
+    prefix = "base_model.model."
     return {
         name[len(prefix) :]
         for name, module in model.named_modules()
@@ -461,8 +461,8 @@ def test_bias_all_with_task_head_equals_peft(tmp_path: object) -> None:
     def trainable(model: nn.Module, prefix: str) -> set[str]:
         return {n[len(prefix) :] for n, p in model.named_parameters() if p.requires_grad}
 
-    assert trainable(ours, "base_model.") == trainable(theirs, "base_model.model.")
-    assert "classifier.original_module.bias" not in trainable(ours, "base_model.")
+    assert trainable(ours, "base_model.model.") == trainable(theirs, "base_model.model.")
+    assert "classifier.original_module.bias" not in trainable(ours, "base_model.model.")
     with torch.no_grad():
         for p in theirs.parameters():
             if p.requires_grad:

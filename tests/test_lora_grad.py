@@ -56,7 +56,7 @@ def test_adapter_gradients_equal_peft(model_name: str) -> None:
         model.train()
         model_output(model(**inputs)).float().pow(2).mean().backward()
         # PEFT's wrapper nests the base model one level deeper (base_model.model.<path>).
-        strip = "base_model." if lib is dt else "base_model.model."
+        strip = "base_model.model."
         models[lib.__name__] = {
             n.removeprefix(strip): p.grad for n, p in model.named_parameters() if p.requires_grad
         }

@@ -109,8 +109,8 @@ def randomize(model: nn.Module, seed: int = 3) -> None:
 
 
 def peft_names(model: nn.Module) -> dict[str, nn.Parameter]:
-    """PEFT's parameters by deltatune's names (PEFT nests the model one level deeper)."""
-    return {"base_model." + n.removeprefix("base_model.model."): p for n, p in model.named_parameters()}
+    """Parameters by name (the same names in PEFT and deltatune)."""
+    return dict(model.named_parameters())
 
 
 def copy_from_peft(ours: nn.Module, theirs: nn.Module) -> None:

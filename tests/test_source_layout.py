@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("codec", ("deltatune.io", "deltatune.assets", "deltatune.stored_weights", "deltatune.quant.nf4")),
     # What every method builds on: configs and the method registry, module targeting, other
     # libraries' adapter folders read into configs.
-    ("core", ("deltatune.config", "deltatune.targeting", "deltatune.formats")),
+    ("core", ("deltatune.config", "deltatune.targeting", "deltatune.formats", "deltatune.integrations")),
     # Adapter layers and tuners, one package or file per method; LoRA over 4-bit bases; LoftQ.
     ("layers", ("deltatune.methods", "deltatune.quant.qlora", "deltatune.quant.loftq")),
     # The wrapper model and what works on whole (wrapped) models.

@@ -25,7 +25,9 @@ from deltatune.peft_compat import (
     WithBaseSignature,
     check_kwargs,
     check_save_kwargs,
+    enable_checkpointing,
     read_adapter,
+    reload_adapter,
     tensors_from_state_dict,
     warn_autocast,
     write_adapter,
@@ -61,9 +63,7 @@ class PeftModel(PushToHubMixin, nn.Module):
             )
         check_unwrapped(model)
         integrations.enable()  # transformers / accelerate / TRL then treat this model as PEFT's
-        # PEFT's layout: a layer-based method's adapters sit in a tuner whose ``.model`` is the
-        # transformers model (keys ``base_model.model.<path>``); a prompt-learning method's
-        # ``base_model`` is the transformers model itself.
+        # PEFT's layout: a tuner over the model for layer methods, the model itself for prompt ones
         self.base_model = TunerModel(model, self) if _tuner(peft_config).is_layer_based else model
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter: str | None = None
@@ -111,8 +111,7 @@ class PeftModel(PushToHubMixin, nn.Module):
 
     def get_base_model(self) -> nn.Module:
         """The wrapped transformers model (with adapter layers inside), as PEFT's returns."""
-        base = self.base_model
-        return base.model if isinstance(base, TunerModel) else base
+        return self.base_model.model if isinstance(self.base_model, TunerModel) else self.base_model
 
     @property
     def active_peft_config(self) -> PeftConfig:
@@ -429,12 +428,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
     ) -> None:
         """Checkpointing that works with a frozen base: inputs are made to require grad."""
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        base: Any = self.get_base_model()
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        enable = getattr(self.get_base_model(), "enable_input_require_grads", None)
-        if callable(enable):
-            enable()
+        enable_checkpointing(self.get_base_model(), gradient_checkpointing_kwargs)
 
     # -- files ------------------------------------------------------------------------
     def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
@@ -465,11 +459,9 @@ class PeftModel(PushToHubMixin, nn.Module):
 
         The default adapter goes in ``save_directory``; others in sub-folders named after them.
         ``is_main_process=False`` (other ranks of a distributed run) writes nothing.
-        ``state_dict``: this model's full state dict (as ``self.state_dict()`` names it, e.g.
-        gathered by DeepSpeed / FSDP); the adapter's tensors are taken from it. An adapter
-        file is always one safetensors file, written atomically: ``max_shard_size`` and
-        ``save_function`` (``accelerator.save``) are accepted, as transformers' ``save_pretrained``
-        accepts them, and change nothing.
+        ``state_dict``: this model's full state dict (e.g. gathered by FSDP); the adapter's tensors
+        are taken from it. ``max_shard_size`` and ``save_function`` (``accelerator.save``) are
+        accepted as transformers accepts them and change nothing: one safetensors file, atomically.
         """
         check_save_kwargs(
             safe_serialization, save_embedding_layers, path_initial_model_for_weight_conversion, kwargs
@@ -491,9 +483,7 @@ class PeftModel(PushToHubMixin, nn.Module):
             return
         for name in names:
             target = save_directory if name == "default" else os.path.join(save_directory, name)
-            tensors = self.get_adapter_state_dict(name)
-            if state_dict is not None:
-                tensors = tensors_from_state_dict(self, tensors, state_dict)
+            tensors = tensors_from_state_dict(self, self.get_adapter_state_dict(name), state_dict)
             write_adapter(target, self.peft_config[name], tensors)
 
     def load_adapter(
@@ -515,9 +505,9 @@ class PeftModel(PushToHubMixin, nn.Module):
         ``subfolder``: the adapter lives in ``model_id/subfolder`` (e.g. a non-default adapter
         that ``save_pretrained`` wrote beside the default one). ``key_mapping``: regex →
         replacement renames of the saved keys (without ``base_model.model.``), as in PEFT.
-        ``ephemeral_gpu_offload`` and ``low_cpu_mem_usage`` are accepted for PEFT compatibility
-        and change nothing here; Hub-only keywords (``token``, ``cache_dir``, ...) are ignored.
-        Any other keyword is refused with a TypeError.
+        ``ephemeral_gpu_offload``, ``low_cpu_mem_usage`` and Hub-only keywords (``token``, ...) are
+        accepted and change nothing; any other keyword is refused with a TypeError. An existing
+        ``adapter_name`` (same config) gets the saved values, as in PEFT.
         """
         check_kwargs("load_adapter", kwargs)
         warn_autocast(autocast_adapter_dtype)
@@ -526,7 +516,7 @@ class PeftModel(PushToHubMixin, nn.Module):
             key_mapping=key_mapping,
         )  # fmt: skip
         if adapter_name in self.peft_config:
-            self._reload_adapter(adapter_name, config, state)
+            reload_adapter(self, adapter_name, config, state)  # as PEFT: Trainer's resume relies on it
             return
         before = {id(m) for m in self._adapter_modules()}
         self.add_adapter(adapter_name, config)
@@ -534,23 +524,6 @@ class PeftModel(PushToHubMixin, nn.Module):
             self._load_state(adapter_name, state)
         except BaseException:
             self._discard_adapter(adapter_name, before)  # leave the model as it was before the call
-            raise
-
-    def _reload_adapter(self, adapter_name: str, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:
-        """Load saved values into the existing adapter ``adapter_name``, as PEFT does (what
-        ``Trainer``'s ``resume_from_checkpoint`` relies on); on any error its values stay as they were."""
-        mine = self.peft_config[adapter_name]
-        ignore = {"inference_mode": None, "base_model_name_or_path": None, "revision": None}
-        if config.to_dict() | ignore != mine.to_dict() | ignore:
-            raise ValueError(
-                f"load_adapter(..., {adapter_name!r}): an adapter of that name exists with another config; "
-                f"load under a new name, or delete_adapter({adapter_name!r}) first."
-            )
-        before = {k: v.detach().clone() for k, v in self.get_adapter_state_dict(adapter_name).items()}
-        try:
-            self._load_state(adapter_name, state)
-        except BaseException:
-            self._load_state(adapter_name, before)
             raise
 
     def _load_state(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:

@@ -200,10 +200,12 @@ def check_save_kwargs(
 
 
 def tensors_from_state_dict(
-    model: nn.Module, tensors: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor]
+    model: nn.Module, tensors: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
     """The adapter's ``tensors`` (file key → this model's parameter) with their values taken from
-    ``state_dict``, a full state dict of ``model`` (the copy a distributed run gathered)."""
+    ``state_dict``, a full state dict of ``model`` (the copy a distributed run gathered), if given."""
+    if state_dict is None:
+        return tensors
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     out: dict[str, torch.Tensor] = {}
     missing: list[str] = []
@@ -219,6 +221,33 @@ def tensors_from_state_dict(
             f"(of {len(missing)}); pass this model's own state_dict() (full key names), or no state_dict."
         )
     return out
+
+
+def enable_checkpointing(base: Any, gradient_checkpointing_kwargs: dict[str, Any] | None) -> None:
+    """Gradient checkpointing on a frozen ``base``: its inputs are made to require grad."""
+    base.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False}
+    )
+    enable = getattr(base, "enable_input_require_grads", None)
+    if callable(enable):
+        enable()
+
+
+def reload_adapter(model: Any, adapter_name: str, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:
+    """Load saved values into ``model``'s existing adapter ``adapter_name`` (as PEFT's
+    ``load_adapter`` does for a name in use); on any error its values stay as they were."""
+    ignore = {"inference_mode": None, "base_model_name_or_path": None, "revision": None}
+    if config.to_dict() | ignore != model.peft_config[adapter_name].to_dict() | ignore:
+        raise ValueError(
+            f"load_adapter(..., {adapter_name!r}): an adapter of that name exists with another config; "
+            f"load under a new name, or delete_adapter({adapter_name!r}) first."
+        )
+    before = {k: v.detach().clone() for k, v in model.get_adapter_state_dict(adapter_name).items()}
+    try:
+        model._load_state(adapter_name, state)
+    except BaseException:
+        model._load_state(adapter_name, before)
+        raise
 
 
 def write_adapter(directory: str, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:
