@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import peft
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from conftest import assert_rows_match_alone
-from deltatune import LoraConfig, PeftModel, get_peft_model
+from deltatune import LoraConfig, get_peft_model
+from helpers import assert_rows_match_alone
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
 
@@ -90,55 +88,6 @@ def test_forward_matches_formula(kind: str) -> None:
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)  # grad-enabled path too
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_merge_and_unmerge_exact(kind: str) -> None:
-    base = tiny(kind)
-    originals = {k: v.clone() for k, v in base.state_dict().items()}
-    model = get_peft_model(base, dora_config(kind))
-    perturb_magnitudes(model)
-    unmerged = logits(model, ids())
-    model.merge_adapter()
-    torch.testing.assert_close(logits(model, ids()), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge_adapter()
-    torch.testing.assert_close(logits(model, ids()), unmerged, rtol=1e-5, atol=1e-5)
-    for path, module in model.get_base_model().named_modules():
-        if hasattr(module, "lora_magnitude_vector"):
-            key = path + (".weight")
-            torch.testing.assert_close(module.base_layer.weight, originals[key], rtol=0, atol=1e-6)
-    plain = model.merge_and_unload()
-    torch.testing.assert_close(logits(plain, ids()), unmerged, rtol=1e-5, atol=1e-5)
-    assert not any("lora" in n for n, _ in plain.named_parameters())
-
-
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_peft_loads_our_dora(kind: str, tmp_path) -> None:
-    model = get_peft_model(tiny(kind), dora_config(kind))
-    perturb_magnitudes(model)
-    ours = logits(model, ids())
-    model.save_pretrained(tmp_path)
-    from safetensors.torch import load_file
-
-    keys = load_file(str(tmp_path / "adapter_model.safetensors"))
-    mags = [k for k in keys if "lora_magnitude_vector" in k]
-    assert mags and all(k.endswith("lora_magnitude_vector") and keys[k].ndim == 1 for k in mags)
-    theirs = peft.PeftModel.from_pretrained(tiny(kind), tmp_path).eval()
-    torch.testing.assert_close(logits(theirs, ids()), ours, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_we_load_peft_dora(kind: str, tmp_path) -> None:
-    cfg = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=TARGETS[kind], use_dora=True, init_lora_weights=False
-    )
-    theirs = peft.get_peft_model(tiny(kind), cfg)
-    perturb_magnitudes(theirs)
-    theirs.eval()
-    expected = logits(theirs, ids())
-    theirs.save_pretrained(tmp_path)
-    ours = PeftModel.from_pretrained(tiny(kind), tmp_path)
-    torch.testing.assert_close(logits(ours, ids()), expected, rtol=1e-5, atol=1e-5)
-
-
 def test_gradients_match_peft_norm_detached() -> None:
     """Same loss gradient as PEFT, which treats ‖W + sBA‖ as a constant (DoRA §4.3)."""
     cfg = dict(r=4, lora_alpha=8, target_modules=TARGETS["llama"], use_dora=True, init_lora_weights=False)
@@ -174,18 +123,6 @@ def test_only_adapter_parameters_train() -> None:
     assert trainable == 2 * per_layer
 
 
-def test_round_trip_and_disable(tmp_path) -> None:
-    model = get_peft_model(tiny("llama"), dora_config("llama"))
-    perturb_magnitudes(model)
-    out = logits(model, ids())
-    with model.disable_adapter():
-        torch.testing.assert_close(logits(model, ids()), logits(tiny("llama"), ids()))
-    model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(tiny("llama"), tmp_path)
-    assert loaded.peft_config["default"].use_dora is True
-    torch.testing.assert_close(logits(loaded, ids()), out, rtol=0, atol=1e-6)
-
-
 def test_mixed_batch_rows_match_single_adapter_runs() -> None:
     model = get_peft_model(tiny("llama"), dora_config("llama"))
     perturb_magnitudes(model, seed=5)
@@ -198,17 +135,15 @@ def test_mixed_batch_rows_match_single_adapter_runs() -> None:
 
 
 def test_eval_cache_follows_weight_changes() -> None:
-    """Cached eval factors must be recomputed as soon as m, A or B change (exactness)."""
+    """Eval outputs follow a change of m, A or B at once: equal to a fresh model's with the new values."""
     model = get_peft_model(tiny("llama"), dora_config("llama"))
     before = logits(model, ids())
     assert torch.equal(logits(model, ids()), before)  # cached path gives the same numbers
     perturb_magnitudes(model)
     after = logits(model, ids())
     assert not torch.allclose(after, before)
-    fresh = copy.deepcopy(model)
-    for module in fresh.modules():
-        if hasattr(module, "reset_caches"):
-            module.reset_caches()
+    fresh = get_peft_model(tiny("llama"), dora_config("llama")).eval()  # nothing computed or cached yet
+    fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(logits(fresh, ids()), after, rtol=0, atol=0)
 
 
@@ -249,7 +184,7 @@ def test_dropout_in_training_matches_peft_on_biased_layers() -> None:
     """With LoRA dropout active, DoRA's direction sees the dropped input and W x is recomputed
     on it; the layer's bias must stay unscaled. Outputs and every gradient equal PEFT's, with
     the magnitude moved away from ‖W‖ (where f = 1 would hide a wrong bias term)."""
-    from conftest import tiny_mlp
+    from helpers import tiny_mlp
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 10, generator=g)

@@ -12,14 +12,6 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from conftest import (
-    assert_rows_match_alone,
-    randomize_lora,
-    state_changed_by_one_step,
-    tiny_bert,
-    tiny_llama,
-    tiny_mlp,
-)
 from deltatune.methods.ia3 import IA3Layer
 from deltatune.quant import (
     Linear4bit,
@@ -27,9 +19,27 @@ from deltatune.quant import (
     merge_quantized,
     quantize_model,
     quantize_nf4,
-    to_dense_linear,
 )
-from test_qlora import bnb_saved, dense_twin, ids  # noqa: F401  (bnb_saved is a fixture)
+from helpers import (
+    assert_rows_match_alone,
+    dense_twin,
+    randomize_lora,
+    state_changed_by_one_step,
+    tiny_bert,
+    tiny_llama,
+    tiny_mlp,
+    token_ids,
+)
+
+# A known bug, kept visible: merge_quantized runs its eval-mode reference forward first; on CPU that
+# makes bitsandbytes repack the 4-bit codes and round their absmax to bf16, and the merged dense
+# weights inherit the rounding (the merged model's logits are off by ~0.04 on the tiny Llama).
+BNB4_MERGE_BUG = "merging a bitsandbytes 4-bit base uses weights whose absmax bitsandbytes rounded to bf16"
+
+
+def ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
+    return token_ids(batch, length, seed)
+
 
 # Llama's (IA)³ defaults: k_proj and v_proj scale outputs, down_proj (feed-forward) scales inputs.
 N_LAYERS = 2 * 3
@@ -43,16 +53,6 @@ def ia3(base: nn.Module, seed: int = 0, **kw: object) -> dt.PeftModel:
 
 def vectors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if "ia3_l" in k}
-
-
-def bnb_dense_twin(model: nn.Module) -> nn.Module:
-    """A copy of a transformers+bitsandbytes model with nn.Linear layers holding the dequantised weights."""
-    twin = copy.deepcopy(model)
-    for path, m in list(twin.named_modules()):
-        if type(m).__module__.startswith("bitsandbytes"):
-            parent, _, child = path.rpartition(".")
-            setattr(twin.get_submodule(parent), child, to_dense_linear(m))
-    return twin
 
 
 # -- forward / backward on deltatune's Linear4bit ---------------------------------------------------
@@ -72,12 +72,20 @@ def test_ia3_wraps_linear4bit_with_fp32_vectors(base4):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_vectors_are_fp32_over_a_16bit_4bit_base(dtype):
-    model = ia3(quantize_model(tiny_llama().to(dtype)))
+    """fp32 vectors over a 16-bit 4-bit base; the output is fp32's on the dequantised weights, to 16-bit precision."""
+    base4 = quantize_model(tiny_llama().to(dtype))
+    reference = ia3(dense_twin(base4).float(), seed=1)  # the twin first: get_peft_model wraps in place
+    model = ia3(base4)
     layers = [m for m in model.modules() if isinstance(m, IA3Layer)]
     assert len(layers) == N_LAYERS and all(m.ia3_l["default"].dtype == torch.float32 for m in layers)
+    reference.load_state_dict(vectors(model), strict=False)
     with torch.no_grad():
         out = model(input_ids=ids()).logits
-    assert out.dtype == dtype and torch.isfinite(out).all()
+        expected = reference(input_ids=ids()).logits
+        with reference.disable_adapter():
+            assert (expected - reference(input_ids=ids()).logits).abs().max() > 0.1  # the vectors matter
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, atol=0.02, rtol=0.02)
 
 
 def test_forward_and_backward_match_dense_dequantised_reference(base4):
@@ -228,9 +236,9 @@ def test_merge_quantized_requantized_error_is_reported_exactly(base4, module):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_ia3_on_bitsandbytes_matches_dense_dequantised_reference(bnb_saved, bits):  # noqa: F811
+def test_ia3_on_bitsandbytes_matches_dense_dequantised_reference(bnb_saved, bits):
     base = bnb_saved(bits)
-    twin = bnb_dense_twin(base)
+    twin = dense_twin(base)
     q_model = ia3(base)
     k = q_model.get_base_model().model.layers[0].self_attn.k_proj
     assert type(k.base_layer).__module__.startswith("bitsandbytes")
@@ -254,7 +262,7 @@ def test_ia3_on_bitsandbytes_matches_dense_dequantised_reference(bnb_saved, bits
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_ia3_on_bitsandbytes_matches_peft(bnb_saved, bits, tmp_path):  # noqa: F811
+def test_ia3_on_bitsandbytes_matches_peft(bnb_saved, bits, tmp_path):
     """PEFT's own bitsandbytes (IA)³ layers run on CPU: our adapter loaded there gives the same
     logits on the same quantised model, and PEFT's adapter loaded here too."""
     x = ids()
@@ -271,18 +279,31 @@ def test_ia3_on_bitsandbytes_matches_peft(bnb_saved, bits, tmp_path):  # noqa: F
         torch.testing.assert_close(again(input_ids=x).logits, b, atol=1e-5, rtol=1e-5)
 
 
-def test_merge_quantized_ia3_on_bitsandbytes(bnb_saved):  # noqa: F811
-    model = ia3(bnb_saved(4))
-    merged, report = merge_quantized(model, requantize=False, probe_inputs=ids())
+@pytest.mark.parametrize(
+    "bits", [pytest.param(4, marks=pytest.mark.xfail(strict=True, reason=BNB4_MERGE_BUG)), 8]
+)
+def test_merge_quantized_ia3_on_bitsandbytes(bnb_saved, bits):
+    """The merged dense model computes what the vectors compute on the dequantised base."""
+    model = ia3(bnb_saved(bits))
+    reference = ia3(dense_twin(bnb_saved(bits)), seed=1)
+    reference.load_state_dict(vectors(model), strict=False)
+    x = ids()
+    with torch.no_grad():
+        expected = reference.eval()(input_ids=x).logits
+        assert (expected - bnb_saved(bits)(input_ids=x).logits).abs().max() > 1e-2  # the vectors matter
+    merged, report = merge_quantized(model, requantize=False, probe_inputs=x)
     assert type(merged.model.layers[0].mlp.down_proj) is nn.Linear and len(report.layers) == N_LAYERS
-    # The reference runs in eval mode, where bitsandbytes' CPU kernel computes 4-bit layers in bf16:
-    # the report shows that rounding rather than 0.
-    assert 0 <= report.mean_abs < 0.02 * report.layers[0].ref_mean_abs
-    with pytest.raises(ValueError, match="8-bit"):
-        merge_quantized(ia3(bnb_saved(8)), requantize=True, probe_inputs=ids())
+    # The report's reference is the adapted model in eval mode, where bitsandbytes' CPU kernels round
+    # (4-bit: bf16 compute; 8-bit: int8 activations): small, not zero, errors.
+    assert report.mean_abs < 0.02 * report.layers[0].ref_mean_abs
+    if bits == 8:
+        with pytest.raises(ValueError, match="8-bit"):
+            merge_quantized(ia3(bnb_saved(8)), requantize=True, probe_inputs=x)
+    with torch.no_grad():  # train mode: the layers left in 4 bits compute in fp32 (see bnb_saved)
+        torch.testing.assert_close(merged.train()(input_ids=x).logits, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_quantize_model_leaves_bitsandbytes_layers_alone(bnb_saved):  # noqa: F811
+def test_quantize_model_leaves_bitsandbytes_layers_alone(bnb_saved):
     model = bnb_saved(4)
     kinds = [type(m) for m in model.modules()]
     quantize_model(model)  # the bnb layers are already quantised (and nn.Linear subclasses)
@@ -400,8 +421,12 @@ def test_quantize_model_skips_prompt_encoder():
     quantize_model(model)
     assert all(type(model.get_submodule(n)) is nn.Linear for n in encoder_linears)
     assert isinstance(model.get_base_model().model.layers[0].self_attn.q_proj, Linear4bit)
+    twin = dense_twin(model)  # the same model with the 4-bit layers dequantised into nn.Linear
     with torch.no_grad():
-        assert torch.isfinite(model(input_ids=ids()).logits).all()
+        out = model(input_ids=ids()).logits
+        torch.testing.assert_close(out, twin(input_ids=ids()).logits, atol=1e-5, rtol=1e-5)
+        with model.disable_adapter():
+            assert (out - model(input_ids=ids()).logits).abs().max() > 1e-3  # the prefix is still applied
 
 
 def test_quantize_model_refuses_merged_adapters():

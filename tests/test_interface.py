@@ -10,7 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (
+from deltatune import LoraConfig, PeftModel, TaskType, get_peft_model
+from deltatune.methods.base import ModulesToSaveWrapper
+from deltatune.methods.lora import Linear
+from helpers import (
     MODELS,
     model_output,
     peft_classifier_adapter,
@@ -21,9 +24,6 @@ from conftest import (
     tiny_mlp,
     tiny_t5,
 )
-from deltatune import LoraConfig, PeftModel, TaskType, get_peft_model
-from deltatune.methods.base import ModulesToSaveWrapper
-from deltatune.methods.lora import Linear
 
 LLAMA3_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -147,15 +147,22 @@ def test_attribute_passthrough() -> None:
 
 
 def test_gradient_checkpointing_with_lora() -> None:
+    """Checkpointed training (both re-entrant modes) gives the adapter the gradients of a plain run."""
+    ids = torch.tensor([[1, 2, 3, 4]])
     model = get_peft_model(tiny_llama(), LoraConfig(r=2))
+    randomize_lora(model)  # non-zero B: A gets a gradient too
     model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}  # type: ignore[union-attr]
+    assert len(expected) == 2 * 2 * 2  # A and B of q_proj and v_proj, 2 layers
+    assert all(torch.count_nonzero(g) > 0 for g in expected.values())
     for reentrant in (True, False):
-        model.gradient_checkpointing_enable({"use_reentrant": reentrant})
-        out = model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]]))
-        out.loss.backward()
-        grads = [p.grad for p in model.parameters() if p.requires_grad]
-        assert all(g is not None and torch.count_nonzero(g) > 0 for g in grads[1::2])  # B gets gradient
         model.zero_grad()
+        model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        assert model.base_model.is_gradient_checkpointing
+        model(input_ids=ids, labels=ids).loss.backward()
+        for name, grad in expected.items():
+            torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-5, atol=1e-7)
 
 
 # -- errors that teach --------------------------------------------------------------------
@@ -206,8 +213,20 @@ def test_cli_help() -> None:
     assert "demo" in result.stdout
 
 
-def test_peft_model_class_exported() -> None:
-    assert PeftModel.from_pretrained.__doc__
+def test_public_api_is_exported() -> None:
+    """``from deltatune import *`` gives the documented API, and get_peft_model returns a PeftModel."""
+    import deltatune
+
+    namespace: dict[str, object] = {}
+    exec("from deltatune import *", namespace)
+    exported = {k for k in namespace if not k.startswith("__")} | {"__version__"}
+    assert exported == set(deltatune.__all__)
+    for name in ("PeftModel", "get_peft_model", "LoraConfig", "IA3Config", "BottleneckConfig", "PromptTuningConfig",
+                 "PrefixTuningConfig", "LoftQConfig", "PeftConfig", "TaskType", "register_method", "registered_methods"):  # fmt: skip
+        assert name in exported, name
+    model = get_peft_model(tiny_mlp(), LoraConfig(r=2, target_modules=["lin0"]))
+    assert type(model) is PeftModel and isinstance(model, nn.Module)
+    assert PeftModel.from_pretrained.__doc__ and get_peft_model.__doc__
 
 
 # -- PEFT parity: switching while merged, unload, the rest of PeftModel's surface ---------

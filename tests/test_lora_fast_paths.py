@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import randomize_lora, tiny_gpt2, tiny_llama
 from deltatune import LoraConfig, get_peft_model
 from deltatune.methods.lora import fast
 from deltatune.quant import quantize_model
+from helpers import randomize_lora, tiny_gpt2, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 

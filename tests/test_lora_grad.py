@@ -1,47 +1,61 @@
 """LoRA gradients: the fused training path's hand-written backward is exact.
 
-deltatune trains a plain ``nn.Linear`` base through one custom autograd node
-(``FusedLoraLinear``); these tests check its backward against autograd's numerical
-gradient and a whole model's adapter gradients against Hugging Face PEFT's.
+deltatune trains a plain ``nn.Linear`` base through one custom autograd node; these tests check
+a LoRA layer's gradients against autograd's numerical gradient and the chain rule, and a whole
+model's adapter gradients against Hugging Face PEFT's.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import deltatune as dt
-from conftest import MODELS, model_output, randomize_lora
-from deltatune.methods.lora.fast import FusedLoraLinear
+from helpers import MODELS, model_output, randomize_lora
+
+
+def _double_layer(bias: bool, dropout: float) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A LoRA layer on nn.Linear(5 -> 4) in float64, training mode; its parameters as leaves."""
+    torch.manual_seed(0)
+    model = dt.get_peft_model(
+        nn.Sequential(nn.Linear(5, 4, bias=bias)).double(),
+        dt.LoraConfig(
+            r=3, lora_alpha=2.1, target_modules=["0"], lora_dropout=dropout, init_lora_weights=False
+        ),
+    ).train()
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    return model, params
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("dropout_input", [False, True])
-def test_fused_node_matches_numerical_gradient(bias: bool, dropout_input: bool) -> None:
-    g = torch.Generator().manual_seed(0)
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_training_path_matches_numerical_gradient(bias: bool, dropout: float) -> None:
+    """The layer's training forward (one autograd node with a hand-written backward) passes autograd's
+    numerical gradient check in fp64, for the input, A, B and the base weight and bias; with dropout,
+    A sees the dropped input (the same mask on every call: the seed is fixed)."""
+    model, params = _double_layer(bias, dropout)
+    names = sorted(params)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
 
-    def leaf(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+    def forward(x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(1)
+        return torch.func.functional_call(model, dict(zip(names, values, strict=True)), (x,))
 
-    x, w, a, b = leaf(6, 5), leaf(4, 5), leaf(3, 5), leaf(4, 3)
-    bias_t = leaf(4) if bias else None
-    # A separate x_d (the dropped input) must get its own gradient, not x's.
-    xd = leaf(6, 5) if dropout_input else x
-    inputs = (x, xd, w, bias_t, a, b, 0.7)
-    assert torch.autograd.gradcheck(FusedLoraLinear.apply, inputs)
+    assert torch.autograd.gradcheck(forward, (x, *[params[n] for n in names]))
 
 
-def test_fused_node_skips_gradients_nobody_asked_for() -> None:
-    x = torch.randn(6, 5)
-    w, a = torch.randn(4, 5), torch.randn(3, 5, requires_grad=True)
-    b = torch.randn(4, 3, requires_grad=True)
-    FusedLoraLinear.apply(x, x, w, None, a, b, 2.0).sum().backward()
-    assert w.grad is None and x.grad is None
-    assert a.grad is not None and b.grad is not None
-    # Expected values by the chain rule: y = x wᵀ + 2 (x aᵀ) bᵀ, upstream gradient of ones.
-    ones = torch.ones(6, 4)
-    torch.testing.assert_close(b.grad, 2 * ones.t() @ (x @ a.t()))
-    torch.testing.assert_close(a.grad, 2 * (ones @ b).t() @ x)
+def test_gradients_equal_the_formula_and_skip_frozen_weights() -> None:
+    """y = x Wᵀ + b + s (x Aᵀ) Bᵀ: A and B get the chain-rule gradients; the frozen base gets none."""
+    model, _ = _double_layer(bias=True, dropout=0.0)
+    layer = model.get_base_model()[0]
+    x = torch.randn(6, 5, dtype=torch.float64)
+    model(x).sum().backward()
+    a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    ones = torch.ones(6, 4, dtype=torch.float64)
+    torch.testing.assert_close(b.grad, s * ones.t() @ (x @ a.t()))
+    torch.testing.assert_close(a.grad, s * (ones @ b).t() @ x)
+    assert layer.base_layer.weight.grad is None and layer.base_layer.bias.grad is None
 
 
 def test_adapter_gradients_equal_peft(model_name: str) -> None:

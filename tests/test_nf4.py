@@ -44,13 +44,6 @@ def bnbf():
     return bnb_functional
 
 
-@pytest.fixture
-def no_dynamo():
-    # bitsandbytes torch.compile's its fallback path (odd last dims): slow and irrelevant here.
-    with torch.compiler.set_stance("force_eager"):
-        yield
-
-
 # -- format ----------------------------------------------------------------------------------
 
 
@@ -116,7 +109,7 @@ def test_bitsandbytes_cpu_dequantize_row_bug(bnbf):
 
 
 @pytest.mark.parametrize("block_size", [32, 128, 4096])
-def test_other_block_sizes_match_bitsandbytes(bnbf, block_size):
+def test_other_block_sizes_match_bitsandbytes(bnbf, no_dynamo, block_size):
     t = torch.randn(96, 512)
     codes, state = bnbf.quantize_4bit(t, blocksize=block_size, quant_type="nf4", compress_statistics=True)
     ours = quantize_nf4(t, block_size=block_size)

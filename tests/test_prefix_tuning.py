@@ -10,9 +10,23 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import MLP, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 from deltatune import PeftModel, PrefixTuningConfig, get_peft_model
-from test_prompt_tuning import greedy_by_forward, ids, inputs_for, llama3_8b_meta, no_eos, randomize
+from helpers import (
+    MLP,
+    llama3_8b_meta,
+    no_eos,
+    randomize_prompt,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_t5,
+    token_ids,
+)
+
+
+def ids(batch: int = 2, length: int = 6, seed: int = 1) -> torch.Tensor:
+    return token_ids(batch, length, seed)
+
 
 N = 3
 TASKS = {
@@ -26,7 +40,7 @@ TASKS = {
 def wrap(name: str, seed: int = 5, n: int = N, **kw: Any) -> PeftModel:
     factory, task = TASKS[name]
     model = get_peft_model(no_eos(factory()), PrefixTuningConfig(task_type=task, num_virtual_tokens=n, **kw))
-    randomize(model, seed)
+    randomize_prompt(model, seed)
     return model
 
 
@@ -117,52 +131,7 @@ def test_every_layer_gets_its_own_key_and_value_prefix() -> None:
         torch.testing.assert_close(values[0, :, :N], table[:, layer, 1].transpose(0, 1))
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
-def test_disable_adapter_gives_base_outputs(name: str) -> None:
-    model = wrap(name)
-    kw = inputs_for(name, ids())
-    with torch.no_grad():
-        with model.disable_adapter():
-            off = model(**kw).logits
-        on = model(**kw).logits
-        ref = TASKS[name][0]()(**kw).logits
-    torch.testing.assert_close(off, ref, rtol=0, atol=0)
-    assert on.shape == ref.shape and not torch.allclose(on, ref, atol=1e-3)
-
-
-@pytest.mark.parametrize("name", sorted(TASKS))
-def test_training_moves_only_the_prefix(name: str) -> None:
-    model = wrap(name)
-    model.train()
-    x = ids()
-    kw = inputs_for(name, x)
-    kw["labels"] = torch.tensor([0, 2]) if name == "bert" else x[:, :3].contiguous() if name == "t5" else x
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    model(**kw).loss.backward()
-    opt.step()
-    changed = sorted(n for n, p in model.named_parameters() if not torch.equal(p, before[n]))
-    heads = [
-        "base_model.classifier.modules_to_save.default.bias",
-        "base_model.classifier.modules_to_save.default.weight",
-    ]
-    assert changed == (heads if name == "bert" else []) + ["prompt_encoder.default.embedding.weight"]
-
-
 # -- generate -----------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
-def test_generate_greedy_equals_step_by_step_forward(name: str) -> None:
-    model = wrap(name)
-    x = ids()
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False)
-    assert torch.equal(out, greedy_by_forward(model, x, 6, seq2seq=name == "t5"))
-    with model.disable_adapter():
-        base = model.generate(
-            input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False
-        )
-    assert not torch.equal(out, base)
-
-
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 @pytest.mark.parametrize("argument", ["past_key_values", "cache"])
 def test_continuing_from_a_returned_cache_equals_one_forward(name: str, argument: str) -> None:
@@ -216,7 +185,7 @@ def test_generate_with_left_padding_matches_unpadded(name: str) -> None:
 
 # -- files and PEFT -----------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(TASKS))
-def test_save_load_round_trip(name: str, tmp_path: Any) -> None:
+def test_saved_tensor_is_one_row_of_keys_and_values_per_token(name: str, tmp_path: Any) -> None:
     model = wrap(name)
     model.save_pretrained(tmp_path)
     from safetensors.torch import load_file
@@ -224,75 +193,15 @@ def test_save_load_round_trip(name: str, tmp_path: Any) -> None:
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     layers, d_kv = 2, 32 if name != "llama" else 16
     assert tuple(saved["prompt_embeddings"].shape) == (N, 2 * layers * d_kv)
-    loaded = PeftModel.from_pretrained(TASKS[name][0](), tmp_path)
-    kw = inputs_for(name, ids())
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**kw).logits, model(**kw).logits, rtol=0, atol=0)
-
-
-# PEFT 0.21.2 cannot run prefix tuning on BertForSequenceClassification with transformers 5
-# (it looks for a 'past_key_values' argument that is now called 'cache'), so BERT is not compared.
-@pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
-def test_peft_loads_ours(name: str, tmp_path: Any) -> None:
-    import peft
-
-    model = wrap(name)
-    model.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(TASKS[name][0](), str(tmp_path)).eval()
-    kw = inputs_for(name, ids())
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(**kw).logits, model(**kw).logits, rtol=0, atol=1e-5)
-    x = ids()
-    ours = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False)
-    # PEFT's own generate() drops the prefix on transformers 5 (it passes 'past_key_values' next to
-    # generate's 'cache'); its forward is the reference for its greedy tokens.
-    assert torch.equal(ours, greedy_by_forward(theirs, x, 6, seq2seq=name == "t5"))
-
-
-@pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
-def test_we_load_peft(name: str, tmp_path: Any) -> None:
-    import peft
-
-    factory, task = TASKS[name]
-    theirs = peft.get_peft_model(factory(), peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=N))
-    randomize(theirs, 11)
-    theirs.eval()
-    theirs.save_pretrained(str(tmp_path))
-    ours = PeftModel.from_pretrained(no_eos(factory()), tmp_path)
-    kw = inputs_for(name, ids())
-    with torch.no_grad():
-        torch.testing.assert_close(ours(**kw).logits, theirs(**kw).logits, rtol=0, atol=1e-5)
-    x = ids()
-    out = ours.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False)
-    assert torch.equal(out, greedy_by_forward(theirs, x, 6, seq2seq=name == "t5"))
+    torch.testing.assert_close(saved["prompt_embeddings"], model.prompt_encoder["default"].embedding.weight)
 
 
 # -- mixed batches ------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(TASKS))
-def test_mixed_batch_matches_each_adapter_alone(name: str) -> None:
-    factory, task = TASKS[name]
-    model = wrap(name, seed=5)
-    model.add_adapter("other", PrefixTuningConfig(task_type=task, num_virtual_tokens=N))
-    randomize(model, 9)
-    kw = inputs_for(name, ids(3))
-    with torch.no_grad():
-        mixed = model(**kw, adapter_names=["other", "__base__", "default"]).logits
-        alone = {}
-        for adapter in ("default", "other"):
-            model.set_adapter(adapter)
-            alone[adapter] = model(**kw).logits
-        with model.disable_adapter():
-            base = model(**kw).logits
-    torch.testing.assert_close(mixed[0], alone["other"][0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(mixed[1], base[1], rtol=0, atol=1e-5)
-    torch.testing.assert_close(mixed[2], alone["default"][2], rtol=0, atol=1e-5)
-
-
 @pytest.mark.parametrize("name", ["gpt2", "t5"])
 def test_mixed_batch_generate(name: str) -> None:
     model = wrap(name, seed=5)
     model.add_adapter("other", PrefixTuningConfig(task_type=TASKS[name][1], num_virtual_tokens=N))
-    randomize(model, 9)
+    randomize_prompt(model, 9)
     x = ids(3)
     out = model.generate(
         input_ids=x, max_new_tokens=5, do_sample=False, adapter_names=["other", "__base__", "default"]

@@ -4,39 +4,31 @@ across 4-bit and dense bases, and merging into a quantised base with the error r
 from __future__ import annotations
 
 import copy
-import logging
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import deltatune as dt
-from conftest import randomize_lora, state_changed_by_one_step, tiny_llama
 from deltatune.quant import (
     Linear4bit,
     dequantize_weight,
     merge_quantized,
     quantize_model,
     quantize_nf4,
-    to_dense_linear,
 )
+from helpers import dense_twin, randomize_lora, state_changed_by_one_step, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+# A known bug, kept visible: merge_quantized runs its eval-mode reference forward first; on CPU that
+# makes bitsandbytes repack the 4-bit codes and round their absmax to bf16, and the merged dense
+# weights inherit the rounding (the merged model's logits are off by ~0.04 on the tiny Llama).
+BNB4_MERGE_BUG = "merging a bitsandbytes 4-bit base uses weights whose absmax bitsandbytes rounded to bf16"
 
 
 def ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
     return torch.randint(1, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def dense_twin(model: nn.Module) -> nn.Module:
-    """A copy of a quantised model whose Linear4bit layers are nn.Linear with the dequantised weight."""
-    twin = copy.deepcopy(model)
-    for path, m in list(twin.named_modules()):
-        if isinstance(m, Linear4bit):
-            parent, _, child = path.rpartition(".")
-            setattr(twin.get_submodule(parent), child, to_dense_linear(m))
-    return twin
 
 
 def adapted(base: nn.Module, seed: int = 0, **kw: object) -> dt.PeftModel:
@@ -167,20 +159,19 @@ def test_refused_merge_leaves_no_layer_merged():
         torch.testing.assert_close(model(input_ids=x).logits, before, rtol=0, atol=0)
 
 
-def test_dora_eval_cache_follows_changes_to_the_4bit_codes(base4):
-    """DoRA's cached eval factors are keyed by the stored codes, so new codes give new outputs."""
+def test_dora_eval_outputs_follow_changes_to_the_4bit_codes(base4):
+    """New codes in the 4-bit base give new DoRA outputs at once: those of a fresh model holding them."""
     model = adapted(base4, use_dora=True).eval()
     x = ids()
     with torch.no_grad():
-        model(input_ids=x)  # fills the cache
+        before = model(input_ids=x).logits
         q = model.get_base_model().model.layers[0].self_attn.q_proj
         q.base_layer.weight_packed.copy_(q.base_layer.weight_packed.flip(0))
-        stale_or_fresh = model(input_ids=x).logits
-        for m in model.modules():
-            if hasattr(m, "reset_caches"):
-                m.reset_caches()
-        recomputed = model(input_ids=x).logits
-    torch.testing.assert_close(stale_or_fresh, recomputed, rtol=0, atol=0)
+        after = model(input_ids=x).logits
+        fresh = adapted(quantize_model(tiny_llama()), use_dora=True).eval()
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(after, fresh(input_ids=x).logits, rtol=0, atol=0)
+    assert not torch.allclose(after, before)
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -237,36 +228,6 @@ def test_merge_quantized_needs_a_quantised_layer():
 # -- bitsandbytes layers ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bnb_saved(tmp_path_factory):
-    """A tiny Llama saved to disk, and a loader that quantises it with transformers + bitsandbytes on CPU."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    pytest.importorskip("bitsandbytes")
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("llama")
-    # Widths of at least 64: bitsandbytes' CPU 4-bit inference kernel fails on rows shorter than a block.
-    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(path)
-
-    def load(bits: int) -> nn.Module:
-        cfg = (
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-            if bits == 4
-            else BitsAndBytesConfig(load_in_8bit=True)
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                model = LlamaForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu")
-            except Exception as exc:  # pragma: no cover - depends on the machine
-                pytest.skip(f"bitsandbytes quantisation does not run here: {exc}")
-        # Train mode (no dropout in these models): bitsandbytes' CPU *eval* path switches 4-bit layers to a
-        # bf16 kernel, which would make every comparison with a dense fp32 reference approximate.
-        return model.train()
-
-    return load
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 def test_lora_on_bitsandbytes_layers_matches_peft(bnb_saved, bits, tmp_path):
     """Our adapter on transformers+bitsandbytes layers, saved, loaded by PEFT on the same quantised model:
@@ -293,11 +254,7 @@ def test_lora_on_bitsandbytes_layers_matches_peft(bnb_saved, bits, tmp_path):
 
 def test_dora_on_bitsandbytes_4bit_matches_dense_dequantised_reference(bnb_saved):
     base = bnb_saved(4)
-    twin = copy.deepcopy(base)
-    for path, m in list(twin.named_modules()):
-        if type(m).__name__ == "Linear4bit":
-            parent, _, child = path.rpartition(".")
-            setattr(twin.get_submodule(parent), child, to_dense_linear(m))
+    twin = dense_twin(base)
     q_model = adapted(base, use_dora=True)
     d_model = adapted(twin, use_dora=True)
     d_model.load_state_dict({k: v for k, v in q_model.state_dict().items() if "lora_" in k}, strict=False)
@@ -308,14 +265,26 @@ def test_dora_on_bitsandbytes_4bit_matches_dense_dequantised_reference(bnb_saved
         )
 
 
-def test_merge_quantized_on_bitsandbytes_4bit(bnb_saved):
-    model = adapted(bnb_saved(4))
+@pytest.mark.parametrize(
+    "bits", [pytest.param(4, marks=pytest.mark.xfail(strict=True, reason=BNB4_MERGE_BUG)), 8]
+)
+def test_merge_quantized_on_bitsandbytes(bnb_saved, bits):
+    """The merged dense model computes what the adapter computes on the dequantised base."""
+    model = adapted(bnb_saved(bits))
+    reference = adapted(dense_twin(bnb_saved(bits)))
+    reference.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" in k}, strict=False)
     x = ids()
+    with torch.no_grad():
+        expected = reference.eval()(input_ids=x).logits
+        assert (expected - bnb_saved(bits)(input_ids=x).logits).abs().max() > 1e-3  # the adapter matters
     merged, report = merge_quantized(model, requantize=False, probe_inputs=x)
-    # The reference runs in eval mode, where bitsandbytes' CPU kernel computes the 4-bit layers in bf16:
-    # the report shows that rounding (a few 1e-3) rather than 0.
-    assert 0 <= report.mean_abs < 0.02 * report.layers[0].ref_mean_abs
     assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
-    merged8, _ = merge_quantized(adapted(bnb_saved(8)), requantize=False, probe_inputs=x)
-    with pytest.raises(ValueError, match="8-bit"):
-        merge_quantized(adapted(bnb_saved(8)), requantize=True, probe_inputs=x)
+    assert len(report.layers) == 2 * len(TARGETS) and report.output_max_abs is not None
+    # The report's reference is the adapted model in eval mode, where bitsandbytes' CPU kernels round
+    # (4-bit: bf16 compute; 8-bit: int8 activations): small, not zero, errors.
+    assert report.mean_abs < 0.02 * report.layers[0].ref_mean_abs
+    if bits == 8:
+        with pytest.raises(ValueError, match="8-bit"):
+            merge_quantized(adapted(bnb_saved(8)), requantize=True, probe_inputs=x)
+    with torch.no_grad():  # train mode: the layers left in 4 bits compute in fp32 (see bnb_saved)
+        torch.testing.assert_close(merged.train()(input_ids=x).logits, expected, atol=1e-4, rtol=1e-4)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MODELS, model_output, tiny_llama
 from deltatune import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from deltatune.io import WEIGHTS_NAME
+from helpers import MODELS, model_output, tiny_llama
 
 
 def trained(name: str = "llama", **kw: object) -> tuple[PeftModel, dict[str, torch.Tensor]]:
@@ -24,18 +24,6 @@ def trained(name: str = "llama", **kw: object) -> tuple[PeftModel, dict[str, tor
 def out(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return model_output(model(**inputs))
-
-
-def test_round_trip_every_model(model_name: str, tmp_path: Path) -> None:
-    model, inputs = trained(model_name)
-    model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", WEIGHTS_NAME]
-    factory = MODELS[model_name][0]
-    loaded = PeftModel.from_pretrained(factory(), tmp_path)
-    torch.testing.assert_close(out(loaded, inputs), out(model, inputs), atol=0, rtol=0)
-    assert loaded.get_nb_trainable_parameters()[0] == 0  # inference mode by default
-    trainable = PeftModel.from_pretrained(factory(), tmp_path, is_trainable=True)
-    assert trainable.get_nb_trainable_parameters()[0] == model.get_nb_trainable_parameters()[0]
 
 
 def test_file_layout_matches_the_ecosystem(tmp_path: Path) -> None:
@@ -167,9 +155,15 @@ def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
 def test_foreign_tensors_rejected(tmp_path: Path) -> None:
     model, _ = trained("llama")
     model.save_pretrained(tmp_path)
+    # The config asks for k_proj layers, the weights are q/v/up/down_proj factors.
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["k_proj"]}))
     other = get_peft_model(tiny_llama(), LoraConfig(target_modules=["k_proj"]))
     with pytest.raises(ValueError, match="fit no module"):
-        other._load_state("default", load_file(str(tmp_path / WEIGHTS_NAME)))
+        other.load_adapter(tmp_path, adapter_name="foreign")
+    assert list(other.peft_config) == ["default"]
+    with pytest.raises(ValueError, match="fit no module"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
 # -- PEFT's loader keywords ---------------------------------------------------------------
@@ -235,8 +229,8 @@ def test_unknown_keywords_are_refused_not_swallowed(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="revision='v2'.*local folders only"):
         model.load_adapter(tmp_path / "other", "other", revision="v2")
     assert list(model.peft_config) == ["default"]  # refused before anything changed
-    with pytest.raises(TypeError, match=r"save_pretrained\(\) got unexpected keyword.*\['max_shard_sise'\]"):
-        model.save_pretrained(tmp_path / "x", max_shard_sise="1GB")
+    with pytest.raises(TypeError, match=r"save_pretrained\(\) got unexpected keyword.*\['max_shard_size'\]"):
+        model.save_pretrained(tmp_path / "x", max_shard_size="1GB")
     with pytest.raises(ValueError, match="save_embedding_layers=True"):
         model.save_pretrained(tmp_path / "x", save_embedding_layers=True)
     assert not (tmp_path / "x").exists()
@@ -382,7 +376,7 @@ def test_loading_into_a_meta_model_assigns_the_adapter(tmp_path: Path) -> None:
     loaded.get_base_model().load_state_dict(base_state, assign=True, strict=False)
     for name, buffer in model.get_base_model().named_buffers():  # non-persistent ones (RoPE inv_freq)
         owner, _, leaf = name.rpartition(".")
-        loaded.get_base_model().get_submodule(owner)._buffers[leaf] = buffer.clone()
+        loaded.get_base_model().get_submodule(owner).register_buffer(leaf, buffer.clone(), persistent=False)
     assert not any(p.is_meta for p in loaded.parameters())
     torch.testing.assert_close(out(loaded, inputs), out(model, inputs), atol=0, rtol=0)
 
@@ -398,3 +392,20 @@ def test_config_that_is_not_a_json_object_is_a_clear_error(text: str, tmp_path: 
 
     with pytest.raises(ValueError, match="must be a JSON object"):
         config_from_dict([1, 2])  # type: ignore[arg-type]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a bug: load_adapter() on a model in eval mode leaves the new adapter's dropout in training "
+    "mode, so its outputs are random (PEFT's load_adapter gives the same outputs every time)",
+)
+def test_an_adapter_loaded_for_inference_gives_the_same_outputs_every_time(tmp_path: Path) -> None:
+    model, inputs = trained("llama", lora_dropout=0.5)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(
+        out(loaded, inputs), out(loaded, inputs), rtol=0, atol=0
+    )  # from_pretrained: fine
+    loaded.load_adapter(tmp_path, adapter_name="again")
+    loaded.set_adapter("again")
+    torch.testing.assert_close(out(loaded, inputs), out(loaded, inputs), rtol=0, atol=0)

@@ -86,7 +86,9 @@ def test_too_long_records_truncate_with_count_or_refuse():
     assert report.truncated == 1
     assert len(examples[0]["input_ids"]) == 16 and examples[0]["input_ids"][-1] == tokenizer().sep_token_id
     assert "1 truncated" in report.summary("train")
-    with pytest.raises(DataError, match="Record 0 is 52 tokens long, over the limit of 16"):
+    with pytest.raises(
+        DataError, match=r"Record 0 \(counting from 0\) is 52 tokens long, over the limit of 16"
+    ):
         encode(records, tokenizer(), DataSpec(task="seq_cls", max_length=16, on_too_long="refuse"))
 
 
@@ -183,7 +185,7 @@ def test_default_dataset_is_fixed_and_labelled_by_file():
         ([{"text": "a", "label": 0}, {"text": "b", "label": 1}, {"text": "c"}], r"Record 2 .*no \['label'\]"),
         (
             [{"text": "t", "label": v} for v in (2, 10, "x")],
-            "mixes integer and string labels .*record 2: 'x'",
+            r"mixes integer and string labels .*Record 2 \(counting from 0\): 'x'",
         ),
         ([{"text": "t", "label": v} for v in (0, -1)], "Record 1 .*label -1 is negative"),
         ([{"text": "t", "label": 0}, {"text": None, "label": 1}], "Record 1 .*'text' is null"),

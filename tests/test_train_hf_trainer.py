@@ -113,4 +113,5 @@ def test_trainer_defaults_keep_the_model_inputs_of_a_datasets_dataset(tmp_path):
         model=model, args=args, train_dataset=data, data_collator=Collator(tok.pad_token_id, "seq_cls")
     )
     assert trainer.train().global_step == 2
-    assert "note" not in trainer._signature_columns  # the unused column was dropped, the inputs kept
+    batch = next(iter(trainer.get_train_dataloader()))  # the unused column was dropped, the inputs kept
+    assert {"input_ids", "attention_mask", "labels"} <= set(batch) and "note" not in batch

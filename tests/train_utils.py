@@ -89,3 +89,29 @@ def save_tiny_lm(folder: str) -> str:
     model.save_pretrained(folder)
     tokenizer().save_pretrained(folder)
     return folder
+
+
+def train_tiny_classifier(out: str, batch: int, fsdp: bool = False) -> None:
+    """Six LoRA steps on a tiny BERT classifier (run under torchrun by the distributed test, and in
+    one process for its reference): the adapter goes to ``out/adapter``, the held-out loss of each
+    rank to ``out/rank<r>-of-<world>.done``."""
+    import os
+
+    from deltatune import LoraConfig, get_peft_model
+    from deltatune.train.data import Collator, DataSpec, encode
+    from deltatune.train.loop import TrainConfig, Trainer
+
+    tok = tokenizer()
+    examples, _ = encode(toy_cls_records(32, seed=1), tok, DataSpec(task="seq_cls"))
+    model = get_peft_model(
+        tiny_bert_cls(), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
+    )
+    cfg = TrainConfig(
+        output_dir=out, quiet=True, log_every=100, plot=False, batch_size=batch, lr=1e-2, max_steps=6,
+        grad_accum=2, fsdp=fsdp, save_every=3,
+    )  # fmt: skip
+    trainer = Trainer(model, examples, Collator(tok.pad_token_id, "seq_cls"), cfg, examples[:12])
+    result = trainer.train()
+    trainer.save_model(os.path.join(out, "adapter"))
+    with open(os.path.join(out, f"rank{trainer.rank}-of-{trainer.world}.done"), "w") as fh:
+        fh.write(str(result.eval_metrics["eval_loss"]))

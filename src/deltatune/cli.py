@@ -126,12 +126,21 @@ def _options(cls: type, args: argparse.Namespace) -> Any:
         try:
             with open(args.config, encoding="utf-8") as fh:
                 data = yaml.safe_load(fh) or {}
+        except UnicodeDecodeError as exc:
+            raise CliError(f"--config {args.config}: not UTF-8 text ({exc.reason}).") from exc
+        except RecursionError as exc:
+            raise CliError(f"--config {args.config}: nested too deeply to read.") from exc
         except yaml.YAMLError as exc:
             raise CliError(f"--config {args.config}: not valid YAML ({exc}).") from exc
         if not isinstance(data, dict):
             raise CliError(f"--config {args.config}: expected a mapping of option: value.")
-        if isinstance(data.get("train"), dict):  # a run folder's config.yaml
-            data = {**data.pop("train"), **{k: v for k, v in data.items() if k in names}}
+        if isinstance(data.get("train"), dict):  # a run folder's config.yaml: replay the run
+            from deltatune.train.run import options_from_record
+
+            try:
+                data = options_from_record(data, names)
+            except ValueError as exc:
+                raise CliError(f"--config {args.config}: {exc}") from exc
         for key, value in data.items():
             name = key.replace("-", "_")
             if name not in names:
@@ -169,7 +178,12 @@ def _compare(args: argparse.Namespace) -> int:
 
     opts = _options(RunOptions, args)
     methods = args.methods.split(",") if args.methods else None
-    compare(opts, methods=methods, output=args.output, latency_batches=args.latency_batches)
+    if args.timing_rounds < 0:
+        raise CliError(f"--timing-rounds {args.timing_rounds}: give 0 (no step timing) or more rounds.")
+    compare(
+        opts, methods=methods, output=args.output, latency_batches=args.latency_batches,
+        timing_rounds=args.timing_rounds,
+    )  # fmt: skip
     return 0
 
 
@@ -180,7 +194,7 @@ def _load_adapter_model(adapter: str, model_path: str | None, for_eval: bool = T
     from transformers import AutoTokenizer
 
     from deltatune import PeftModel
-    from deltatune.config import CONFIG_NAME, PeftConfig
+    from deltatune.config import CONFIG_NAME
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -189,11 +203,18 @@ def _load_adapter_model(adapter: str, model_path: str | None, for_eval: bool = T
             f"{adapter!r} is not a folder; pass the adapter folder a training run saved (<run>/adapter)."
         )
     if not os.path.isfile(os.path.join(adapter, CONFIG_NAME)):  # a full fine-tuned model folder
-        config = transformers.AutoConfig.from_pretrained(adapter)
-        arch = (config.architectures or ["AutoModel"])[0]
-        cls = getattr(transformers, arch, transformers.AutoModel)
+        if not os.path.isfile(os.path.join(adapter, "config.json")):
+            raise CliError(
+                f"{adapter!r} holds neither {CONFIG_NAME} (an adapter) nor config.json (a full model); pass "
+                "the adapter or model folder a training run saved (<run>/adapter or <run>/model)."
+            )
+        full = transformers.AutoConfig.from_pretrained(adapter)
+        arch = (getattr(full, "architectures", None) or ["AutoModel"])[0]
+        cls: Any = getattr(transformers, str(arch), None)
+        if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
+            cls = transformers.AutoModel
         return cls.from_pretrained(adapter).eval(), AutoTokenizer.from_pretrained(adapter), None
-    config = PeftConfig.from_pretrained(adapter)
+    config = _adapter_config(adapter)
     base = model_path or config.base_model_name_or_path
     if not base or not os.path.isdir(base):
         raise CliError(
@@ -218,47 +239,111 @@ def _load_adapter_model(adapter: str, model_path: str | None, for_eval: bool = T
     return peft_model.eval(), tokenizer, config
 
 
+def _adapter_config(adapter: str) -> Any:
+    """The folder's adapter config; a file that is not a UTF-8 JSON object is named in the error."""
+    from deltatune.config import CONFIG_NAME, PeftConfig
+
+    try:
+        return PeftConfig.from_pretrained(adapter)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CliError(
+            f"{os.path.join(adapter, CONFIG_NAME)}: not a readable adapter config ({type(exc).__name__}: "
+            f"{str(exc)[:200]}). It must be a UTF-8 JSON object; save the adapter again or copy it again "
+            "from its source."
+        ) from exc
+
+
 # An adapter file's task type → the trainer's task name (tasks the trainer can evaluate).
 _TRAIN_TASK_OF = {"SEQ_CLS": "seq_cls", "CAUSAL_LM": "causal_lm", "SEQ_2_SEQ_LM": "seq2seq"}
 
 
+def _task_of_model(model: Any) -> str | None:
+    """The trainer's task name for a full (non-adapter) transformers model, from its class."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "seq_cls"
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "seq2seq"
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal_lm"
+    return None
+
+
+def _config_label_names(config: Any) -> list[str] | None:
+    """A model config's own label names, unless they are transformers' placeholders LABEL_i."""
+    id2label = getattr(config, "id2label", None) or {}
+    names = [str(id2label.get(i, "")) for i in range(len(id2label))]
+    if not names or names == [f"LABEL_{i}" for i in range(len(names))] or len(set(names)) != len(names):
+        return None
+    return names
+
+
 def _eval(args: argparse.Namespace) -> int:
-    from deltatune.train.data import Collator, DataSpec, encode, load_records
+    from deltatune.train.data import Collator, DataSpec, check_labels, encode, file_record_name, load_records
     from deltatune.train.loop import evaluate_model
-    from deltatune.train.run import RunOptions
+    from deltatune.train.run import RunOptions, load_label_map
 
     opts = _options(RunOptions, args)
     model, tokenizer, config = _load_adapter_model(args.adapter, opts.model)
-    # The adapter's own task decides, unless --task (or the YAML file) names another one.
-    adapter_task = _TRAIN_TASK_OF.get(str(config.task_type))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # The adapter's (or model's) own task decides, unless --task (or the YAML file) names another one.
+    what = f"adapter, which was trained as {config.task_type}" if config is not None else "model"
+    own_task = _TRAIN_TASK_OF.get(str(config.task_type)) if config is not None else _task_of_model(model)
     explicit = opts.task != RunOptions.task
-    if adapter_task and explicit and opts.task != adapter_task:
+    if own_task and explicit and opts.task != own_task:
         raise CliError(
-            f"--task {opts.task} does not fit this adapter, which was trained as {config.task_type}; "
-            f"drop --task (or pass --task {adapter_task})."
+            f"--task {opts.task} does not fit this {what}; drop --task (or pass --task {own_task})."
         )
-    if adapter_task and not explicit:
-        opts = dataclasses.replace(opts, task=adapter_task)
+    if own_task and not explicit:
+        opts = dataclasses.replace(opts, task=own_task)
+    num_labels = getattr(getattr(base, "config", None), "num_labels", None)
+    names: list[str] | None = None  # the label names the model was trained with
+    if opts.task == "seq_cls":
+        names = (
+            load_label_map(args.adapter, num_labels)
+            if config is not None
+            else _config_label_names(getattr(base, "config", None))
+        )
+    label_names = names
+    where = file_record_name(opts.eval_file)
     if opts.eval_file:
         records = load_records(opts.eval_file)
-        label_names = None
+        if opts.task == "seq_cls" and names is None:
+            count, strings = check_labels(records, opts.label_column, where)
+            if strings is not None:
+                raise CliError(
+                    f"{opts.eval_file} has string labels ({', '.join(strings[:5])}), but this {what.split(',')[0]} "
+                    "records no label names (labels.json beside an adapter; id2label in a model's config.json), "
+                    "so their ids are unknown. Use the integer label ids it was trained with."
+                )
+            if isinstance(num_labels, int) and count > num_labels:
+                raise CliError(
+                    f"{opts.eval_file} has label {count - 1}, but this model's head has {num_labels} classes "
+                    f"(0 to {num_labels - 1})."
+                )
     elif opts.train_file is None and opts.task == "seq_cls":
         from deltatune.train.default_data import load_default_dataset
 
         _, records, label_names = load_default_dataset()
-        num_labels = getattr(getattr(model.get_base_model(), "config", None), "num_labels", None)
+        where = file_record_name("the embedded default dataset")
+        if names is not None and names != label_names:
+            raise CliError(
+                f"this classifier was trained on the labels {names}, not on the built-in data's {label_names}; "
+                "pass --eval-file with held-out data for it."
+            )
         if num_labels != len(label_names):
             raise CliError(
-                f"this adapter's head has {num_labels} labels and the built-in data has {len(label_names)}; "
-                "pass --eval-file with held-out data for this adapter."
+                f"this model's head has {num_labels} labels and the built-in data has {len(label_names)}; "
+                "pass --eval-file with held-out data for it."
             )
     else:
-        raise CliError(f"pass --eval-file with held-out data for this {opts.task} adapter.")
-    spec = DataSpec(task=opts.task, max_length=opts.max_length, text_column=opts.text_column, label_column=opts.label_column,
+        raise CliError(f"pass --eval-file with held-out data for this {opts.task} {what.split(',')[0]}.")
+    spec = DataSpec(task=opts.task, max_length=opts.max_length, text_column=opts.text_column,
+                    text_pair_column=opts.text_pair_column, label_column=opts.label_column,
                     prompt_column=opts.prompt_column, completion_column=opts.completion_column,
                     messages_column=opts.messages_column, source_column=opts.source_column,
                     target_column=opts.target_column, label_names=label_names)  # fmt: skip
-    examples, report = encode(records, tokenizer, spec)
+    examples, report = encode(records, tokenizer, spec, where)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     metrics = evaluate_model(
@@ -292,13 +377,13 @@ def _check_merge_output(adapter: str, base: str | None, output: str, overwrite: 
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from deltatune.config import CONFIG_NAME, PeftConfig
+    from deltatune.config import CONFIG_NAME
 
     if not os.path.isfile(os.path.join(args.adapter, CONFIG_NAME)):
         if os.path.isdir(args.adapter) and os.path.isfile(os.path.join(args.adapter, "config.json")):
             raise CliError(f"{args.adapter} holds a full model, not an adapter: there is nothing to merge.")
         raise CliError(f"No {CONFIG_NAME} in {args.adapter!r}: pass the adapter folder a training run saved.")
-    base = args.model or PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
+    base = args.model or _adapter_config(args.adapter).base_model_name_or_path
     _check_merge_output(args.adapter, base, args.output, args.overwrite)
     model, tokenizer, config = _load_adapter_model(args.adapter, args.model)
     merged = model.merge_and_unload()
@@ -343,8 +428,19 @@ def inspect_adapter(path: str) -> dict[str, Any]:
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise CliError(f"No {CONFIG_NAME} in {path!r}: not an adapter folder.")
-    with open(cfg_path, encoding="utf-8") as fh:
-        config = json.load(fh)
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CliError(
+            f"{cfg_path}: not a readable adapter config ({type(exc).__name__}: {str(exc)[:200]}). It must be "
+            "a UTF-8 JSON object; save the adapter again or copy it again from its source."
+        ) from exc
+    if not isinstance(config, dict):
+        raise CliError(
+            f"{cfg_path}: expected a JSON object of config fields, found {type(config).__name__}; this is not "
+            "an adapter config."
+        )
     weights = os.path.join(path, "adapter_model.safetensors")
     tensors: dict[str, list[int]] = {}
     if os.path.isfile(weights):
@@ -481,12 +577,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--latency-batches", type=int, default=20, help="batches timed for the latency column (default: 20)"
     )
     compare.add_argument(
+        "--timing-rounds",
+        type=int,
+        default=5,
+        help="interleaved rounds of training steps, all methods in one process, for the time column "
+        "(0: the training loops' wall clocks instead) (default: 5)",
+    )
+    compare.add_argument(
         "--output-dir",
         dest="output_dir",
         default=argparse.SUPPRESS,
         help="folder for one run per method and the table (default: 'runs/compare')",
     )
-    _add_dataclass_options(compare, RunOptions, skip={"method", "resume", "output_dir"})
+    _add_dataclass_options(compare, RunOptions, skip={"method", "resume", "output_dir", "resume_changes"})
     compare.set_defaults(func=_compare)
 
     ev = sub.add_parser(
@@ -495,8 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("adapter", help="adapter folder (e.g. runs/deltatune/adapter)")
     ev.add_argument("--config", help="YAML file of options")
     _add_dataclass_options(ev, RunOptions, skip={f.name for f in dataclasses.fields(RunOptions)} - {
-        "model", "task", "train_file", "eval_file", "max_length", "text_column", "label_column", "prompt_column",
-        "completion_column", "messages_column", "source_column", "target_column", "eval_batch_size"})  # fmt: skip
+        "model", "task", "train_file", "eval_file", "max_length", "text_column", "text_pair_column", "label_column",
+        "prompt_column", "completion_column", "messages_column", "source_column", "target_column",
+        "eval_batch_size"})  # fmt: skip
     ev.set_defaults(func=_eval)
 
     merge = sub.add_parser(
@@ -533,6 +637,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, > 0 = sampling")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.set_defaults(func=_generate)
+
+    from deltatune.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub, fmt)
     return parser
 
 
@@ -546,10 +654,26 @@ def _run_command(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (a value, a file, a missing method), not a deltatune bug."""
+    import re
+
     from safetensors import SafetensorError
 
     return (CliError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError, SafetensorError)  # fmt: skip
+            PermissionError, SafetensorError, re.error)  # fmt: skip
+
+
+def _user_message(exc: BaseException) -> str:
+    """One line for a user error; a few kinds get the context their own message lacks."""
+    import re
+
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, re.error):
+        where = f" {exc.pattern!r}" if isinstance(exc.pattern, str) and len(exc.pattern) <= 200 else ""
+        return (
+            f"invalid regular expression{where} ({message}) in target_modules, rank_pattern / alpha_pattern "
+            "or a --method-arg; fix the pattern, or pass plain module names."
+        )
+    return message
 
 
 def _interrupted_message(args: argparse.Namespace) -> str:
@@ -573,8 +697,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: {_interrupted_message(args)}", file=sys.stderr)
         return 130
     except _user_errors() as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {_user_message(exc)}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional dependency this command needs
+        if not exc.name or exc.name.split(".")[0] == "deltatune":
+            raise
+        package = exc.name.split(".")[0]
+        print(
+            f"{prog}: error: this needs the Python package {package!r}, which is not installed: "
+            f"pip install {package} (or pip install 'deltatune[default]').",
+            file=sys.stderr,
+        )
+        return 2
+    except ImportError as exc:  # e.g. the embedded dataset's data package is missing
+        if "pip install" not in str(exc):
+            raise
+        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print(f"{prog}: error: an input file is nested too deeply to be read.", file=sys.stderr)
         return 2
 
 

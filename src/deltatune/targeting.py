@@ -234,12 +234,14 @@ def find_targets(
 
     matched: list[str] = []
     rejected: list[tuple[str, str]] = []
+    covered: list[str] = []  # targets skipped because modules_to_save trains them whole
     for key, module in model.named_modules():
         if not key or not name_matches(key, target_modules):
             continue
         if exclude_modules is not None and name_matches(key, exclude_modules):
             continue
         if saved and _under(key, saved):
+            covered.append(key)
             continue
         if layers_to_transform is not None and key not in exact:
             idx = _layer_index(key, patterns)
@@ -251,6 +253,12 @@ def find_targets(
         matched.append(key)
 
     if not matched:
+        if covered and not rejected:
+            raise ValueError(
+                f"target_modules={_show(target_modules)} matched only modules inside modules_to_save "
+                f"({_show(saved)}: e.g. {covered[0]!r}), which are trained whole and so get no adapter. "
+                "Target other modules, or drop them from modules_to_save."
+            )
         if rejected:
             kinds = sorted({k for _, k in rejected})
             raise ValueError(

@@ -87,7 +87,7 @@ def _read_json(directory: str | os.PathLike[str]) -> Any:
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None  # not ours to judge: the regular reader reports a broken config
 
 

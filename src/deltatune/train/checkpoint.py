@@ -10,6 +10,7 @@ wrapped model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -114,8 +115,38 @@ def save_checkpoint(
         atomic_write_text(os.path.join(tmp, STATE_NAME), json.dumps(state.__dict__, indent=2) + "\n")
     if keep > 0:
         for _, old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     return path
+
+
+def _remove(path: str) -> None:
+    """Delete a checkpoint folder so that a kill midway never leaves a ``step-N`` that looks
+    complete with files missing: it is first renamed out of the ``step-N`` namespace."""
+    parent, name = os.path.split(path)
+    aside = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
+    os.rmdir(aside)
+    os.rename(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_incomplete(run_dir: str) -> list[str]:
+    """Delete what a killed run left in ``<run>/checkpoints``: temporary ``.tmp-*`` / ``.old-*``
+    folders and ``step-N`` folders without their state file. Returns the names removed."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    removed = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if os.path.islink(path) or not os.path.isdir(path):
+            continue
+        stale = name.startswith((".tmp-", ".old-"))
+        if _STEP_DIR.match(name) and not os.path.isfile(os.path.join(path, STATE_NAME)):
+            stale = True
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
 
 
 @contextlib.contextmanager
@@ -127,7 +158,7 @@ def _new_directory(path: str) -> Iterator[str]:
     try:
         yield tmp
         if os.path.isdir(path):  # re-saving the same step (after a resume): replace it
-            shutil.rmtree(path)
+            _remove(path)
         os.rename(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -145,13 +176,38 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str) -> Checkpoint:
-    with open(os.path.join(path, STATE_NAME), encoding="utf-8") as fh:
-        state = LoopState(**json.load(fh))
+    state = _load_state(os.path.join(path, STATE_NAME))
     trainable = _load(os.path.join(path, WEIGHTS))
     best_path = os.path.join(path, "best.safetensors")
     best = _load(best_path) if os.path.isfile(best_path) else None
     blob = _load_blob(os.path.join(path, "optimizer.pt"))
     return Checkpoint(path, state, trainable, best, blob["optimizer"], blob["scheduler"], blob["rng"])
+
+
+def _load_state(path: str) -> LoopState:
+    """trainer_state.json, checked: an object with LoopState's fields and nothing else."""
+    fields = {f.name for f in dataclasses.fields(LoopState)}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(
+            f"Checkpoint file {path} is empty, damaged or not JSON ({type(exc).__name__}). Resume from an "
+            "older checkpoint (delete this step's folder) or start a new run."
+        ) from exc
+    if not isinstance(data, dict) or set(data) - fields or "step" not in data:
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(
+            f"Checkpoint file {path} is not a deltatune loop state (expected the fields {sorted(fields)}, "
+            f"found {str(found)[:200]}). Resume from an older checkpoint or start a new run."
+        )
+    state = LoopState(**data)
+    if not all(
+        isinstance(getattr(state, k), int) and not isinstance(getattr(state, k), bool)
+        for k in ("step", "micro", "bad_evals")
+    ) or not isinstance(state.extra, dict):
+        raise ValueError(f"Checkpoint file {path}: step, micro and bad_evals must be integers.")
+    return state
 
 
 def _load_blob(path: str) -> dict[str, Any]:

@@ -17,7 +17,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterable, Sequence
+import random
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,54 +73,133 @@ def _read_file(path: str) -> list[dict[str, Any]]:
         raise DataError(f"Data file {path!r} is empty (0 bytes); it holds no records.")
     rows: list[dict[str, Any]]
     if ext == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"{path}, line {n}: not valid JSON ({exc.msg}). Each line must be one JSON object."
-                    ) from exc
-                if not isinstance(value, dict):
-                    raise DataError(
-                        f"{path}, line {n}: expected a JSON object, found {type(value).__name__}."
-                    )
-                rows.append(value)
+        rows = _read_jsonl(path)
     elif ext == ".json":
-        with open(path, encoding="utf-8") as fh:
-            try:
-                value = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: not valid JSON ({exc.msg}).") from exc
-        if isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):  # column-oriented
-            value = [dict(zip(value, row)) for row in zip(*value.values())]
-        if not isinstance(value, list):
-            raise DataError(f"{path}: expected a list of records or a dict of columns.")
-        for n, row in enumerate(value):
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{path}: record {n} is a {type(row).__name__}, not an object of column: value; the "
-                    'file must be a list of records like [{"text": ..., "label": ...}] or a dict of columns.'
-                )
-        rows = value
+        rows = _read_json(path)
     elif ext in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as fh:
-            rows = [dict(r) for r in csv.DictReader(fh, delimiter="\t" if ext == ".tsv" else ",")]
+        rows = _read_csv(path, "\t" if ext == ".tsv" else ",")
     else:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as exc:
-            raise DataError("Reading Parquet needs pyarrow: pip install pyarrow.") from exc
-        rows = pq.read_table(path).to_pylist()
+        rows = _read_parquet(path)
     if not rows:
         raise DataError(f"Data file {path!r} holds no records (only a header or blank lines).")
     return rows
 
 
-def require_columns(records: Sequence[dict[str, Any]], columns: Iterable[str], what: str) -> None:
+def _not_utf8(path: str, exc: UnicodeDecodeError, line: int | None = None) -> DataError:
+    where = f"{path}, line {line}" if line is not None else path
+    return DataError(
+        f"{where}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position {exc.start}). Save the file "
+        "as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+    )
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # Excel-style BOM on line 1
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, exc, n) from exc
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}, line {n}: not valid JSON ({exc.msg}). Each line must be one JSON object."
+                ) from exc
+            except RecursionError as exc:
+                raise DataError(f"{path}, line {n}: JSON nested too deeply to read.") from exc
+            if not isinstance(value, dict):
+                raise DataError(f"{path}, line {n}: expected a JSON object, found {type(value).__name__}.")
+            rows.append(value)
+    return rows
+
+
+def _read_json(path: str) -> list[dict[str, Any]]:
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from exc
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg}).") from exc
+    except RecursionError as exc:
+        raise DataError(f"{path}: JSON nested too deeply to read.") from exc
+    if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+        lengths = {k: len(v) for k, v in value.items()}  # column-oriented
+        if len(set(lengths.values())) > 1:
+            raise DataError(
+                f"{path}: a dict of columns whose columns differ in length ({lengths}); every column "
+                "needs one value per record. Fix the file (nothing is dropped silently)."
+            )
+        value = [dict(zip(value, row)) for row in zip(*value.values())]
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a list of records or a dict of columns.")
+    for n, row in enumerate(value):
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{path}: record {n} is a {type(row).__name__}, not an object of column: value; the "
+                'file must be a list of records like [{"text": ..., "label": ...}] or a dict of columns.'
+            )
+    return value
+
+
+def _read_csv(path: str, delimiter: str) -> list[dict[str, Any]]:
+    # A field may be long (a whole document): the csv module's 128 KiB default limit is lifted.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    rows: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8-sig", newline="") as fh:  # -sig: Excel's "CSV UTF-8" has a BOM
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        try:
+            for r in reader:
+                rows.append(dict(r))
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, exc, reader.line_num + 1) from exc
+        except csv.Error as exc:
+            raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({exc}).") from exc
+    return rows
+
+
+def _read_parquet(path: str) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise DataError("Reading Parquet needs pyarrow: pip install pyarrow.") from exc
+    try:
+        rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError ... for a damaged file
+        raise DataError(
+            f"{path}: not a readable Parquet file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})."
+        ) from exc
+    return rows
+
+
+Where = Callable[[int], str]
+
+
+def record_name(i: int) -> str:
+    """How a message names record ``i`` when the records come from no file."""
+    return f"Record {i} (counting from 0)"
+
+
+def file_record_name(source: str | None, numbers: Sequence[int] | None = None) -> Where:
+    """Names records by their place in ``source`` (``numbers[i]`` is record i's index in the file)."""
+
+    def name(i: int) -> str:
+        n = numbers[i] if numbers is not None else i
+        return f"{source}, record {n} (counting from 0)" if source else record_name(n)
+
+    return name
+
+
+def require_columns(
+    records: Sequence[dict[str, Any]], columns: Iterable[str], what: str, where: Where = record_name
+) -> None:
     """Every record has every column (a later record missing one is named, with its number)."""
     columns = list(columns)
     present = sorted(records[0])
@@ -131,19 +213,28 @@ def require_columns(records: Sequence[dict[str, Any]], columns: Iterable[str], w
         lacking = [c for c in columns if c not in r]
         if lacking:
             raise DataError(
-                f"Record {i} (counting from 0) has no {lacking} column(s); it has {sorted(r)}. Every record "
+                f"{where(i)} has no {lacking} column(s); it has {sorted(r)}. Every record "
                 "needs the same columns: fix or drop that record."
             )
 
 
-def _text(record: dict[str, Any], column: str, index: int) -> str:
-    """A text field as a string; a null (None) is refused rather than trained on as "None"."""
+def _text(record: dict[str, Any], column: str, where: str) -> str:
+    """A text field; a null, a number, a list or an object is refused rather than trained on as
+    its ``str()`` ("None", "{'a': 1}")."""
     value = record[column]
     if value is None:
+        raise DataError(f"{where}: {column!r} is null. Give it a text, or drop the record.")
+    if not isinstance(value, str):
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
         raise DataError(
-            f"Record {index} (counting from 0): {column!r} is null. Give it a text, or drop the record."
+            f"{where}: {column!r} is a {type(value).__name__} ({shown}), not a text. Give it a string "
+            "(quote numbers), or point the column option at the text column."
         )
-    return str(value)
+    return value
+
+
+_INT_LABEL = re.compile(r"-?[0-9]+")  # ASCII digits only: "²".isdigit() is True but int("²") fails
 
 
 def _is_int_label(value: Any) -> bool:
@@ -151,10 +242,12 @@ def _is_int_label(value: Any) -> bool:
         return False
     if isinstance(value, int):
         return True
-    return isinstance(value, str) and value.strip().lstrip("-").isdigit()
+    return isinstance(value, str) and _INT_LABEL.fullmatch(value.strip()) is not None
 
 
-def check_labels(records: Sequence[dict[str, Any]], column: str) -> tuple[int, list[str] | None]:
+def check_labels(
+    records: Sequence[dict[str, Any]], column: str, where: Where = record_name
+) -> tuple[int, list[str] | None]:
     """(number of classes, label names or None) of a classification column, after checking it.
 
     Labels are either all integers 0..N-1 (ints or digit strings, e.g. from CSV) or all strings
@@ -166,15 +259,13 @@ def check_labels(records: Sequence[dict[str, Any]], column: str) -> tuple[int, l
     top = -1
     for i, r in enumerate(records):
         if column not in r or r[column] is None:
-            raise DataError(
-                f"Record {i} (counting from 0) has no {column!r} label. Every record needs one: fix or drop it."
-            )
+            raise DataError(f"{where(i)} has no {column!r} label. Every record needs one: fix or drop it.")
         v = r[column]
         if _is_int_label(v):
             n = int(v)
             if n < 0:
                 raise DataError(
-                    f"Record {i} (counting from 0): label {v!r} is negative. Integer labels are class indices "
+                    f"{where(i)}: label {v!r} is negative. Integer labels are class indices "
                     "0..N-1; renumber them, or use string labels (mapped to indices in sorted order)."
                 )
             top = max(top, n)
@@ -184,18 +275,63 @@ def check_labels(records: Sequence[dict[str, Any]], column: str) -> tuple[int, l
             first_str = i if first_str is None else first_str
         else:
             raise DataError(
-                f"Record {i} (counting from 0): label {v!r} is a {type(v).__name__}; classification labels "
+                f"{where(i)}: label {v!r} is a {type(v).__name__}; classification labels "
                 "are integers 0..N-1 or strings."
             )
         if first_int is not None and first_str is not None:
             raise DataError(
-                f"The {column!r} column mixes integer and string labels (record {first_int}: "
-                f"{records[first_int][column]!r}, record {first_str}: {records[first_str][column]!r}, counting "
-                "from 0). Use one kind for every record."
+                f"The {column!r} column mixes integer and string labels ({where(first_int)}: "
+                f"{records[first_int][column]!r}; {where(first_str)}: {records[first_str][column]!r}). "
+                "Use one kind for every record."
             )
     if names:
         return len(names), sorted(names)
     return top + 1, None
+
+
+def distinct_labels(records: Sequence[dict[str, Any]], column: str) -> list[str]:
+    """The distinct labels of a classification column (as strings, sorted)."""
+    return sorted({str(int(r[column])) if _is_int_label(r[column]) else str(r[column]) for r in records})
+
+
+def split_indices(
+    records: Sequence[dict[str, Any]], fraction: float, seed: int, label_column: str | None = None
+) -> tuple[list[int], list[int]]:
+    """(train, held-out) record indices, in file order: a seeded ``fraction`` held out.
+
+    With ``label_column`` (classification) the split is stratified: each label gives its share
+    to the held-out set and keeps at least one record for training, so a rare label never lands
+    only in the held-out set (where the model could not learn it) whatever the seed.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"--eval-fraction {fraction}: must be between 0 and 1 (exclusive), e.g. 0.1.")
+    rng = random.Random(seed)
+    n_eval = max(1, int(round(fraction * len(records))))
+    if n_eval >= len(records):
+        raise DataError(
+            f"{len(records)} records are too few to hold out {fraction:.0%} for evaluation; pass --eval-file."
+        )
+    if label_column is None:
+        order = list(range(len(records)))
+        rng.shuffle(order)
+        held = set(order[:n_eval])
+    else:
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            groups.setdefault(str(r.get(label_column)), []).append(i)
+        held = set()
+        for key in sorted(groups):
+            members = groups[key]
+            rng.shuffle(members)
+            take = min(len(members) - 1, int(round(fraction * len(members))))
+            held.update(members[:take])
+        if not held:
+            raise DataError(
+                f"{len(records)} records are too few to hold out {fraction:.0%} of each label for "
+                "evaluation; pass --eval-file."
+            )
+    train = [i for i in range(len(records)) if i not in held]
+    return train, sorted(held)
 
 
 # -- tokenising ------------------------------------------------------------------------------
@@ -208,11 +344,15 @@ class DataReport:
     tokens: int = 0
     label_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    dropped: int = 0  # causal LM: records whose completion lay entirely past the length limit
+    where: Where = field(default=record_name, repr=False)
 
     def summary(self, name: str) -> str:
         text = f"{name}: {self.records} records, {self.tokens} tokens"
         if self.truncated:
             text += f", {self.truncated} truncated to the length limit"
+        if self.dropped:
+            text += f", {self.dropped} dropped (their completion lies past --max-length, nothing left to train on)"
         return text
 
 
@@ -240,7 +380,7 @@ def _limit(ids: list[int], spec: DataSpec, index: int, report: DataReport, keep:
         return ids
     if spec.on_too_long == "refuse":
         raise DataError(
-            f"Record {index} is {len(ids)} tokens long, over the limit of {spec.max_length}. Raise "
+            f"{report.where(index)} is {len(ids)} tokens long, over the limit of {spec.max_length}. Raise "
             "--max-length (up to the model's limit), shorten the record, or pass --on-too-long truncate."
         )
     report.truncated += 1
@@ -259,14 +399,17 @@ def model_max_length(tokenizer: Any, model: Any = None) -> int | None:
 
 
 def encode(
-    records: Sequence[dict[str, Any]], tokenizer: Any, spec: DataSpec
+    records: Sequence[dict[str, Any]], tokenizer: Any, spec: DataSpec, where: Where = record_name
 ) -> tuple[list[dict[str, Any]], DataReport]:
-    """Token examples (dicts of int lists) for ``spec.task``, plus a report of what happened."""
+    """Token examples (dicts of int lists) for ``spec.task``, plus a report of what happened.
+
+    ``where(i)`` names record ``i`` in error messages (e.g. by its file and place in the file).
+    """
     if spec.task not in TASKS:
         raise DataError(f"Unknown task {spec.task!r}; use one of {list(TASKS)}.")
     if not records:
         raise DataError("The dataset is empty (0 records); give at least one record.")
-    report = DataReport(records=len(records))
+    report = DataReport(records=len(records), where=where)
     if spec.task == "seq_cls":
         examples = _encode_cls(records, tokenizer, spec, report)
     elif spec.task == "seq2seq":
@@ -279,22 +422,55 @@ def encode(
     return examples, report
 
 
-def _labels_map(records: Sequence[dict[str, Any]], spec: DataSpec) -> dict[Any, int] | None:
+def _labels_map(records: Sequence[dict[str, Any]], spec: DataSpec, where: Where) -> dict[Any, int] | None:
     if spec.label_names:
         return {name: i for i, name in enumerate(spec.label_names)}
-    _, names = check_labels(records, spec.label_column)
+    _, names = check_labels(records, spec.label_column, where)
     if names is None:
         return None
     spec.label_names = names
     return {n: i for i, n in enumerate(names)}
 
 
+# A token never spans more characters than this in practice, so a text cut after
+# (max_length + margin) * _CHARS_PER_TOKEN characters still gives more tokens than the limit
+# and the same first max_length tokens: a 10 MB record is never tokenised in full.
+_CHARS_PER_TOKEN = 32
+
+
+def _cut(text: str, max_tokens: int) -> tuple[str, bool]:
+    """(a prefix of ``text`` that is enough for its first ``max_tokens`` tokens, cut?).
+
+    The cut falls on whitespace, so the words before it tokenise as they do in the full text."""
+    limit = (max_tokens + 16) * _CHARS_PER_TOKEN
+    if len(text) <= limit:
+        return text, False
+    head = text[:limit]
+    space = max(head.rfind(" "), head.rfind("\n"), head.rfind("\t"))
+    return (head[:space] if space > limit // 2 else head), True
+
+
+def _tokens(tok: Any, text: str, max_tokens: int, target: bool = False, **kw: Any) -> list[int]:
+    """``tok(text)["input_ids"]`` (``tok(text_target=text)`` for a seq2seq target), reading only
+    the start of a very long text (see :func:`_cut`)."""
+
+    def run(t: str) -> list[int]:
+        return list((tok(text_target=t, **kw) if target else tok(t, **kw))["input_ids"])
+
+    head, was_cut = _cut(text, max_tokens)
+    ids = run(head)
+    if was_cut and len(ids) <= max_tokens:  # the head gave too few tokens (e.g. one huge word): all of it
+        ids = run(text)
+    return ids
+
+
 def _encode_cls(
     records: Sequence[dict[str, Any]], tok: Any, spec: DataSpec, report: DataReport
 ) -> list[dict[str, Any]]:
     cols = [spec.text_column, spec.label_column] + ([spec.text_pair_column] if spec.text_pair_column else [])
-    require_columns(records, cols, "Sequence classification")
-    mapping = _labels_map(records, spec)
+    where = report.where
+    require_columns(records, cols, "Sequence classification", where)
+    mapping = _labels_map(records, spec, where)
     report.label_names = spec.label_names
     out = []
     for i, r in enumerate(records):
@@ -303,14 +479,24 @@ def _encode_cls(
             label = raw  # already an index into the label names
         elif mapping is not None:
             if str(raw) not in mapping and raw not in mapping:
-                raise DataError(f"Record {i}: label {raw!r} is not one of the known labels {list(mapping)}.")
+                raise DataError(
+                    f"{where(i)}: label {raw!r} is not one of the labels this model knows "
+                    f"({list(mapping)}). Drop the record, or train a model that has this label."
+                )
             label = int(mapping.get(raw, mapping.get(str(raw), -1)))
         else:
             label = int(raw)
-        text = _text(r, spec.text_column, i)
-        pair = _text(r, spec.text_pair_column, i) if spec.text_pair_column else None
+        text = _text(r, spec.text_column, where(i))
+        pair = _text(r, spec.text_pair_column, where(i)) if spec.text_pair_column else None
+        text, cut_a = _cut(text, spec.max_length)
+        pair, cut_b = _cut(pair, spec.max_length) if pair is not None else (None, False)
         enc = tok(text, pair, add_special_tokens=True, truncation=False)
         ids = enc["input_ids"]
+        if (cut_a or cut_b) and len(ids) <= spec.max_length:  # too few tokens in the heads: read it all
+            text = _text(r, spec.text_column, where(i))
+            pair = _text(r, spec.text_pair_column, where(i)) if spec.text_pair_column else None
+            enc = tok(text, pair, add_special_tokens=True, truncation=False)
+            ids = enc["input_ids"]
         if len(ids) > spec.max_length:
             _limit(ids, spec, i, report)  # counts or refuses
             enc = tok(text, pair, add_special_tokens=True, truncation=True, max_length=spec.max_length)
@@ -325,11 +511,13 @@ def _encode_cls(
 def _encode_seq2seq(
     records: Sequence[dict[str, Any]], tok: Any, spec: DataSpec, report: DataReport
 ) -> list[dict[str, Any]]:
-    require_columns(records, [spec.source_column, spec.target_column], "Seq2seq training")
+    where = report.where
+    require_columns(records, [spec.source_column, spec.target_column], "Seq2seq training", where)
     out = []
+    n = spec.max_length
     for i, r in enumerate(records):
-        src = tok(_text(r, spec.source_column, i), add_special_tokens=True)["input_ids"]
-        tgt = tok(text_target=_text(r, spec.target_column, i), add_special_tokens=True)["input_ids"]
+        src = _tokens(tok, _text(r, spec.source_column, where(i)), n, add_special_tokens=True)
+        tgt = _tokens(tok, _text(r, spec.target_column, where(i)), n, target=True, add_special_tokens=True)
         before = report.truncated
         src = _limit(list(src), spec, i, report)
         tgt = _limit(list(tgt), spec, i, report)
@@ -346,18 +534,33 @@ def _eos(tok: Any) -> list[int]:
     return []
 
 
-def _plain(tok: Any, text: str) -> list[int]:
+def _plain(tok: Any, text: str, max_tokens: int | None = None) -> list[int]:
+    if max_tokens is not None:
+        return _tokens(tok, text, max_tokens, add_special_tokens=False)
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def _chat_segments(messages: list[dict[str, Any]], tok: Any, index: int) -> list[tuple[list[int], bool]]:
+def _short_turn(m: dict[str, Any], tok: Any, max_tokens: int) -> dict[str, Any]:
+    """A chat turn whose very long text content is cut to what the first ``max_tokens`` tokens need."""
+    content = m["content"]
+    if not isinstance(content, str):
+        return m
+    head, was_cut = _cut(content, max_tokens)
+    if not was_cut or len(_plain(tok, head)) <= max_tokens:
+        return m
+    return {**m, "content": head}
+
+
+def _chat_segments(
+    messages: list[dict[str, Any]], tok: Any, where: str, max_tokens: int | None = None
+) -> list[tuple[list[int], bool]]:
     """(token ids, trained?) pieces of a chat; only assistant turns are trained."""
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and "role" in m and "content" in m for m in messages
     ):
-        raise DataError(
-            f"Record {index}: 'messages' must be a list of {{'role': ..., 'content': ...}} dicts."
-        )
+        raise DataError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} dicts.")
+    if max_tokens is not None:
+        messages = [_short_turn(m, tok, max_tokens) for m in messages]
     segments: list[tuple[list[int], bool]] = []
     template = getattr(tok, "chat_template", None)
     if template:
@@ -398,13 +601,15 @@ def _encode_sft(
     records: Sequence[dict[str, Any]], tok: Any, spec: DataSpec, report: DataReport
 ) -> list[dict[str, Any]]:
     first = records[0]
+    where = report.where
     if spec.messages_column in first:
         mode = "chat"
     elif spec.prompt_column in first or spec.completion_column in first:
         mode = "prompt"
         require_columns(
-            records, [spec.prompt_column, spec.completion_column], "Causal-LM fine-tuning (prompt/completion)"
-        )
+            records, [spec.prompt_column, spec.completion_column], "Causal-LM fine-tuning (prompt/completion)",
+            where,
+        )  # fmt: skip
     elif spec.text_column in first:
         mode = "text"
     else:
@@ -414,15 +619,16 @@ def _encode_sft(
             f"columns {sorted(first)}."
         )
     bos = [tok.bos_token_id] if isinstance(getattr(tok, "bos_token_id", None), int) else []
+    n = spec.max_length
     out = []
     for i, r in enumerate(records):
         if mode == "chat":
-            segments = _chat_segments(r[spec.messages_column], tok, i)
+            segments = _chat_segments(r[spec.messages_column], tok, where(i), n)
         elif mode == "prompt":
-            segments = [(bos + _plain(tok, _text(r, spec.prompt_column, i)), False),
-                        (_plain(tok, _text(r, spec.completion_column, i)) + _eos(tok), True)]  # fmt: skip
+            segments = [(bos + _plain(tok, _text(r, spec.prompt_column, where(i)), n), False),
+                        (_plain(tok, _text(r, spec.completion_column, where(i)), n) + _eos(tok), True)]  # fmt: skip
         else:
-            segments = [(bos + _plain(tok, _text(r, spec.text_column, i)) + _eos(tok), True)]
+            segments = [(bos + _plain(tok, _text(r, spec.text_column, where(i)), n) + _eos(tok), True)]
         ids: list[int] = []
         labels: list[int] = []
         for seg, trained in segments:
@@ -430,11 +636,23 @@ def _encode_sft(
             labels += seg if trained else [IGNORE_INDEX] * len(seg)
         if not any(label != IGNORE_INDEX for label in labels):
             raise DataError(
-                f"Record {i} has no completion tokens to train on (empty completion / no assistant turn)."
+                f"{where(i)} has no completion tokens to train on (empty completion / no assistant turn)."
             )
+        full = len(ids)
         ids = _limit(ids, spec, i, report)
         labels = labels[: len(ids)]
+        # A causal LM predicts token t from those before it, so a label at position 0 is never
+        # trained: a record cut before its completion's second token has nothing left to learn.
+        if len(ids) < full and not any(label != IGNORE_INDEX for label in labels[1:]):
+            report.dropped += 1
+            report.truncated -= 1
+            continue
         out.append({"input_ids": ids, "labels": labels})
+    if not out:
+        raise DataError(
+            f"All {len(records)} records lose their whole completion to --max-length {spec.max_length} "
+            "(the prompt fills the limit): nothing would be trained. Raise --max-length or shorten the prompts."
+        )
     return out
 
 

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,7 +35,11 @@ from deltatune.train import checkpoint as ckpt
 from deltatune.train import distributed as dist_utils
 from deltatune.train.data import Collator, count_tokens
 from deltatune.train.options import TrainConfig, autocast_dtype, lr_lambda
-from deltatune.train.report import plot_metrics, read_jsonl, save_gathered_adapter, write_jsonl
+from deltatune.train.report import StepLog, plot_metrics, read_jsonl, save_gathered_adapter, write_jsonl
+
+
+class NonFiniteLoss(ValueError):
+    """The training loss became NaN or infinite."""
 
 
 @dataclass
@@ -287,6 +290,7 @@ class Trainer:
                 _assign(params[name], value)
         dist_utils.load_optimizer_state(self.model, self.optimizer, c.optimizer)
         self.scheduler.load_state_dict(c.scheduler)
+        self._apply_settings_to_optimizer()
         ckpt.set_rng_state(c.rng)
         self.state = c.state
         self.best = c.best
@@ -294,6 +298,19 @@ class Trainer:
         if self.main:
             write_jsonl(self._metrics_path(), self.history)
             print(f"Resumed from {path} (step {self.state.step} of {self.total_steps}).")
+
+    def _apply_settings_to_optimizer(self) -> None:
+        """This run's lr, betas and weight decay over those stored with a checkpoint's optimizer
+        state (equal unless a resume was allowed to change them): the settings say what trains."""
+        cfg = self.config
+        fn = self.scheduler.lr_lambdas[0]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = cfg.lr
+            group["lr"] = cfg.lr * fn(self.scheduler.last_epoch)
+            group["betas"] = (cfg.adam_betas[0], cfg.adam_betas[1])
+            group["weight_decay"] = cfg.weight_decay
+        self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _clear_previous_run(self) -> None:
         """A fresh start: the old metrics go, and old checkpoints too (else a later --resume would
@@ -341,14 +358,15 @@ class Trainer:
                 f"{cfg.output_dir} holds checkpoints of an earlier run (up to step {stale[-1][0]}). "
                 "Pass --resume to continue it, a new --output-dir, or --overwrite to replace it."
             )
-        self._write_run_config()
+        if resume_from is None:  # a resumed run keeps its record of what it started with
+            self._write_run_config()
         if resume_from is not None:
             self._resume(resume_from)
         elif self.main:
             self._clear_previous_run()
         self.model.train()
         batches = self._micro_batches(self.state.micro)
-        log = _StepLog(self, show_bar=self.main and not cfg.quiet)
+        log = StepLog(self, show_bar=self.main and not cfg.quiet)
         stopped = False
         while self.state.step < self.total_steps:
             loss = self._step([next(batches) for _ in range(cfg.grad_accum)], log)
@@ -381,7 +399,7 @@ class Trainer:
             history=list(self.history),
         )
 
-    def _step(self, group: list[dict[str, torch.Tensor]], log: _StepLog) -> torch.Tensor:
+    def _step(self, group: list[dict[str, torch.Tensor]], log: StepLog) -> torch.Tensor:
         """One optimizer step over ``group`` (grad_accum micro-batches); returns the step's loss
         (a tensor, not synchronised).
 
@@ -401,6 +419,7 @@ class Trainer:
             self.scaler.scale(loss).backward()  # the scaler is a no-op unless fp16 autocast
             step_loss += loss.detach()
             self.state.micro += 1
+        self._stop_if_not_finite(step_loss)
         self.scaler.unscale_(self.optimizer)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)  # DTensor-aware under FSDP
@@ -422,6 +441,20 @@ class Trainer:
                 final = self.evaluate()
                 final["restored_best_step"] = float(self.state.best_step or 0)
         return final
+
+    def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
+        """Stop before a NaN / inf loss reaches the weights (fp16's scaler skips such steps itself)."""
+        if self.scaler.is_enabled():
+            return
+        value = float(loss)
+        if self.world > 1:
+            value = dist_utils.all_reduce_sum([value])[0]
+        if not math.isfinite(value):
+            raise NonFiniteLoss(
+                f"Training stopped at step {self.state.step + 1}: the loss is {value} (the weights were not "
+                "updated with it, and no adapter was saved). Lower --lr, check the data (records with no "
+                "token to train on), or use --mixed-precision no."
+            )
 
     def _eval_and_maybe_stop(self, step: int) -> bool:
         metrics = self.evaluate()
@@ -462,86 +495,6 @@ class Trainer:
         elif self.main:
             model.save_pretrained(path)  # type: ignore[operator]
         dist_utils.barrier()
-
-
-class _NoBar:
-    """Stands in for the progress bar when there is none (quiet mode, other ranks)."""
-
-    def update(self, n: int = 1) -> None: ...
-
-    def set_postfix(self, **kwargs: Any) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class _StepLog:
-    """The training loop's metrics: a record (and in quiet mode a line) every ``log_every`` steps,
-    with the mean loss and tokens/s of the window since the last; the progress bar's figures."""
-
-    def __init__(self, trainer: Trainer, show_bar: bool) -> None:
-        self.trainer = trainer
-        cfg = trainer.config
-        self.bar: Any = _NoBar()
-        if show_bar:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=trainer.total_steps, initial=trainer.state.step, desc="train", unit="step",
-                dynamic_ncols=True, file=sys.stderr,
-            )  # fmt: skip
-        self.show_bar = show_bar
-        self.every = max(1, cfg.log_every)
-        self.start = self.window_start = time.perf_counter()
-        self.first_step = trainer.state.step
-        self.step_loss = float("nan")
-        self.tokens = self.window_tokens = 0
-        self.window_loss, self.window_n = 0.0, 0
-
-    def count_tokens(self, n: int) -> None:
-        self.tokens += n
-        self.window_tokens += n
-
-    def after_step(self, step: int, loss: torch.Tensor, lr: float) -> None:
-        t = self.trainer
-        due = step % self.every == 0 or step == t.total_steps
-        if due or self.show_bar:
-            self.step_loss = float(loss)  # one sync per step; cheap next to a forward/backward
-            self.window_loss += self.step_loss
-            self.window_n += 1
-        if due:
-            self._record(step, lr)
-        self.bar.update(1)
-        elapsed = time.perf_counter() - self.start
-        self.bar.set_postfix(
-            loss=f"{self.step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{self.tokens / max(elapsed, 1e-9):.0f}",
-            refresh=False,
-        )  # fmt: skip
-
-    def _record(self, step: int, lr: float) -> None:
-        t = self.trainer
-        now = time.perf_counter()
-        mean_loss = self.window_loss / max(1, self.window_n)
-        if t.world > 1:  # the logged loss is the mean over processes
-            mean_loss = dist_utils.all_reduce_sum([mean_loss])[0] / t.world
-        row = {
-            "step": step,
-            "epoch": round(t.state.micro / t.micro_per_epoch, 3),
-            "loss": mean_loss,
-            "lr": lr,
-            "tokens_per_s": self.window_tokens / max(now - self.window_start, 1e-9),
-        }
-        t._record(row)
-        if t.config.quiet and t.main:
-            eta = (now - self.start) / max(1, step - self.first_step) * (t.total_steps - step)
-            print(
-                f"step {step}/{t.total_steps} loss {row['loss']:.4f} lr {lr:.2e} "
-                f"tok/s {row['tokens_per_s']:.0f} eta {eta:.0f}s",
-                flush=True,
-            )
-        self.window_loss, self.window_n, self.window_tokens, self.window_start = 0.0, 0, 0, now
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def loss_items(labels: torch.Tensor, task: str, skip_first: bool) -> int:

@@ -151,8 +151,15 @@ def mixed_batch(
 
     ``row_groups``: (adapter name, row indices) pairs; rows of "__base__" (or of an adapter
     this layer lacks) get nothing. x: (batch, ..., in) → (batch, ..., out).
+    With an adapter bank attached (``layer.bank``, see ``bank.py``) holding every adapter named,
+    the bank's batched products replace the loop below (inference only: the bank holds copies).
     """
     result = layer.base_layer(x, *args, **kwargs)
+    bank = layer.bank
+    if bank is not None and not torch.is_grad_enabled():
+        plan = bank.table.plan(row_groups)
+        if plan is not None:
+            return bank.add_delta(result, x, plan)
     base_out = result
     for name, rows in row_groups:
         if name not in layer.lora_A:

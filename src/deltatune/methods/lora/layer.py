@@ -31,6 +31,7 @@ from torch import nn
 
 from deltatune.methods.base import AdapterLayer
 from deltatune.methods.lora import dora, fast
+from deltatune.methods.lora.bank import LayerBank
 from deltatune.methods.lora.config import LoraConfig
 from deltatune.stored_weights import adapter_dtype, adapter_factory, stored_weight
 
@@ -138,6 +139,7 @@ class Linear(LoraLayer):
         self._dora_merge_norm: dict[str, torch.Tensor] = {}
         self._dora_cache: dict[str, tuple[tuple[Any, ...], Any]] = {}
         self._wsq_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        self.bank: LayerBank | None = None  # many adapters stacked for mixed batches (bank.py)
         self.add_adapter(adapter_name, config, path=path)
 
     def supports_dora(self) -> bool:

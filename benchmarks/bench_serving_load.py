@@ -1,0 +1,161 @@
+"""Load test of `deltatune serve` on loopback: N concurrent clients over M adapters.
+
+Every response (greedy) is checked against the same request sent alone; printed per setting:
+requests, errors, mismatches, p50/p95 latency, p50 time to first token (streamed), and
+generated tokens/s. Targets: throughput with 32 adapters ≥ 0.8 × with one adapter (16 clients);
+16 concurrent clients ≥ 4 × one client's throughput.
+
+Model: Llama-shaped, random weights (hidden 256, 4 layers, vocab 100, a character tokenizer),
+r=8 LoRA on all seven projections per adapter; fp32 CPU. Bounded: a few hundred requests.
+
+Run: python benchmarks/bench_serving_load.py [--requests 48] [--tokens 16] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from common import LLAMA_PROJECTIONS, print_table  # noqa: E402
+from deltatune import LoraConfig, get_peft_model  # noqa: E402
+from deltatune.serve import AdapterStore, serving_model  # noqa: E402
+from deltatune.serve.engine import Engine  # noqa: E402
+from deltatune.serve.server import ServerThread, create_app  # noqa: E402
+from test_serve_server import char_tokenizer  # noqa: E402
+
+PROMPTS = ["hello there", "SELECT name FROM", "Once upon a", "def f(x):", "The weather", "1, 2, 3,"]
+
+
+def build_base() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=100, max_position_embeddings=256)  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_store(root: str, count: int) -> None:
+    model = get_peft_model(build_base(), LoraConfig(r=8, target_modules=LLAMA_PROJECTIONS))
+    g = torch.Generator().manual_seed(0)
+    for i in range(count):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * (0.05 if "lora_B" in name else 0.1))
+        model.save_pretrained(os.path.join(root, f"a{i}"))
+
+
+def stream_request(url: str, model: str, prompt: str, tokens: int) -> tuple[str, float, float]:
+    """(text, seconds to first token, total seconds) of one streamed greedy completion."""
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    start = time.perf_counter()
+    first = None
+    text = ""
+    with urllib.request.urlopen(req, timeout=300) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            piece = chunk["choices"][0]["text"]
+            if piece and first is None:
+                first = time.perf_counter() - start
+            text += piece
+    total = time.perf_counter() - start
+    return text, first if first is not None else total, total
+
+
+def load(
+    url: str, clients: int, adapters: int, requests: int, tokens: int, refs: dict[Any, str]
+) -> tuple[str, ...]:
+    jobs = [(f"a{i % adapters}", PROMPTS[i % len(PROMPTS)]) for i in range(requests)]
+    errors = mismatches = 0
+    lat: list[float] = []
+    ttft: list[float] = []
+    chars = 0
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        futs = {pool.submit(stream_request, url, m, p, tokens): (m, p) for m, p in jobs}
+        for fut in concurrent.futures.as_completed(futs):
+            try:
+                text, first, total = fut.result()
+            except Exception:
+                errors += 1
+                continue
+            key = futs[fut]
+            if key not in refs:
+                refs[key] = stream_request(url, key[0], key[1], tokens)[0]
+            mismatches += text != refs[key]
+            lat.append(total)
+            ttft.append(first)
+            chars += len(text)
+    wall = time.perf_counter() - start
+    tok_s = requests * tokens / wall  # each request generates max_tokens (no eos in this vocabulary use)
+    q = statistics.quantiles(lat, n=20) if len(lat) > 1 else [lat[0]] * 19
+    return (str(clients), str(adapters), str(requests), str(errors), str(mismatches),
+            f"{statistics.median(lat):.2f}", f"{q[18]:.2f}", f"{statistics.median(ttft):.2f}", f"{tok_s:.1f}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as root:
+        make_store(root, 32)
+        model = serving_model(build_base())
+        store = AdapterStore(model, root, capacity=32, max_rank=8, base_name="bench")
+        engine = Engine(model, char_tokenizer(), store, max_batch=16, max_queue=256, max_len=256)
+        engine.start()
+        server = ServerThread(create_app(engine, "bench")).start()
+        refs: dict[Any, str] = {}
+        for m in [f"a{i}" for i in range(32)]:  # references: each request alone, one at a time
+            for p in PROMPTS:
+                refs[(m, p)] = stream_request(server.url, m, p, args.tokens)[0]
+        rows = []
+        try:
+            for clients, adapters in [(1, 1), (16, 1), (16, 32)]:
+                n = max(clients * 2, args.requests if clients > 1 else args.requests // 4)
+                rows.append(load(server.url, clients, adapters, n, args.tokens, refs))
+                print(" ".join(rows[-1]), flush=True)
+        finally:
+            server.stop()
+            engine.stop()
+    header = (
+        "clients",
+        "adapters",
+        "requests",
+        "errors",
+        "mismatches",
+        "p50 s",
+        "p95 s",
+        "ttft p50 s",
+        "tokens/s",
+    )
+    print_table(f"deltatune serve load test, {args.threads} thread(s), loopback", rows, header)
+    t1, t16, t16m = (float(r[-1]) for r in rows)
+    print(f"\n16 clients / 1 client throughput: {t16 / t1:.2f} (target >= 4)")
+    print(f"32 adapters / 1 adapter throughput (16 clients): {t16m / t16:.2f} (target >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()

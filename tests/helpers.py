@@ -1,0 +1,261 @@
+"""Helpers shared by the tests: tiny models with random weights built from transformers configs (no
+hub download), their inputs, and checks used by several test files. Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def tiny_llama(task: str = "causal", seed: int = 0, **kw: object) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    settings: dict[str, object] = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 96,
+        "max_position_embeddings": 64,
+        "pad_token_id": 0,
+    }
+    cfg = LlamaConfig(**{**settings, **kw})
+    cls = LlamaForSequenceClassification if task == "seq_cls" else LlamaForCausalLM
+    return cls(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=64)).eval()
+
+
+def tiny_bert(task: str = "seq_cls", seed: int = 0) -> nn.Module:
+    from transformers import (
+        BertConfig,
+        BertForQuestionAnswering,
+        BertForSequenceClassification,
+        BertForTokenClassification,
+        BertModel,
+    )
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=96,
+        num_labels=2 if task == "qa" else 3,
+    )
+    cls = {
+        "seq_cls": BertForSequenceClassification,
+        "token_cls": BertForTokenClassification,
+        "qa": BertForQuestionAnswering,
+        "feature": BertModel,
+    }[task]
+    return cls(cfg).eval()
+
+
+def tiny_t5(seed: int = 0) -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        d_model=32,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        d_kv=8,
+        vocab_size=96,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+class MLP(nn.Module):
+    """A user's own torch model: no transformers config at all."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin0 = nn.Linear(10, 20)
+        self.relu = nn.ReLU()
+        self.lin1 = nn.Linear(20, 20)
+        self.out = nn.Linear(20, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.relu(self.lin1(self.relu(self.lin0(x)))))
+
+
+def tiny_mlp(seed: int = 0) -> nn.Module:
+    return MLP(seed).eval()
+
+
+# name -> (factory, LoRA targets, input builder)
+def _ids(batch: int = 3, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1, 96, (batch, length), generator=g)}
+
+
+def _t5_inputs(batch: int = 3, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    out = _ids(batch, length, seed)
+    out["decoder_input_ids"] = _ids(batch, 5, seed + 1)["input_ids"]
+    return out
+
+
+def _mlp_inputs(batch: int = 3, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(batch, 10, generator=g)}
+
+
+MODELS: dict[str, tuple[Callable[..., nn.Module], list[str], Callable[..., dict[str, torch.Tensor]]]] = {
+    "llama": (tiny_llama, ["q_proj", "v_proj", "up_proj", "down_proj"], _ids),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], _ids),
+    "bert": (tiny_bert, ["query", "value", "dense"], _ids),
+    "t5": (tiny_t5, ["q", "v", "wo"], _t5_inputs),
+    "mlp": (tiny_mlp, ["lin0", "lin1"], _mlp_inputs),
+}
+
+
+def model_output(out: object) -> torch.Tensor:
+    """The main tensor of a model's output (logits, or the tensor itself)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for name in ("logits", "last_hidden_state", "start_logits"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    raise TypeError(type(out))
+
+
+def state_changed_by_one_step(model: nn.Module, inputs: dict[str, torch.Tensor]) -> set[str]:
+    """State-dict keys that one AdamW step on the trainable parameters (LM loss) changes."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    opt.step()
+    after = model.state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def randomize_lora(model: nn.Module, std: float = 0.5, seed: int = 3) -> None:
+    """Give every LoRA B a non-zero value so that adapters visibly change outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def assert_rows_match_alone(
+    model: nn.Module, x: torch.Tensor, names: list[str], forward: Callable[..., torch.Tensor]
+) -> None:
+    """A mixed-batch forward (row i through adapter ``names[i]``, "__base__" for none) equals
+    running each row alone with that adapter active (or all adapters disabled)."""
+    mixed = forward(model, x, adapter_names=names)
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():  # type: ignore[operator]
+                expected = forward(model, x[row : row + 1])
+        else:
+            model.set_adapter(name)  # type: ignore[operator]
+            expected = forward(model, x[row : row + 1])
+        torch.testing.assert_close(mixed[row : row + 1], expected, rtol=1e-5, atol=1e-5)
+
+
+def peft_classifier_adapter(path: str) -> nn.Module:
+    """A PEFT SEQ_CLS LoRA adapter on tiny BERT with a trained (non-initial) classifier head,
+    saved to ``path``; returns PEFT's model."""
+    import peft
+
+    theirs = peft.get_peft_model(
+        tiny_bert(), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"])
+    )
+    randomize_lora(theirs)
+    with torch.no_grad():
+        theirs.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
+    theirs.save_pretrained(path)
+    return theirs
+
+
+def token_ids(batch: int = 3, length: int = 7, seed: int = 1, vocab: int = 96) -> torch.Tensor:
+    """A fixed batch of token ids (1 .. vocab - 1) for the tiny models."""
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def llama3_8b_meta() -> nn.Module:
+    """Llama-3-8B's shapes on the meta device (no memory): for parameter-count figures."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
+def no_eos(model: nn.Module) -> nn.Module:
+    """Random tiny models emit their EOS id by chance; generate() would then stop that row early."""
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = None
+    return model
+
+
+def greedy_by_forward(model: nn.Module, x: torch.Tensor, steps: int, seq2seq: bool = False) -> torch.Tensor:
+    """Greedy decoding by recomputing the full forward each step (no cache): the reference."""
+    with torch.no_grad():
+        if seq2seq:
+            dec = torch.zeros(x.shape[0], 1, dtype=torch.long)
+            for _ in range(steps):
+                logits = model(input_ids=x, attention_mask=torch.ones_like(x), decoder_input_ids=dec).logits
+                dec = torch.cat([dec, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            return dec
+        cur = x
+        for _ in range(steps):
+            logits = model(input_ids=cur, attention_mask=torch.ones_like(cur)).logits
+            cur = torch.cat([cur, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        return cur
+
+
+def dense_twin(model: nn.Module) -> nn.Module:
+    """A copy of a quantised model (deltatune's or bitsandbytes' 4/8-bit layers) whose quantised
+    linear layers are nn.Linear holding the dequantised weights."""
+    import copy
+
+    from deltatune.quant import Linear4bit, to_dense_linear
+
+    twin = copy.deepcopy(model)
+    for path, m in list(twin.named_modules()):
+        if isinstance(m, Linear4bit) or type(m).__module__.startswith("bitsandbytes"):
+            parent, _, child = path.rpartition(".")
+            setattr(twin.get_submodule(parent), child, to_dense_linear(m))
+    return twin
+
+
+def inputs_for(name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Keyword inputs for the tiny model ``name`` (T5 also gets decoder ids) on token ids ``x``."""
+    out = {"input_ids": x, "attention_mask": torch.ones_like(x)}
+    if name == "t5":
+        out["decoder_input_ids"] = x[:, :3]
+    return out
+
+
+def randomize_prompt(model: nn.Module, seed: int, std: float = 1.0) -> None:
+    """New random values for every parameter of a prompt-learning model's prompt encoders."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():  # type: ignore[union-attr]
+            p.copy_(torch.randn(p.shape, generator=g) * std)
