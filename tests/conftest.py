@@ -68,3 +68,37 @@ def bnb_saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], nn.Mo
         return model.train()
 
     return load
+
+
+# -- the real generative model (SmolLM2-135M-Instruct), converted once per test session -----------
+@pytest.fixture(scope="session", autouse=True)
+def deltatune_home(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Tests never touch the user's cache: DELTATUNE_HOME is a temporary folder for the session
+    (subprocesses inherit it)."""
+    home = str(tmp_path_factory.mktemp("deltatune-home"))
+    os.environ["DELTATUNE_HOME"] = home
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2(deltatune_home: str) -> dict[str, object]:
+    """The converted SmolLM2 cache folder, plus the logits of the model read straight from the
+    GGUF file during that conversion (for the reload test): ``{"path", "ids", "logits"}``."""
+    pytest.importorskip("gguf")
+    from deltatune import model_cache
+
+    seen: dict[str, object] = {"ids": torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 28120, 905]])}
+    original = model_cache.dequantise
+
+    def recording(path):  # type: ignore[no-untyped-def]
+        model, tokenizer = original(path)
+        with torch.no_grad():
+            seen["logits"] = model(seen["ids"]).logits
+        return model, tokenizer
+
+    model_cache.dequantise = recording
+    try:
+        seen["path"] = model_cache.default_lm_path(progress=False)
+    finally:
+        model_cache.dequantise = original
+    return seen

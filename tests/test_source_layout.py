@@ -22,7 +22,17 @@ PACKAGE = "deltatune"
 # A module is in the layer of its longest listed prefix; modules listed nowhere are at the top.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # Formats and codecs: files, the NF4 codec and its 4-bit Linear, the stored-weight registry.
-    ("codec", ("deltatune.io", "deltatune.assets", "deltatune.stored_weights", "deltatune.quant.nf4")),
+    (
+        "codec",
+        (
+            "deltatune.io",
+            "deltatune.assets",
+            "deltatune.model_cache",
+            "deltatune.stored_weights",
+            "deltatune.quant.nf4",
+            "deltatune.quant.nf4_matmul",
+        ),
+    ),
     # What every method builds on: configs and the method registry, module targeting, other
     # libraries' adapter folders read into configs.
     ("core", ("deltatune.config", "deltatune.targeting", "deltatune.formats", "deltatune.integrations")),
@@ -31,7 +41,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # The wrapper model and what works on whole (wrapped) models.
     (
         "wrapper",
-        ("deltatune.model", "deltatune.peft_compat", "deltatune.wrapping", "deltatune.quant.whole_model"),
+        (
+            "deltatune.model",
+            "deltatune.peft_compat",
+            "deltatune.wrapping",
+            "deltatune.quant.whole_model",
+            "deltatune.quant.load",
+        ),
     ),
     # Training, the command line and the public package entry points.
     ("train/cli", ("deltatune.train", "deltatune.cli", "deltatune.__main__", "deltatune.quant", "deltatune")),
@@ -180,6 +196,7 @@ TOO_LONG_FOR_NOW = {
     "deltatune/methods/bottleneck.py": "AdapterHub's configurations just landed; split config / layer / tuner next",
     "deltatune/cli.py": "grew with the run-folder and error work; split the subcommands into their own modules",
     "deltatune/train/data.py": "grew with the data checks; split the readers from the checks and the collator",
+    "deltatune/advise.py": "just landed; split the meta-model tracing, the memory estimates and the choice",
 }
 
 

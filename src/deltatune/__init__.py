@@ -4,6 +4,7 @@ from deltatune import (
     methods,  # noqa: F401  (registers every method)
     quant,  # noqa: F401  (4-bit bases for adapters; the LoftQ initialisation of LoRA)
 )
+from deltatune.advise import Advice, advise
 from deltatune.config import CliRecipe, PeftConfig, PeftType, TaskType, register_method, registered_methods
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
@@ -16,6 +17,7 @@ from deltatune.quant.loftq import LoftQConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "Advice",
     "BottleneckConfig",
     "CliRecipe",
     "IA3Config",
@@ -29,6 +31,7 @@ __all__ = [
     "PromptTuningInit",
     "TaskType",
     "__version__",
+    "advise",
     "get_peft_model",
     "register_method",
     "registered_methods",

@@ -168,8 +168,28 @@ def _train(args: argparse.Namespace) -> int:
     opts = _options(RunOptions, args)
     if opts.method not in METHODS:
         raise CliError(f"unknown method {opts.method!r}; choose one of {', '.join(METHODS)}.")
+    if opts.task == "causal_lm" and opts.train_file is None:  # the built-in style job: a small budget
+        opts = _style_job_budget(opts, args)
     result = run(opts)
     return 0 if result.train.steps > 0 else 1
+
+
+def _style_job_budget(opts: Any, args: argparse.Namespace) -> Any:
+    """The built-in causal-LM job's step count and batch sizes, for those not set by a flag or
+    the --config file (a few minutes per style on a 2-core CPU)."""
+    from deltatune.train.default_data import STYLE_JOB_DEFAULTS
+    from deltatune.train.run import RunOptions
+
+    defaults = RunOptions()
+    given = set(vars(args))
+    if "epochs" in given or opts.epochs != defaults.epochs:
+        given.add("max_steps")
+    keep = {
+        k: v
+        for k, v in STYLE_JOB_DEFAULTS.items()
+        if k not in given and getattr(opts, k) == getattr(defaults, k)
+    }
+    return dataclasses.replace(opts, **keep)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -216,6 +236,11 @@ def _load_adapter_model(adapter: str, model_path: str | None, for_eval: bool = T
         return cls.from_pretrained(adapter).eval(), AutoTokenizer.from_pretrained(adapter), None
     config = _adapter_config(adapter)
     base = model_path or config.base_model_name_or_path
+    if base and not model_path and not os.path.isdir(base):  # a bundled model named by its Hub id
+        from deltatune.assets import resolve_model
+
+        bundled = resolve_model(base)
+        base = str(bundled) if bundled is not None else base
     if not base or not os.path.isdir(base):
         raise CliError(
             f"The adapter's base model {base!r} is not a local folder; pass --model with the base model's folder."
@@ -497,16 +522,75 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    import torch
+def _load_lm(adapter: str | None, model_path: str | None) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, adapter config or None): the adapter over its base, or with no adapter
+    the base alone (``--model``, else the bundled SmolLM2-135M-Instruct)."""
+    if adapter is not None:
+        return _load_adapter_model(adapter, model_path)
+    import transformers
 
+    if model_path is None:
+        from deltatune.assets import load_default_lm
+
+        model, tokenizer = load_default_lm()
+        return model, tokenizer, None
+    if not os.path.isdir(model_path):
+        raise CliError(f"--model {model_path!r} is not a folder; pass a local transformers model folder.")
+    transformers.logging.set_verbosity_error()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(model_path), None
+
+
+def _check_decoding(args: argparse.Namespace) -> None:
     if not args.temperature >= 0:  # also catches nan
         raise CliError(
             f"--temperature {args.temperature}: use 0 for greedy decoding or a value > 0 to sample."
         )
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens {args.max_new_tokens}: ask for at least 1 token.")
-    model, tokenizer, config = _load_adapter_model(args.adapter, args.model)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from deltatune.chat import chat_loop
+
+    _check_decoding(args)
+    model, tokenizer, config = _load_lm(args.adapter, args.model)
+    if config is not None and str(config.task_type) != "CAUSAL_LM":
+        raise CliError(f"deltatune chat needs a CAUSAL_LM adapter; this one is {config.task_type}.")
+    import torch
+
+    torch.manual_seed(args.seed)
+    chat_loop(model, tokenizer, args.system, args.max_new_tokens, args.temperature)
+    return 0
+
+
+def _add_chat_parser(sub: Any) -> None:
+    chat = sub.add_parser(
+        "chat",
+        help="chat with a causal LM (default: the bundled SmolLM2-135M-Instruct), replies streamed",
+        description="Interactive chat: each line you type is a user turn, rendered with the model's chat "
+        "template; the reply is streamed as it is generated. /reset starts over, /exit or Ctrl-D quits. "
+        "Piped input works too (one reply per input line).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    chat.add_argument(
+        "adapter", nargs="?", default=None, help="adapter folder (default: the base model alone)"
+    )
+    chat.add_argument(
+        "--model", default=None, help="base model folder (default: the adapter's base, else SmolLM2)"
+    )
+    chat.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, > 0 = sampling")
+    chat.add_argument("--seed", type=int, default=0, help="sampling seed")
+    chat.set_defaults(func=_chat)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    _check_decoding(args)
+    model, tokenizer, config = _load_lm(args.adapter, args.model)
     if config is not None and str(config.task_type) not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
         raise CliError(
             f"deltatune generate needs a CAUSAL_LM or SEQ_2_SEQ_LM adapter; this one is {config.task_type}."
@@ -628,7 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate", help="generate text with a causal-LM (or seq2seq) adapter", formatter_class=fmt
     )
-    gen.add_argument("adapter", help="adapter folder")
+    gen.add_argument(
+        "adapter", nargs="?", default=None, help="adapter folder (default: none, the base model alone)"
+    )
     gen.add_argument("--prompt", required=True, help="text to continue")
     gen.add_argument(
         "--model", default=None, help="base model folder (default: the adapter's base_model_name_or_path)"
@@ -637,11 +723,61 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, > 0 = sampling")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.set_defaults(func=_generate)
+    _add_chat_parser(sub)
 
     from deltatune.serve.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub, fmt)
+    _add_advise_parser(sub, fmt)
     return parser
+
+
+def _add_advise_parser(sub: Any, fmt: Any) -> None:
+    from deltatune.advise import GPUS, TASKS
+
+    adv = sub.add_parser(
+        "advise",
+        help="which fine-tuning method fits this model, this hardware and this job, with numbers",
+        description="Build the model from its config without weights, estimate trainable parameters, "
+        "adapter size and training memory for every method, and recommend one with the command to run it. "
+        "Memory per device = weights + gradients + AdamW state (8 bytes per trainable parameter) + "
+        "max(activations, optimizer step temporary); activations are the bytes autograd saves in one "
+        "forward (counted on fake tensors) + 2 x the largest saved tensor; with gradient checkpointing, "
+        "the layers keep only their inputs (batch x seq x hidden each) plus one layer's saved tensors. "
+        "QLoRA weights: NF4 at 4.127 bits per weight. GB means 2**30 bytes. See docs/advise.md.",
+        formatter_class=fmt,
+    )
+    adv.add_argument("--model", required=True, help="a transformers config.json or a model folder")
+    adv.add_argument("--task", choices=list(TASKS), help="default: from the config's architectures")
+    adv.add_argument("--memory", help="memory per device, e.g. 24GB, 80GiB (default 24GB)")
+    adv.add_argument("--gpu", help=f"a GPU instead of --memory: {', '.join(GPUS)}")
+    adv.add_argument("--devices", type=int, default=1, help="devices available (FSDP shards over them)")
+    adv.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    adv.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch per device")
+    adv.add_argument(
+        "--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="base weights' dtype"
+    )
+    adv.add_argument("--no-weights", action="store_true", help="the model's weights cannot be changed")
+    adv.add_argument("--budget", help="largest share of trainable parameters, e.g. 0.005%%")
+    adv.add_argument("--adapters", type=int, default=1, help="adapters to serve from one base model")
+    adv.add_argument("--max-quality", action="store_true", help="quality matters more than cost")
+    adv.add_argument("--prompt-tokens", type=int, default=20, help="prompt tuning: virtual tokens")
+    adv.add_argument("--prefix-tokens", type=int, default=20, help="prefix tuning: virtual tokens")
+    adv.add_argument("--json", action="store_true", help="print everything as JSON")
+    adv.set_defaults(func=_advise)
+
+
+def _advise(args: argparse.Namespace) -> int:
+    from deltatune.advise import advise
+
+    result = advise(
+        args.model, task=args.task, memory=args.memory, gpu=args.gpu, devices=args.devices,
+        seq_len=args.seq_len, batch_size=args.batch_size, precision=args.precision,
+        no_weights=args.no_weights, budget=args.budget, adapters=args.adapters,
+        max_quality=args.max_quality, prompt_tokens=args.prompt_tokens, prefix_tokens=args.prefix_tokens,
+    )  # fmt: skip
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result)
+    return 0
 
 
 def _run_command(args: argparse.Namespace) -> int:
@@ -658,8 +794,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from safetensors import SafetensorError
 
+    from deltatune.model_cache import ModelAssetError
+
     return (CliError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError, SafetensorError, re.error)  # fmt: skip
+            PermissionError, SafetensorError, re.error, ModelAssetError)  # fmt: skip
 
 
 def _user_message(exc: BaseException) -> str:

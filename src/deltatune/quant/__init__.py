@@ -1,6 +1,7 @@
 """4-bit quantisation for QLoRA: NF4 tensors, a 4-bit Linear layer, model helpers, LoRA on
-quantised bases with an error-reporting merge."""
+quantised bases with an error-reporting merge, and loading a model folder straight into 4 bits."""
 
+from deltatune.quant.load import load_quantized, safetensors_files
 from deltatune.quant.loftq import (
     LoftQConfig,
     LoftQLayerError,
@@ -54,4 +55,6 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "quantize_model",
     "quantize_nf4",
+    "load_quantized",
+    "safetensors_files",
 ]

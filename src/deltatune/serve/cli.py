@@ -18,9 +18,18 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         "the adapter (the base's name for none). Mixed-adapter batches run through the adapter bank.",
         formatter_class=fmt,
     )
-    p.add_argument("--model", required=True, help="base model folder (transformers format, with tokenizer)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="base model folder (transformers format, with tokenizer); default: the bundled "
+        "SmolLM2-135M-Instruct (converted once into the local cache)",
+    )
     p.add_argument("--adapters", default="adapters", help="folder of adapter folders (the store)")
-    p.add_argument("--name", default=None, help="the base's model name in the API (default: the folder name)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="the base's model name in the API (default: the folder name; the Hub name for the bundled model)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=8000, help="port (0: a free one)")
     p.add_argument("--slots", type=int, default=8, help="adapters kept loaded (least recently used evicted)")
@@ -42,12 +51,24 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.set_defaults(func=run)
 
 
+def _base(args: argparse.Namespace) -> tuple[str, str]:
+    """(folder, API name) of the base: --model, a bundled model's Hub name, or SmolLM2 by default."""
+    from deltatune.assets import DEFAULT_LM_NAME, default_lm_path, resolve_model
+
+    if args.model is None:
+        return str(default_lm_path()), args.name or DEFAULT_LM_NAME
+    bundled = None if os.path.isdir(args.model) else resolve_model(args.model)
+    if bundled is not None:
+        return str(bundled), args.name or args.model
+    return args.model, args.name or os.path.basename(os.path.normpath(args.model))
+
+
 def run(args: argparse.Namespace) -> int:
-    name = args.name or os.path.basename(os.path.normpath(args.model))
+    folder, name = _base(args)
     if args.engine == "vllm":
         from deltatune.serve.vllm import report
 
-        text, code = report(args.model, args.adapters, args.port or 8000)
+        text, code = report(folder, args.adapters, args.port or 8000)
         print(text)
         return code
     import torch
@@ -58,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
     from deltatune.serve.server import ServerThread, create_app
     from deltatune.serve.store import AdapterStore
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = serving_model(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = serving_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
     store = AdapterStore(model, args.adapters, capacity=args.slots, max_rank=args.max_rank, base_name=name)
     engine = Engine(model, tokenizer, store, args.max_batch, args.max_queue, args.max_len)
     engine.start()

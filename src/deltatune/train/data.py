@@ -570,16 +570,16 @@ def _chat_segments(
         for k, m in enumerate(messages):
             is_reply = m["role"] == "assistant"
             rendered = tok.apply_chat_template(messages[: k + 1], tokenize=True, add_generation_prompt=False)
-            if isinstance(rendered, dict):
+            if hasattr(rendered, "keys"):  # a BatchEncoding (transformers >= 5 returns one), not a plain dict
                 rendered = rendered["input_ids"]
             ids = list(rendered)
             if is_reply:  # the reply's header ("<|assistant|>") belongs to the prompt side
-                head = (
+                head: Any = (
                     tok.apply_chat_template(messages[:k], tokenize=True, add_generation_prompt=True)
                     if k
                     else []
                 )
-                if isinstance(head, dict):
+                if hasattr(head, "keys"):
                     head = head["input_ids"]
                 head = list(head)
                 segments.append((head[len(previous) :], False))

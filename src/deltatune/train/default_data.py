@@ -82,3 +82,40 @@ def load_default_dataset() -> tuple[list[dict], list[dict], list[str]]:
             seen.add(record)
             (test if is_test(record) else train).append({"text": record, "label": label})
     return train, test, list(LABELS)
+
+
+# -- the causal-LM job: one style of fortune as chat pairs ---------------------------------------
+STYLE_PROMPTS = {
+    "startrek": "Tell me a fortune in the style of Star Trek.",
+    "zippy": "Tell me a fortune in the style of Zippy the Pinhead.",
+    "murphy": "Tell me a fortune in the style of Murphy's law.",
+}
+"""The user turn of each style's chat pairs (the assistant turn is the fortune itself)."""
+
+
+def style_chat(style: str, fortune: str | None = None) -> list[dict[str, str]]:
+    """The chat of one record: the style's request, then (if given) the fortune as the reply."""
+    messages = [{"role": "user", "content": STYLE_PROMPTS[style]}]
+    if fortune is not None:
+        messages.append({"role": "assistant", "content": fortune})
+    return messages
+
+
+def load_style_dataset(style: str) -> tuple[list[dict], list[dict]]:
+    """(train, test) chat records ``{"messages": [user, assistant]}`` of one fortune file, with the
+    same fixed hash split as :func:`load_default_dataset`. Used by ``deltatune train --task
+    causal_lm`` with no data: the loss covers the assistant turn (the fortune) only."""
+    if style not in STYLE_PROMPTS:
+        raise ValueError(f"--style {style!r}: choose one of {', '.join(LABELS)}.")
+    train, test, names = load_default_dataset()
+    label = names.index(style)
+
+    def chats(records: list[dict]) -> list[dict]:
+        return [{"messages": style_chat(style, r["text"])} for r in records if r["label"] == label]
+
+    return chats(train), chats(test)
+
+
+STYLE_JOB_DEFAULTS = {"max_steps": 20, "batch_size": 8, "eval_batch_size": 16}
+"""Training budget of the built-in causal-LM job when the command line does not set one: a few
+minutes per style on a 2-core CPU."""

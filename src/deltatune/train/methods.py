@@ -19,7 +19,7 @@ from torch import nn
 
 from deltatune.config import CliRecipe, MethodSpec, PeftConfig, cli_recipes
 from deltatune.model import get_peft_model
-from deltatune.quant import prepare_model_for_kbit_training, quantize_model
+from deltatune.quant import load_quantized, prepare_model_for_kbit_training, quantize_model
 
 # Config fields the trainer sets itself: never through --method-arg.
 _NOT_METHOD_ARGS = {"task_type", "peft_type", "base_model_name_or_path", "inference_mode", "revision"}
@@ -33,6 +33,9 @@ class MethodEntry:
     default_lr: float
     config_cls: type[PeftConfig] | None = None  # the config whose fields --method-arg may set
     extra_args: tuple[str, ...] = ()  # --method-arg keys the build function reads itself
+    # How the base model is read from its folder: (model class, path, **from_pretrained kwargs);
+    # None: ``model_class.from_pretrained``.
+    load_base: Callable[..., nn.Module] | None = None
 
     def valid_args(self) -> list[str]:
         """The keys ``--method-arg`` accepts for this method."""
@@ -70,6 +73,12 @@ def build_config(spec: MethodSpec, recipe: CliRecipe, task_type: str, opts: dict
     return spec.config_cls(task_type=task_type, **kw)
 
 
+def load_quantized_base(model_class: Any, path: str, **kwargs: Any) -> nn.Module:
+    """Stream the folder straight into NF4: the full-precision model never exists in memory
+    (the build's ``quantize_model`` then finds nothing left to quantise)."""
+    return load_quantized(path, model_class=model_class, **kwargs)
+
+
 def _recipe_entry(spec: MethodSpec, recipe: CliRecipe) -> MethodEntry:
     def build(model: nn.Module, task_type: str, opts: dict[str, Any]) -> nn.Module:
         if recipe.quantize_base:
@@ -80,7 +89,13 @@ def _recipe_entry(spec: MethodSpec, recipe: CliRecipe) -> MethodEntry:
         return get_peft_model(model, build_config(spec, recipe, task_type, opts))
 
     return MethodEntry(
-        recipe.name, recipe.description, build, recipe.default_lr, spec.config_cls, recipe.extra_args
+        recipe.name,
+        recipe.description,
+        build,
+        recipe.default_lr,
+        spec.config_cls,
+        recipe.extra_args,
+        load_base=load_quantized_base if recipe.quantize_base else None,
     )
 
 

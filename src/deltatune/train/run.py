@@ -37,9 +37,11 @@ from deltatune.train.data import (
     require_columns,
     split_indices,
 )
+from deltatune.train.label_map import LABELS_FILE, load_label_map, save_label_map  # noqa: F401 (re-exported)
 from deltatune.train.loop import TrainConfig, Trainer, TrainResult
 from deltatune.train.methods import get_method
 from deltatune.train.options import _opt
+from deltatune.train.samples import style_sampler
 
 
 @dataclass
@@ -50,11 +52,18 @@ class RunOptions(TrainConfig):
         "lora", "fine-tuning method (lora, dora, qlora, loftq, ia3, bottleneck, prompt, prefix, full)"
     )
     model: str | None = _opt(
-        None, "base model folder (transformers format); default: the bundled all-MiniLM-L6-v2"
+        None,
+        "base model folder (transformers format); default: the bundled all-MiniLM-L6-v2, or "
+        "SmolLM2-135M-Instruct for --task causal_lm",
     )
     task: str = _opt("seq_cls", "seq_cls, causal_lm or seq2seq", choices=["seq_cls", "causal_lm", "seq2seq"])
     train_file: str | None = _opt(
         None, "training data (.jsonl/.json/.csv/.tsv/.parquet); default: the embedded fortunes dataset"
+    )
+    style: str = _opt(
+        "startrek",
+        "causal_lm with no --train-file: the fortune style the chat model learns",
+        choices=["startrek", "zippy", "murphy"],
     )
     eval_file: str | None = _opt(None, "held-out data; default: a fixed --eval-fraction of the training file")
     eval_fraction: float = _opt(0.1, "share of the training file held out when no --eval-file is given")
@@ -127,9 +136,9 @@ def load_model(
 
     path = opts.model
     if path is None:
-        from deltatune.assets import default_model_path
+        from deltatune.assets import default_lm_path, default_model_path
 
-        path = str(default_model_path())
+        path = str(default_lm_path() if opts.task == "causal_lm" else default_model_path())
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"--model {path!r} is not a folder. deltatune loads local models only (no hub download): "
@@ -151,10 +160,15 @@ def load_model(
         warnings.simplefilter("ignore")
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        model = cls.from_pretrained(path, **kw)
+        load_base = get_method(opts.method).load_base
+        model: Any = load_base(cls, path, **kw) if load_base is not None else cls.from_pretrained(path, **kw)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.config.name_or_path = path
+    if opts.model is None and opts.task == "causal_lm":  # adapters name the base as PEFT / vLLM expect
+        from deltatune.assets import DEFAULT_LM_NAME
+
+        model.config.name_or_path = DEFAULT_LM_NAME
     return model, tokenizer
 
 
@@ -173,6 +187,11 @@ def load_run_data(opts: RunOptions) -> RunData:
     """The records of a run: the embedded default, or --train-file (with --eval-file, or a
     seeded --eval-fraction held out: stratified by label for classification)."""
     if opts.train_file is None:
+        if opts.task == "causal_lm":
+            from deltatune.train.default_data import load_style_dataset
+
+            style_train, style_test = load_style_dataset(opts.style)
+            return RunData(style_train, style_test, None)
         if opts.task != "seq_cls":
             raise DataError(
                 f"The embedded default dataset is for seq_cls; --task {opts.task} needs --train-file."
@@ -204,7 +223,8 @@ _COLUMNS = (
     "text_column", "text_pair_column", "label_column", "prompt_column", "completion_column",
     "messages_column", "source_column", "target_column",
 )  # fmt: skip
-_DATA = ("train_file", "eval_file", "eval_fraction", "max_length", "on_too_long", "packing", *_COLUMNS)
+_DATA = ("train_file", "eval_file", "eval_fraction", "max_length", "on_too_long", "packing", "style",
+         *_COLUMNS)  # fmt: skip
 # Options that say how to run, not what is trained: a resume may change them freely.
 _FREE_ON_RESUME = {
     "resume", "overwrite", "quiet", "log_every", "plot", "keep_checkpoints", "save_every", "device",
@@ -497,6 +517,14 @@ def run(opts: RunOptions, log: Any = print) -> RunResult:
         say(
             f"before training: held-out accuracy {before['accuracy']:.1%} (loss {before['eval_loss']:.4f}){note}"
         )
+    samples_of = style_sampler(opts, tokenizer, say) if main else None
+    if samples_of is not None and eval_ex:
+        before, note = _before(model, eval_ex, collator, train_cfg, opts.task, device, opts.seed)
+        say(
+            f"before training: held-out {opts.style} loss {before['eval_loss']:.4f}, perplexity {before['perplexity']:.2f}{note}"
+        )
+        with _disabled(model):
+            samples_of(model, "before training")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     counter = getattr(model, "get_nb_trainable_parameters", None)
     total = counter()[1] if callable(counter) else sum(p.numel() for p in model.parameters())
@@ -529,9 +557,12 @@ def run(opts: RunOptions, log: Any = print) -> RunResult:
                 f"after training:  held-out accuracy {after['accuracy']:.1%}{gain} (loss {after['eval_loss']:.4f})"
             )
         else:
+            gain = f" (before: {before['perplexity']:.2f})" if "perplexity" in before else ""
             say(
-                f"after training:  held-out loss {after['eval_loss']:.4f}, perplexity {after['perplexity']:.2f}"
+                f"after training:  held-out loss {after['eval_loss']:.4f}, perplexity {after['perplexity']:.2f}{gain}"
             )
+    if samples_of is not None:
+        samples_of(dist_utils.unwrap(trainer.model), "after training")
     say(f"{result.steps} steps in {time.perf_counter() - t0:.0f}s; {out_name} saved to {save_path}")
     return RunResult(
         opts.method, opts.output_dir, before, after, result, trainable, total, dist_utils.unwrap(trainer.model),
@@ -548,48 +579,3 @@ def _log_resume_changes(run_dir: str, changes: dict[str, tuple[Any, Any]]) -> No
     }
     with open(os.path.join(run_dir, "resumes.jsonl"), "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row, default=str) + "\n")
-
-
-LABELS_FILE = "labels.json"
-
-
-def save_label_map(folder: str, label_names: list[str]) -> None:
-    """The label names of a classification adapter, transformers-style (``id2label`` /
-    ``label2id``), in ``labels.json`` beside the adapter files: evaluation maps string labels
-    with them instead of rebuilding the mapping from its own data."""
-    from deltatune.io import atomic_write_text
-
-    data = {
-        "id2label": {str(i): n for i, n in enumerate(label_names)},
-        "label2id": {n: i for i, n in enumerate(label_names)},
-    }
-    atomic_write_text(
-        os.path.join(folder, LABELS_FILE), json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    )
-
-
-def load_label_map(folder: str, num_labels: int | None = None) -> list[str] | None:
-    """The label names saved with an adapter (or in a model's config.json), or None.
-
-    The file is untrusted input: it must map 0..N-1 to distinct strings (N = the head's size
-    when given), else it is refused, naming the file."""
-    path = os.path.join(folder, LABELS_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-        id2label = data["id2label"]
-        names = [id2label[str(i)] for i in range(len(id2label))]
-        ok = all(isinstance(n, str) for n in names) and len(set(names)) == len(names)
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise ValueError(
-            f"{path}: not a valid label map ({type(exc).__name__}); it should hold "
-            '{"id2label": {"0": "name", ...}, "label2id": {...}}. Delete it to evaluate with integer labels.'
-        ) from exc
-    if not ok or (num_labels is not None and len(names) != num_labels):
-        raise ValueError(
-            f"{path}: the label map must name each of the head's {num_labels or len(names)} classes once "
-            f"(found {len(names)} names). Delete it to evaluate with integer labels."
-        )
-    return names
