@@ -230,7 +230,7 @@ def test_unknown_keywords_are_refused_not_swallowed(tmp_path: Path) -> None:
         model.load_adapter(tmp_path / "other", "other", revision="v2")
     assert list(model.peft_config) == ["default"]  # refused before anything changed
     with pytest.raises(TypeError, match=r"save_pretrained\(\) got unexpected keyword.*\['max_shard_size'\]"):
-        model.save_pretrained(tmp_path / "x", max_shard_size="1GB")
+        model.save_pretrained(tmp_path / "x", max_shard_sise="1GB")
     with pytest.raises(ValueError, match="save_embedding_layers=True"):
         model.save_pretrained(tmp_path / "x", save_embedding_layers=True)
     assert not (tmp_path / "x").exists()
