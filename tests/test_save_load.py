@@ -229,7 +229,7 @@ def test_unknown_keywords_are_refused_not_swallowed(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="revision='v2'.*local folders only"):
         model.load_adapter(tmp_path / "other", "other", revision="v2")
     assert list(model.peft_config) == ["default"]  # refused before anything changed
-    with pytest.raises(TypeError, match=r"save_pretrained\(\) got unexpected keyword.*\['max_shard_size'\]"):
+    with pytest.raises(TypeError, match=r"save_pretrained\(\) got unexpected keyword.*\['max_shard_sise'\]"):
         model.save_pretrained(tmp_path / "x", max_shard_sise="1GB")
     with pytest.raises(ValueError, match="save_embedding_layers=True"):
         model.save_pretrained(tmp_path / "x", save_embedding_layers=True)
