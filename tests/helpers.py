@@ -4,6 +4,7 @@ hub download), their inputs, and checks used by several test files. Fixtures liv
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -259,3 +260,43 @@ def randomize_prompt(model: nn.Module, seed: int, std: float = 1.0) -> None:
     with torch.no_grad():
         for p in model.prompt_encoder.parameters():  # type: ignore[union-attr]
             p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+# -- serving: a tiny Llama and a character-level tokenizer with a chat template -----------------
+def base_model() -> torch.nn.Module:
+    return tiny_llama(vocab_size=100, max_position_embeddings=128)
+
+
+def char_tokenizer() -> Any:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{chr(c): c - 28 for c in range(32, 127)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    return fast
+
+
+def tiny_mixtral(seed: int = 0) -> nn.Module:
+    """A 2-layer Mixtral with 4 fused experts (top-2), routers given non-trivial weights."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = MixtralForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") or p.dim() == 3:
+                p.normal_(0, 0.2)
+    return model.eval()

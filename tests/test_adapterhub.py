@@ -175,7 +175,7 @@ def _copy_adapterhub_weights(model: PeftModel, folder: Path, arch: str) -> None:
 
     st = folder / "adapter.safetensors"
     state = load_file(st) if st.exists() else torch.load(folder / "pytorch_adapter.bin", weights_only=True)
-    params = dict(model.base_model.named_parameters())
+    params = dict(model.get_base_model().named_parameters())
     for key, value in state.items():  # e.g. encoder.layer.0.attention.output.adapters.ah.adapter_up.weight
         module, _, rest = key.partition(".adapters.ah.")
         part, _, leaf = rest.rpartition(".")

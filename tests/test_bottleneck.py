@@ -80,7 +80,7 @@ def ids(batch: int = 2, seq: int = 7) -> torch.Tensor:
 
 
 def run(model: nn.Module, x: torch.Tensor, **kw: object) -> torch.Tensor:
-    inner = getattr(model, "base_model", model)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     extra = {"decoder_input_ids": x} if isinstance(inner, T5ForConditionalGeneration) else {}
     with torch.no_grad():
         out = model(input_ids=x, **extra, **kw)
@@ -100,7 +100,7 @@ SITES = {  # (attention sub-layer, FFN sub-layer) leaf names per architecture
 
 
 def sites(model: PeftModel) -> list[str]:
-    return [p for p, m in model.base_model.named_modules() if isinstance(m, BottleneckLayer)]
+    return [p for p, m in model.get_base_model().named_modules() if isinstance(m, BottleneckLayer)]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -131,7 +131,7 @@ def test_sequential_formula_on_one_sublayer() -> None:
     model = get_peft_model(
         tiny("llama"), BottleneckConfig(bottleneck_size=8, init="normal", scaling=0.5, non_linearity="relu")
     )
-    layer = model.base_model.get_submodule("model.layers.0.mlp")
+    layer = model.get_base_model().get_submodule("model.layers.0.mlp")
     block = layer.bottleneck["default"]
     x = torch.randn(2, 3, 64)
     with torch.no_grad():
@@ -145,8 +145,8 @@ def test_pfeiffer_formula_on_llama_reads_the_residual_stream() -> None:
     model = get_peft_model(
         tiny("llama"), BottleneckConfig(bottleneck_size=8, init="normal", placement="pfeiffer")
     )
-    layer = model.base_model.get_submodule("model.layers.0.mlp")
-    norm = model.base_model.get_submodule("model.layers.0.post_attention_layernorm")
+    layer = model.get_base_model().get_submodule("model.layers.0.mlp")
+    norm = model.get_base_model().get_submodule("model.layers.0.post_attention_layernorm")
     block = layer.bottleneck["default"]
     r = torch.randn(2, 3, 64)
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_pfeiffer_formula_on_bert() -> None:
     model = get_peft_model(
         tiny("bert"), BottleneckConfig(bottleneck_size=8, init="normal", placement="pfeiffer")
     )
-    layer = model.base_model.get_submodule("encoder.layer.1.output")
+    layer = model.get_base_model().get_submodule("encoder.layer.1.output")
     base, block = layer.base_layer, layer.bottleneck["default"]
     x, r = torch.randn(2, 3, 128), torch.randn(2, 3, 64)
     with torch.no_grad():
@@ -174,8 +174,8 @@ def test_parallel_formula_on_llama_ffn() -> None:
     model = get_peft_model(
         tiny("llama"), BottleneckConfig(bottleneck_size=8, init="normal", placement="parallel")
     )
-    layer = model.base_model.get_submodule("model.layers.1.mlp")
-    norm = model.base_model.get_submodule("model.layers.1.post_attention_layernorm")
+    layer = model.get_base_model().get_submodule("model.layers.1.mlp")
+    norm = model.get_base_model().get_submodule("model.layers.1.post_attention_layernorm")
     block = layer.bottleneck["default"]
     assert block.scaling == 4.0  # He et al.'s scaling for parallel adapters
     r = torch.randn(2, 3, 64)
@@ -203,11 +203,15 @@ def test_houlsby_parameter_count_d768_m64_12_layers() -> None:
 
 def test_reduction_factor() -> None:
     model = get_peft_model(tiny("llama"), BottleneckConfig(reduction_factor=16))
-    assert model.base_model.get_submodule("model.layers.0.mlp").bottleneck["default"].down.out_features == 4
+    assert (
+        model.get_base_model().get_submodule("model.layers.0.mlp").bottleneck["default"].down.out_features
+        == 4
+    )
     # Each preset's default, as AdapterHub's: 16 for houlsby and pfeiffer, 2 for parallel.
     parallel = get_peft_model(tiny("llama"), BottleneckConfig(placement="par_bn"))
     assert (
-        parallel.base_model.get_submodule("model.layers.0.mlp").bottleneck["default"].down.out_features == 32
+        parallel.get_base_model().get_submodule("model.layers.0.mlp").bottleneck["default"].down.out_features
+        == 32
     )
 
 
@@ -241,7 +245,7 @@ def test_layer_norm_is_the_older_name_of_ln_before(tmp_path) -> None:
     cfg = BottleneckConfig(bottleneck_size=8, layer_norm=True)
     assert cfg.ln_before and cfg.layer_norm is None
     model = get_peft_model(tiny("llama"), cfg)
-    block = model.base_model.get_submodule("model.layers.0.mlp").bottleneck["default"]
+    block = model.get_base_model().get_submodule("model.layers.0.mlp").bottleneck["default"]
     assert isinstance(block.layer_norm, nn.LayerNorm)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["ln_before"] is True
@@ -252,10 +256,12 @@ def test_learned_and_channel_scaling_and_leave_out() -> None:
         tiny("llama"), BottleneckConfig(bottleneck_size=8, scaling="channel", leave_out=[0])
     )
     assert sites(model) == ["model.layers.1.self_attn", "model.layers.1.mlp"]
-    block = model.base_model.get_submodule("model.layers.1.mlp").bottleneck["default"]
+    block = model.get_base_model().get_submodule("model.layers.1.mlp").bottleneck["default"]
     assert block.scale.shape == (64,) and block.scale.requires_grad
     learned = get_peft_model(tiny("llama"), BottleneckConfig(bottleneck_size=8, scaling="learned"))
-    assert learned.base_model.get_submodule("model.layers.0.mlp").bottleneck["default"].scale.shape == (1,)
+    assert learned.get_base_model().get_submodule("model.layers.0.mlp").bottleneck["default"].scale.shape == (
+        1,
+    )
 
 
 def test_original_ln_after_false_is_refused_on_pre_ln_models() -> None:

@@ -58,7 +58,7 @@ def test_fresh_dora_changes_nothing_and_magnitude_is_row_norm(kind: str) -> None
     ref = logits(base, ids())
     model = get_peft_model(base, LoraConfig(r=4, target_modules=TARGETS[kind], use_dora=True))
     torch.testing.assert_close(logits(model, ids()), ref, rtol=0, atol=1e-5)
-    layer = model.base_model.get_submodule(
+    layer = model.get_base_model().get_submodule(
         "model.layers.0.mlp.down_proj" if kind == "llama" else "transformer.h.0.attn.c_attn"
     )
     w = layer.base_layer.weight
@@ -71,7 +71,7 @@ def test_forward_matches_formula(kind: str) -> None:
     """y = m / ‖W + sBA‖_row ⊙ (W + sBA) x + b, checked on one layer against a dense computation."""
     model = get_peft_model(tiny(kind), dora_config(kind))
     perturb_magnitudes(model)
-    layer = model.base_model.get_submodule(
+    layer = model.get_base_model().get_submodule(
         "model.layers.1.self_attn.q_proj" if kind == "llama" else "transformer.h.1.attn.c_attn"
     )
     w = layer.base_layer.weight.detach()
@@ -104,7 +104,9 @@ def test_gradients_match_peft_norm_detached() -> None:
         n = n.replace("base_model.model.", "", 1)
         return n.removesuffix(".weight") if "lora_magnitude_vector" in n else n
 
-    g_ours = {n.replace("base_model.", "", 1): p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    g_ours = {
+        n.replace("base_model.model.", "", 1): p.grad for n, p in ours.named_parameters() if p.requires_grad
+    }
     g_theirs = {their_name(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     assert set(g_ours) == set(g_theirs) and any("magnitude" in k for k in g_ours)
     for k in g_ours:
@@ -215,6 +217,6 @@ def test_dropout_in_training_matches_peft_on_biased_layers() -> None:
     grads = {n.replace(".weight", ""): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     for n, p in ours.named_parameters():
         if p.requires_grad:
-            key = "base_model.model." + n.removeprefix("base_model.")
+            key = n
             theirs_grad = grads[key.replace(".weight", "")]
             torch.testing.assert_close(p.grad.reshape(theirs_grad.shape), theirs_grad, rtol=1e-5, atol=1e-5)

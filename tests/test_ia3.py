@@ -56,7 +56,11 @@ def ids(batch: int = 2, seq: int = 7) -> torch.Tensor:
 
 
 def run(model: torch.nn.Module, x: torch.Tensor, **kw: object) -> torch.Tensor:
-    extra = {"decoder_input_ids": x} if "T5" in type(getattr(model, "base_model", model)).__name__ else {}
+    extra = (
+        {"decoder_input_ids": x}
+        if "T5" in type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+        else {}
+    )
     with torch.no_grad():
         out = model(input_ids=x, **extra, **kw)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
@@ -82,7 +86,7 @@ EXPECTED = {  # module leaf → feed-forward?, as the issue lists the defaults
 @pytest.mark.parametrize("kind", KINDS)
 def test_default_targets_and_shapes(kind: str) -> None:
     model = get_peft_model(tiny(kind), IA3Config())
-    layers = {p: m for p, m in model.base_model.named_modules() if isinstance(m, IA3Layer)}
+    layers = {p: m for p, m in model.get_base_model().named_modules() if isinstance(m, IA3Layer)}
     assert layers
     for path, layer in layers.items():
         leaf = path.split(".")[-1]
@@ -104,8 +108,8 @@ def test_fresh_adapter_changes_nothing(kind: str) -> None:
 def test_forward_formula_on_one_layer() -> None:
     model = get_peft_model(tiny("llama"), IA3Config())
     randomise(model)
-    k = model.base_model.get_submodule("model.layers.0.self_attn.k_proj")
-    down = model.base_model.get_submodule("model.layers.0.mlp.down_proj")
+    k = model.get_base_model().get_submodule("model.layers.0.self_attn.k_proj")
+    down = model.get_base_model().get_submodule("model.layers.0.mlp.down_proj")
     x = torch.randn(2, 3, 64)
     h = torch.randn(2, 3, 128)
     with torch.no_grad():
@@ -138,7 +142,7 @@ def test_llama3_8b_parameter_report() -> None:
 
 def test_unmerge_with_zero_entries_is_a_clear_error() -> None:
     model = get_peft_model(tiny("llama"), IA3Config())
-    layer = model.base_model.get_submodule("model.layers.0.self_attn.v_proj")
+    layer = model.get_base_model().get_submodule("model.layers.0.self_attn.v_proj")
     with torch.no_grad():
         layer.ia3_l["default"][3] = 0.0
     model.merge_adapter()
@@ -152,7 +156,7 @@ def test_multiple_adapters_multiply() -> None:
     randomise(model, 1)
     model.add_adapter("b", IA3Config())
     randomise(model, 2)  # randomises both
-    layer = model.base_model.get_submodule("model.layers.0.self_attn.k_proj")
+    layer = model.get_base_model().get_submodule("model.layers.0.self_attn.k_proj")
     layer.set_adapter(["default", "b"])
     x = torch.randn(1, 2, 64)
     with torch.no_grad():
@@ -179,7 +183,7 @@ def test_unknown_architecture_needs_targets() -> None:
     with pytest.raises(ValueError, match="no default target modules.*feedforward_modules"):
         get_peft_model(mlp, IA3Config())
     model = get_peft_model(mlp, IA3Config(target_modules=["0", "2"], feedforward_modules=["2"]))
-    assert model.base_model[2].is_feedforward and not model.base_model[0].is_feedforward
+    assert model.get_base_model()[2].is_feedforward and not model.get_base_model()[0].is_feedforward
 
 
 def test_weighted_combination_of_vectors() -> None:
@@ -187,7 +191,7 @@ def test_weighted_combination_of_vectors() -> None:
     model.add_adapter("b", IA3Config())
     randomise(model)
     model.add_weighted_adapter(["default", "b"], [0.7, 0.3], "mix")
-    for module in model.base_model.modules():
+    for module in model.get_base_model().modules():
         if isinstance(module, IA3Layer):
             expected = 0.7 * module.ia3_l["default"] + 0.3 * module.ia3_l["b"]
             torch.testing.assert_close(module.ia3_l["mix"], expected)
@@ -205,7 +209,7 @@ def test_module_to_save_is_not_also_a_target(tmp_path) -> None:
     }
     ours = get_peft_model(tiny("llama"), IA3Config(**settings))
     theirs = peft.get_peft_model(tiny("llama"), peft.IA3Config(**settings))
-    assert not isinstance(ours.base_model.lm_head.original_module, IA3Layer)
+    assert not isinstance(ours.get_base_model().lm_head.original_module, IA3Layer)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     randomise(ours)
     ours.save_pretrained(tmp_path / "ours")

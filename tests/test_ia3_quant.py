@@ -60,8 +60,8 @@ def vectors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_ia3_wraps_linear4bit_with_fp32_vectors(base4):
     model = ia3(base4)
-    attn = model.base_model.model.layers[0].self_attn
-    down = model.base_model.model.layers[0].mlp.down_proj
+    attn = model.get_base_model().model.layers[0].self_attn
+    down = model.get_base_model().model.layers[0].mlp.down_proj
     assert isinstance(attn.k_proj, IA3Layer) and isinstance(attn.k_proj.base_layer, Linear4bit)
     assert attn.k_proj.ia3_l["default"].shape == (16, 1)  # output scaling: (out, 1); 2 kv heads x 8
     assert down.is_feedforward and down.ia3_l["default"].shape == (1, 64)  # input scaling: (1, in)
@@ -160,7 +160,7 @@ def test_adapter_saved_on_4bit_base_loads_on_dense_base_and_back(tmp_path):
     # The other way round: saved on the dense base, loaded on the 4-bit base.
     on_full.save_pretrained(tmp_path / "fromdense")
     back = dt.PeftModel.from_pretrained(quantize_model(copy.deepcopy(full)), tmp_path / "fromdense")
-    assert isinstance(back.base_model.model.layers[0].self_attn.k_proj.base_layer, Linear4bit)
+    assert isinstance(back.get_base_model().model.layers[0].self_attn.k_proj.base_layer, Linear4bit)
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=x).logits, ref, atol=1e-5, rtol=1e-5)
 
@@ -211,7 +211,7 @@ def test_merge_quantized_requantized_error_is_reported_exactly(base4, module):
     model = ia3(base4)
     x = ids()
     path = f"model.layers.0.{module}"
-    layer = model.base_model.get_submodule(path)
+    layer = model.get_base_model().get_submodule(path)
     seen: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
     with torch.no_grad():
@@ -240,7 +240,7 @@ def test_ia3_on_bitsandbytes_matches_dense_dequantised_reference(bnb_saved, bits
     base = bnb_saved(bits)
     twin = dense_twin(base)
     q_model = ia3(base)
-    k = q_model.base_model.model.layers[0].self_attn.k_proj
+    k = q_model.get_base_model().model.layers[0].self_attn.k_proj
     assert type(k.base_layer).__module__.startswith("bitsandbytes")
     assert k.ia3_l["default"].dtype == torch.float32  # not the int8/uint8 of the stored codes
     d_model = ia3(twin, seed=1)
@@ -347,7 +347,7 @@ def test_quantize_after_adapters_equals_quantize_before(make):
         for n, m in after.named_modules()
         if ".lora_A." in n or ".lora_B." in n
     )
-    v = after.base_model.model.layers[0].self_attn.v_proj  # adapted by LoRA and by (IA)³'s defaults
+    v = after.get_base_model().model.layers[0].self_attn.v_proj  # adapted by LoRA and by (IA)³'s defaults
     assert isinstance(v.base_layer, Linear4bit)
     if hasattr(v, "lora_A"):
         assert v.quantized  # a LoRA layer learns that its base is now quantised
@@ -369,13 +369,13 @@ def test_quantize_after_adapters_equals_quantize_before(make):
 def test_quantize_model_matches_bare_names_and_regexes_on_adapted_model():
     model = _lora(tiny_llama())
     quantize_model(model, target_modules=["q_proj", "o_proj"])
-    layer0 = model.base_model.model.layers[0]
+    layer0 = model.get_base_model().model.layers[0]
     assert isinstance(layer0.self_attn.q_proj.base_layer, Linear4bit)  # inside the LoRA layer
     assert isinstance(layer0.self_attn.o_proj, Linear4bit)  # not adapted
     assert type(layer0.self_attn.v_proj.base_layer) is nn.Linear
     other = _lora(tiny_llama())
     quantize_model(other, target_modules=r"model\.layers\.1\.self_attn\.(q|v)_proj")
-    layers = other.base_model.model.layers
+    layers = other.get_base_model().model.layers
     assert isinstance(layers[1].self_attn.v_proj.base_layer, Linear4bit)
     assert type(layers[0].self_attn.v_proj.base_layer) is nn.Linear
     with pytest.raises(ValueError, match="lora_A"):  # adapter layers are not quantisation targets
@@ -388,7 +388,7 @@ def test_quantize_model_skips_bottleneck_adapters():
     x = ids()
     quantize_model(model)
     names = {n for n, m in model.named_modules() if isinstance(m, Linear4bit)}
-    assert "base_model.bert.encoder.layer.0.output.base_layer.dense" in names
+    assert "base_model.model.bert.encoder.layer.0.output.base_layer.dense" in names
     assert not any(".bottleneck." in n for n in names)
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith((".down", ".up")))
     before = dt.get_peft_model(quantize_model(copy.deepcopy(full)), dt.BottleneckConfig(init="normal"))  # type: ignore[call-arg]
@@ -404,8 +404,8 @@ def test_quantize_model_skips_modules_to_save_copies():
         tiny_mlp(), dt.LoraConfig(r=2, target_modules=["lin0"], modules_to_save=["lin1"])
     )
     quantize_model(model)
-    assert isinstance(model.base_model.lin0.base_layer, Linear4bit)
-    wrapper = model.base_model.lin1
+    assert isinstance(model.get_base_model().lin0.base_layer, Linear4bit)
+    wrapper = model.get_base_model().lin1
     assert type(wrapper.original_module) is nn.Linear
     assert type(wrapper.modules_to_save["default"]) is nn.Linear
     assert wrapper.modules_to_save["default"].weight.requires_grad
@@ -420,7 +420,7 @@ def test_quantize_model_skips_prompt_encoder():
     assert encoder_linears
     quantize_model(model)
     assert all(type(model.get_submodule(n)) is nn.Linear for n in encoder_linears)
-    assert isinstance(model.base_model.model.layers[0].self_attn.q_proj, Linear4bit)
+    assert isinstance(model.get_base_model().model.layers[0].self_attn.q_proj, Linear4bit)
     twin = dense_twin(model)  # the same model with the 4-bit layers dequantised into nn.Linear
     with torch.no_grad():
         out = model(input_ids=ids()).logits
@@ -437,4 +437,4 @@ def test_quantize_model_refuses_merged_adapters():
     assert not any(isinstance(m, Linear4bit) for m in model.modules())  # nothing changed
     model.unmerge_adapter()
     quantize_model(model)
-    assert model.base_model.model.layers[0].self_attn.q_proj.quantized
+    assert model.get_base_model().model.layers[0].self_attn.q_proj.quantized

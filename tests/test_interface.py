@@ -89,8 +89,8 @@ def test_fallback_for_unlisted_architecture_never_hits_the_head() -> None:
     assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     mlp = get_peft_model(tiny_mlp(), LoraConfig())
     assert [n for n, m in mlp.named_modules() if isinstance(m, Linear)] == [
-        "base_model.lin0",
-        "base_model.lin1",
+        "base_model.model.lin0",
+        "base_model.model.lin1",
     ]
 
 
@@ -100,7 +100,7 @@ def test_get_peft_model_on_meta_device_small() -> None:
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2))
     wrapped = get_peft_model(model, LoraConfig(r=4))
-    a = wrapped.base_model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    a = wrapped.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
     assert a.is_meta and a.shape == (4, 64)
 
 
@@ -143,7 +143,7 @@ def test_feature_extraction_and_seq2seq_forward() -> None:
 def test_attribute_passthrough() -> None:
     model = get_peft_model(tiny_llama(), LoraConfig())
     assert model.config.model_type == "llama"
-    assert model.get_input_embeddings() is model.base_model.model.embed_tokens
+    assert model.get_input_embeddings() is model.base_model.model.model.embed_tokens
 
 
 def test_gradient_checkpointing_with_lora() -> None:
@@ -285,9 +285,12 @@ def test_get_base_model_and_peft_type() -> None:
     theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2))
     assert type(theirs.get_base_model()) is type(model.get_base_model())
     assert theirs.peft_type == model.peft_type
-    # Documented difference: PEFT's base_model is its LoraModel, whose .model is the transformers
-    # model; here base_model is the transformers model itself.
-    assert type(theirs.base_model.model) is type(model.base_model)
+    # PEFT's layout: base_model is a tuner whose .model is the transformers model, so parameter
+    # names are the same in both (base_model.model.<module path>).
+    assert model.base_model.model is base
+    assert model.base_model.peft_config is model.peft_config
+    assert model.base_model.active_adapters == theirs.base_model.active_adapters == ["default"]
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in theirs.named_parameters()]
 
 
 def test_enable_and_disable_adapter_layers_like_peft(tmp_path: Path) -> None:
@@ -349,7 +352,7 @@ def test_delete_merged_adapter_refuses_before_changing_anything() -> None:
         tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"])
     )
     randomize_lora(model)
-    embed = model.base_model.model.embed_tokens
+    embed = model.base_model.model.model.embed_tokens
     with torch.no_grad():
         embed.modules_to_save["default"].weight.add_(1.0)  # a "trained" embedding copy
     before = logits(model, inputs)

@@ -117,7 +117,7 @@ def test_rank_above_matrix_size_is_padded():
 def test_loftq_replaces_weights_by_q_and_starts_closer_to_the_original():
     full = tiny_llama()
     model = dt.get_peft_model(copy.deepcopy(full), loftq_lora(iters=2))
-    q_proj = model.base_model.model.layers[0].self_attn.q_proj
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
     w = full.model.layers[0].self_attn.q_proj.weight
     assert type(q_proj.base_layer) is nn.Linear
     # The stored weight is an NF4 value: quantising it again gives it back (up to the re-rounding of
@@ -156,7 +156,7 @@ def test_loftq_on_gpt2_conv1d_and_with_dora():
             use_dora=True,
         ),
     )
-    layer = model.base_model.transformer.h[0].attn.c_attn
+    layer = model.get_base_model().transformer.h[0].attn.c_attn
     w = full.transformer.h[0].attn.c_attn.weight  # (in, out)
     stored = layer.base_layer.weight.detach()
     assert torch.linalg.matrix_norm(
@@ -193,7 +193,7 @@ def test_loftq_on_4bit_model_warns_and_loftq_initialize_uses_original_weights():
     q_model = quantize_model(copy.deepcopy(full), target_modules=TARGETS)  # the rest stays dense, as below
     with pytest.warns(UserWarning, match="loftq_initialize"):
         model = dt.get_peft_model(q_model, loftq_lora(iters=3))
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
     assert isinstance(layer.base_layer, Linear4bit)
     assert torch.count_nonzero(layer.lora_B["default"].weight) == 0  # plain QLoRA start until initialised
     codes_before = layer.base_layer.weight_packed.clone()
@@ -204,7 +204,7 @@ def test_loftq_on_4bit_model_warns_and_loftq_initialize_uses_original_weights():
     assert not torch.equal(codes_before, layer.base_layer.weight_packed)  # Q_3 replaced the NF4 codes
     # Same result as LoftQ on the full-precision model, where Q stays dense.
     dense = dt.get_peft_model(copy.deepcopy(full), loftq_lora(iters=3))
-    d_layer = dense.base_model.model.layers[0].self_attn.q_proj
+    d_layer = dense.get_base_model().model.layers[0].self_attn.q_proj
     torch.testing.assert_close(layer.base_layer.dequantize(), d_layer.base_layer.weight.detach())
     torch.testing.assert_close(layer.lora_A["default"].weight, d_layer.lora_A["default"].weight)
     x = ids()

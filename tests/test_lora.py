@@ -33,7 +33,7 @@ def test_fresh_adapter_changes_nothing(model_name: str) -> None:
 
 def test_lora_b_zero_a_kaiming_by_default() -> None:
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
     assert isinstance(layer, Linear)
     assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
     a = layer.lora_A["default"].weight
@@ -45,7 +45,7 @@ def test_gaussian_init_std() -> None:
     model = get_peft_model(
         tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="gaussian")
     )
-    a = model.base_model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    a = model.get_base_model().model.layers[0].self_attn.q_proj.lora_A["default"].weight
     assert 0.15 < a.std().item() < 0.35  # std 1/r = 0.25
 
 
@@ -53,7 +53,7 @@ def test_forward_equals_formula_on_linear() -> None:
     model = get_peft_model(
         tiny_mlp(), LoraConfig(r=3, lora_alpha=6, target_modules=["lin1"], init_lora_weights=False)
     )
-    layer = model.base_model.lin1
+    layer = model.get_base_model().lin1
     x = torch.randn(5, 20)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     expected = x @ layer.base_layer.weight.T + layer.base_layer.bias + 2.0 * (x @ a.T @ b.T)
@@ -63,7 +63,7 @@ def test_forward_equals_formula_on_linear() -> None:
 def test_conv1d_forward_and_fan_in_fan_out() -> None:
     config = LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn"], init_lora_weights=False)
     model = get_peft_model(tiny_gpt2(), config)
-    layer = model.base_model.transformer.h[0].attn.c_attn
+    layer = model.get_base_model().transformer.h[0].attn.c_attn
     assert config.fan_in_fan_out is True  # GPT-2 stores W transposed; recorded for other readers
     x = torch.randn(2, 3, 32)
     w = layer.base_layer.weight  # (in, out)
@@ -76,7 +76,7 @@ def test_conv1d_forward_and_fan_in_fan_out() -> None:
 def test_embedding_lora() -> None:
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"], init_lora_weights=False)
     model = get_peft_model(tiny_llama(), config)
-    layer = model.base_model.model.embed_tokens
+    layer = model.get_base_model().model.embed_tokens
     assert isinstance(layer, Embedding)
     ids = torch.tensor([[1, 5, 7]])
     a, b = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
@@ -91,10 +91,10 @@ def test_rslora_scaling() -> None:
     model = get_peft_model(
         tiny_llama(), LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=["q_proj"])
     )
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == pytest.approx(8 / 4)
     plain = get_peft_model(tiny_llama(), LoraConfig(r=16, lora_alpha=8, target_modules=["q_proj"]))
-    assert plain.base_model.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(0.5)
+    assert plain.get_base_model().model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(0.5)
 
 
 def test_rank_and_alpha_pattern() -> None:
@@ -106,7 +106,7 @@ def test_rank_and_alpha_pattern() -> None:
         alpha_pattern={"v_proj": 1},
     )
     model = get_peft_model(tiny_llama(), config)
-    layers = model.base_model.model.layers
+    layers = model.get_base_model().model.layers
     assert layers[0].self_attn.q_proj.r["default"] == 4
     assert layers[1].self_attn.q_proj.r["default"] == 6
     assert layers[0].self_attn.v_proj.lora_A["default"].weight.shape == (2, 32)
@@ -119,8 +119,8 @@ def test_layers_to_transform_and_exclude() -> None:
     )
     wrapped = [n for n, m in model.named_modules() if isinstance(m, Linear)]
     assert wrapped == [
-        "base_model.model.layers.1.self_attn.q_proj",
-        "base_model.model.layers.1.self_attn.v_proj",
+        "base_model.model.model.layers.1.self_attn.q_proj",
+        "base_model.model.model.layers.1.self_attn.v_proj",
     ]
     model = get_peft_model(
         tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"])
@@ -137,13 +137,13 @@ def test_regex_and_all_linear_targets() -> None:
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules="all-linear"))
     names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, Linear)}
     assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert not isinstance(model.base_model.lm_head, Linear)  # never the output head
+    assert not isinstance(model.get_base_model().lm_head, Linear)  # never the output head
 
 
 def test_bias_modes() -> None:
     model = get_peft_model(tiny_mlp(), LoraConfig(target_modules=["lin0"], bias="lora_only"))
     assert {n for n, p in model.named_parameters() if p.requires_grad and "bias" in n} == {
-        "base_model.lin0.base_layer.bias"
+        "base_model.model.lin0.base_layer.bias"
     }
     model = get_peft_model(tiny_mlp(), LoraConfig(target_modules=["lin0"], bias="all"))
     assert sum(1 for n, p in model.named_parameters() if p.requires_grad and "bias" in n) == 3
@@ -209,7 +209,7 @@ def test_half_precision_base_keeps_fp32_adapters() -> None:
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     model = get_peft_model(tiny_llama().to(torch.bfloat16), config)
     randomize_lora(model)
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
     assert layer.lora_A["default"].weight.dtype == torch.float32
     reference = get_peft_model(tiny_llama().to(torch.bfloat16).float(), config)
     reference.load_state_dict(model.state_dict())  # the same adapter (the base: bf16 values upcast)
@@ -226,7 +226,7 @@ def test_half_precision_base_keeps_fp32_adapters() -> None:
 def test_safe_merge_refuses_nan() -> None:
     model, _, _ = wrap("mlp", init_lora_weights=False)
     with torch.no_grad():
-        model.base_model.lin0.lora_B["default"].weight.fill_(float("nan"))
+        model.get_base_model().lin0.lora_B["default"].weight.fill_(float("nan"))
     with pytest.raises(ValueError, match="NaN"):
         model.merge_adapter(safe_merge=True)
 
@@ -286,7 +286,7 @@ def test_inference_on_many_tokens_equals_the_training_path() -> None:
 # -- parity with PEFT (the oracle) on targeting, init values and heads -------------------------
 def _lora_paths(model: nn.Module) -> set[str]:
     """Paths (in the base model) of the modules that hold LoRA factors, for ours and PEFT's wrapper."""
-    prefix = "base_model." if isinstance(model, PeftModel) else "base_model.model."
+    prefix = "base_model.model."
     return {
         name[len(prefix) :]
         for name, module in model.named_modules()
@@ -400,8 +400,8 @@ def test_bias_all_with_task_head_equals_peft(tmp_path: object) -> None:
     def trainable(model: nn.Module, prefix: str) -> set[str]:
         return {n[len(prefix) :] for n, p in model.named_parameters() if p.requires_grad}
 
-    assert trainable(ours, "base_model.") == trainable(theirs, "base_model.model.")
-    assert "classifier.original_module.bias" not in trainable(ours, "base_model.")
+    assert trainable(ours, "base_model.model.") == trainable(theirs, "base_model.model.")
+    assert "classifier.original_module.bias" not in trainable(ours, "base_model.model.")
     with torch.no_grad():
         for p in theirs.parameters():
             if p.requires_grad:
@@ -426,7 +426,7 @@ def test_pissa_olora_equal_peft_and_files_load_both_ways(init: str, tmp_path: ob
     peft = pytest.importorskip("peft")
     kw = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": init}
     ours, theirs = _both(tiny_llama, **kw)
-    q_ours = ours.base_model.model.layers[0].self_attn.q_proj
+    q_ours = ours.get_base_model().model.layers[0].self_attn.q_proj
     q_theirs = theirs.base_model.model.model.layers[0].self_attn.q_proj
     torch.testing.assert_close(q_ours.lora_A["default"].weight, q_theirs.lora_A["default"].weight)
     torch.testing.assert_close(q_ours.lora_B["default"].weight, q_theirs.lora_B["default"].weight)

@@ -48,7 +48,7 @@ def test_training_path_matches_numerical_gradient(bias: bool, dropout: float) ->
 def test_gradients_equal_the_formula_and_skip_frozen_weights() -> None:
     """y = x Wᵀ + b + s (x Aᵀ) Bᵀ: A and B get the chain-rule gradients; the frozen base gets none."""
     model, _ = _double_layer(bias=True, dropout=0.0)
-    layer = model.base_model[0]
+    layer = model.get_base_model()[0]
     x = torch.randn(6, 5, dtype=torch.float64)
     model(x).sum().backward()
     a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
@@ -70,7 +70,7 @@ def test_adapter_gradients_equal_peft(model_name: str) -> None:
         model.train()
         model_output(model(**inputs)).float().pow(2).mean().backward()
         # PEFT's wrapper nests the base model one level deeper (base_model.model.<path>).
-        strip = "base_model." if lib is dt else "base_model.model."
+        strip = "base_model.model."
         models[lib.__name__] = {
             n.removeprefix(strip): p.grad for n, p in model.named_parameters() if p.requires_grad
         }

@@ -109,8 +109,8 @@ def randomize(model: nn.Module, seed: int = 3) -> None:
 
 
 def peft_names(model: nn.Module) -> dict[str, nn.Parameter]:
-    """PEFT's parameters by deltatune's names (PEFT nests the model one level deeper)."""
-    return {"base_model." + n.removeprefix("base_model.model."): p for n, p in model.named_parameters()}
+    """Parameters by name (the same names in PEFT and deltatune)."""
+    return dict(model.named_parameters())
 
 
 def copy_from_peft(ours: nn.Module, theirs: nn.Module) -> None:
@@ -178,7 +178,7 @@ def test_all_linear_on_mixtral_adapts_attention_router_and_experts() -> None:
     assert config.target_parameters == ["down_proj", "gate.weight", "gate_up_proj"]
     assert config.target_modules == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert config.rank_pattern == {r".*\.gate_up_proj": 8}  # gate and up side by side: 2r, 2 alpha
-    mlp = ours.base_model.model.layers[0].mlp
+    mlp = ours.get_base_model().model.layers[0].mlp
     assert isinstance(mlp.gate, ParamLora) and mlp.gate.parameter_name == "weight"
     outer, inner = mlp.experts.chain()
     assert (outer.parameter_name, inner.parameter_name) == ("down_proj", "gate_up_proj")
@@ -195,7 +195,7 @@ def test_per_expert_factors_are_the_files_layout() -> None:
     of lora_B: checked against the merged weight, expert by expert."""
     _, ours = both("mixtral", target_modules=[], target_parameters=["gate_up_proj"])
     randomize(ours)
-    layer = ours.base_model.model.layers[1].mlp.experts
+    layer = ours.get_base_model().model.layers[1].mlp.experts
     w = layer.parameter().detach().clone()
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     e_count, r, s = 4, 4, 2.0
@@ -304,7 +304,7 @@ def test_second_adapter_reuses_the_wrappers_and_switches() -> None:
     cfg = {"r": 2, "lora_alpha": 4, "target_modules": [], "target_parameters": EXPERTS}
     theirs.add_adapter("two", peft.LoraConfig(**cfg))
     ours.add_adapter("two", dt.LoraConfig(**cfg))
-    assert len(ours.base_model.model.layers[0].mlp.experts.chain()) == 2  # no third wrapper
+    assert len(ours.get_base_model().model.layers[0].mlp.experts.chain()) == 2  # no third wrapper
     randomize(theirs)
     copy_from_peft(ours, theirs)
     ids = inputs()

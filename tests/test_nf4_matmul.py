@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import deltatune.quant.nf4_matmul as nf4_matmul
-from conftest import tiny_llama
 from deltatune.quant import Linear4bit, quantize_model
 from deltatune.quant.nf4 import _NF4LinearFunction
+from helpers import tiny_llama
 
 
 def layer(out_features: int = 96, in_features: int = 128, bias: bool = True, **kw: object) -> Linear4bit:

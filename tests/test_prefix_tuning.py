@@ -118,7 +118,7 @@ def test_every_layer_gets_its_own_key_and_value_prefix() -> None:
     def spy(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         caches.append(kwargs["cache"])
 
-    handle = model.base_model.register_forward_pre_hook(spy, with_kwargs=True)
+    handle = model.get_base_model().register_forward_pre_hook(spy, with_kwargs=True)
     with torch.no_grad():
         model(input_ids=x)
     handle.remove()

@@ -61,7 +61,7 @@ def test_forward_is_the_base_model_on_prompt_then_text() -> None:
     model = wrap("llama")
     x = ids()
     prompt = model.prompt_encoder["default"].embedding.weight
-    embeds = torch.cat([prompt.expand(2, -1, -1), model.base_model.get_input_embeddings()(x)], 1)
+    embeds = torch.cat([prompt.expand(2, -1, -1), model.get_base_model().get_input_embeddings()(x)], 1)
     with torch.no_grad():
         ours = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
         ref = model.base_model(inputs_embeds=embeds, attention_mask=torch.ones(2, N + 6)).logits
@@ -76,7 +76,7 @@ def test_mask_gets_ones_and_labels_get_minus_100() -> None:
     def spy(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         seen.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
 
-    handle = model.base_model.register_forward_pre_hook(spy, with_kwargs=True)
+    handle = model.get_base_model().register_forward_pre_hook(spy, with_kwargs=True)
     x = ids()
     mask = torch.ones_like(x)
     mask[0, :2] = 0
@@ -130,7 +130,7 @@ def test_sample_vocab_init_uses_vocabulary_embeddings() -> None:
         PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, prompt_tuning_init="SAMPLE_VOCAB"),
     )
     prompt = model.prompt_encoder["default"].embedding.weight
-    vocab = model.base_model.get_input_embeddings().weight
+    vocab = model.get_base_model().get_input_embeddings().weight
     for row in prompt:
         assert (vocab - row).abs().amax(1).min() == 0  # every soft token starts as a real token's vector
 
@@ -168,7 +168,7 @@ def test_text_init_repeats_or_cuts_the_tokenised_text(how: str) -> None:
             ),
         )
         expected_ids = (token_ids * n)[:n]
-        vocab = model.base_model.get_input_embeddings().weight
+        vocab = model.get_base_model().get_input_embeddings().weight
         torch.testing.assert_close(model.prompt_encoder["default"].embedding.weight, vocab[expected_ids])
         assert model.peft_config["default"].tokenizer_name_or_path  # recorded for the file
         assert "tokenizer" not in model.peft_config["default"].to_dict()

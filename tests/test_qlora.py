@@ -44,7 +44,7 @@ def adapted(base: nn.Module, seed: int = 0, **kw: object) -> dt.PeftModel:
 
 def test_lora_layer_on_a_4bit_base_knows_it_is_quantized(base4):
     model = adapted(base4)
-    q = model.base_model.model.layers[0].self_attn.q_proj
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
     assert q.quantized and isinstance(q.base_layer, Linear4bit)
     assert q.lora_A["default"].weight.dtype == torch.float32
     # 4-bit weights count at their logical size, as PEFT reports them.
@@ -73,7 +73,7 @@ def test_forward_and_backward_match_dense_dequantised_reference(base4, use_dora)
 
 def test_dora_magnitude_starts_at_dequantised_row_norms(base4):
     model = dt.get_peft_model(base4, dt.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
     w = dequantize_weight(layer.base_layer)
     torch.testing.assert_close(layer.lora_magnitude_vector["default"].detach(), w.norm(dim=1))
 
@@ -124,7 +124,7 @@ def test_adapter_trained_on_4bit_base_loads_on_dense_base_and_back(tmp_path):
     # And the other way round: an adapter saved on the dense base loads on the 4-bit base.
     on_twin.save_pretrained(tmp_path / "fromdense")
     back = dt.PeftModel.from_pretrained(quantize_model(copy.deepcopy(full)), tmp_path / "fromdense")
-    assert back.base_model.model.layers[0].self_attn.q_proj.quantized
+    assert back.get_base_model().model.layers[0].self_attn.q_proj.quantized
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=x).logits, ref, atol=1e-5, rtol=1e-5)
 
@@ -148,7 +148,7 @@ def test_merge_adapter_on_4bit_base_raises_and_points_to_merge_quantized(base4):
 def test_refused_merge_leaves_no_layer_merged():
     """Layer 0 dense, the rest 4-bit: the refusal comes before the dense layers are touched."""
     model = adapted(quantize_model(tiny_llama(), skip_modules=["layers.0"]))
-    assert not model.base_model.model.layers[0].self_attn.q_proj.quantized
+    assert not model.get_base_model().model.layers[0].self_attn.q_proj.quantized
     x = ids()
     with torch.no_grad():
         before = model(input_ids=x).logits
@@ -165,7 +165,7 @@ def test_dora_eval_outputs_follow_changes_to_the_4bit_codes(base4):
     x = ids()
     with torch.no_grad():
         before = model(input_ids=x).logits
-        q = model.base_model.model.layers[0].self_attn.q_proj
+        q = model.get_base_model().model.layers[0].self_attn.q_proj
         q.base_layer.weight_packed.copy_(q.base_layer.weight_packed.flip(0))
         after = model(input_ids=x).logits
         fresh = adapted(quantize_model(tiny_llama()), use_dora=True).eval()
@@ -194,7 +194,7 @@ def test_merge_requantized_error_is_reported_exactly(base4):
     model = adapted(base4)
     x = ids()
     # The expected per-layer error, computed independently: inputs of q_proj in layer 0.
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
     seen: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
     with torch.no_grad():
@@ -238,7 +238,7 @@ def test_lora_on_bitsandbytes_layers_matches_peft(bnb_saved, bits, tmp_path):
     ours = bnb_saved(bits)
     assert type(ours.model.layers[0].self_attn.q_proj).__module__.startswith("bitsandbytes")
     ours = adapted(ours)
-    assert ours.base_model.model.layers[0].self_attn.q_proj.quantized
+    assert ours.get_base_model().model.layers[0].self_attn.q_proj.quantized
     ours.save_pretrained(tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(bnb_saved(bits), tmp_path / "ours", is_trainable=True)
     with torch.no_grad():

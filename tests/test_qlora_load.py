@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_llama
 from deltatune.quant import Linear4bit, load_quantized, quantize_model
+from helpers import tiny_llama
 
 
 def save(model: nn.Module, folder: str, shard: str | None = None) -> str:

@@ -229,8 +229,8 @@ def test_unknown_keywords_are_refused_not_swallowed(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="revision='v2'.*local folders only"):
         model.load_adapter(tmp_path / "other", "other", revision="v2")
     assert list(model.peft_config) == ["default"]  # refused before anything changed
-    with pytest.raises(TypeError, match=r"save_pretrained\(\) got unexpected keyword.*\['max_shard_size'\]"):
-        model.save_pretrained(tmp_path / "x", max_shard_size="1GB")
+    with pytest.raises(TypeError, match=r"save_pretrained\(\) got unexpected keyword.*\['max_shard_sise'\]"):
+        model.save_pretrained(tmp_path / "x", max_shard_sise="1GB")
     with pytest.raises(ValueError, match="save_embedding_layers=True"):
         model.save_pretrained(tmp_path / "x", save_embedding_layers=True)
     assert not (tmp_path / "x").exists()
@@ -326,7 +326,7 @@ def test_base_model_tensors_in_an_adapter_file_are_refused(tmp_path: Path) -> No
     with pytest.raises(ValueError, match=r"name weights of the base model.*\['lm_head.weight'\]"):
         loaded.load_adapter(tmp_path / "extra", "b")
     assert list(loaded.peft_config) == ["default"]
-    assert not torch.equal(loaded.base_model.lm_head.weight, torch.zeros(96, 32))
+    assert not torch.equal(loaded.get_base_model().lm_head.weight, torch.zeros(96, 32))
     torch.testing.assert_close(out(loaded, inputs), before, atol=0, rtol=0)
     with pytest.raises(ValueError, match="name weights of the base model"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path / "extra")
@@ -353,7 +353,7 @@ def test_peft_style_embedding_base_weight(tmp_path: Path) -> None:
     assert sorted(host.peft_config) == ["default", "same"]
     torch.testing.assert_close(out(host, inputs), before, atol=0, rtol=0)
     alone = PeftModel.from_pretrained(tiny_llama(), tmp_path / "resized")
-    assert torch.equal(alone.base_model.model.embed_tokens.base_layer.weight, table + 1.0)
+    assert torch.equal(alone.get_base_model().model.embed_tokens.base_layer.weight, table + 1.0)
     peft = pytest.importorskip("peft")
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "resized"))
     torch.testing.assert_close(out(alone, inputs), out(theirs, inputs), atol=1e-5, rtol=0)
@@ -369,14 +369,14 @@ def test_loading_into_a_meta_model_assigns_the_adapter(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="meta device.*assign=True"):
         loaded = PeftModel.from_pretrained(empty, tmp_path)
     saved = load_file(str(tmp_path / WEIGHTS_NAME))
-    a = loaded.base_model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    a = loaded.get_base_model().model.layers[0].self_attn.q_proj.lora_A["default"].weight
     assert not a.is_meta
     assert torch.equal(a, saved["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
-    base_state = {k: v for k, v in model.base_model.state_dict().items() if "lora_" not in k}
-    loaded.base_model.load_state_dict(base_state, assign=True, strict=False)
-    for name, buffer in model.base_model.named_buffers():  # non-persistent ones (RoPE inv_freq)
+    base_state = {k: v for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
+    loaded.get_base_model().load_state_dict(base_state, assign=True, strict=False)
+    for name, buffer in model.get_base_model().named_buffers():  # non-persistent ones (RoPE inv_freq)
         owner, _, leaf = name.rpartition(".")
-        loaded.base_model.get_submodule(owner).register_buffer(leaf, buffer.clone(), persistent=False)
+        loaded.get_base_model().get_submodule(owner).register_buffer(leaf, buffer.clone(), persistent=False)
     assert not any(p.is_meta for p in loaded.parameters())
     torch.testing.assert_close(out(loaded, inputs), out(model, inputs), atol=0, rtol=0)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import randomize_lora, tiny_llama
 from deltatune import LoraConfig, PeftModel, get_peft_model
 from deltatune.methods.lora import fast
 from deltatune.methods.lora.bank import SlotTable
 from deltatune.serve import AdapterBank
+from helpers import randomize_lora, tiny_llama
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import randomize_lora
 from deltatune import LoraConfig, get_peft_model
 from deltatune.cli import main
+from helpers import randomize_lora
 
 pytest.importorskip("fastapi")
-from test_serve_server import base_model, char_tokenizer  # noqa: E402
+from helpers import base_model, char_tokenizer  # noqa: E402
 
 
 def start(model: Path, store: Path) -> tuple[subprocess.Popen[str], str]:

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import randomize_lora, tiny_llama
 from deltatune import LoraConfig, PeftModel, get_peft_model
 from deltatune.serve import AdapterStore, serving_model
 from deltatune.serve.engine import Engine
 from deltatune.serve.server import ServerThread, create_app
+from helpers import base_model, char_tokenizer, randomize_lora
 
 openai = pytest.importorskip("openai")
 
@@ -28,28 +28,6 @@ SPECS: dict[str, dict[str, Any]] = {
     "poem": dict(r=8, lora_alpha=4, target_modules=["o_proj", "down_proj"], use_rslora=True),
     "chat": dict(r=2, lora_alpha=2, target_modules="all-linear"),
 }
-
-
-def base_model() -> torch.nn.Module:
-    return tiny_llama(vocab_size=100, max_position_embeddings=128)
-
-
-def char_tokenizer() -> Any:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{chr(c): c - 28 for c in range(32, 127)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.chat_template = (
-        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
-        "{% if add_generation_prompt %}[assistant] {% endif %}"
-    )
-    return fast
 
 
 @pytest.fixture(scope="module")

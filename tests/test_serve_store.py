@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import randomize_lora, tiny_llama
 from deltatune import LoraConfig, PeftModel, get_peft_model
 from deltatune.serve import AdapterNotFound, AdapterRefused, AdapterStore, serving_model
+from helpers import randomize_lora, tiny_llama
 
 SPECS = {
     "sql": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),

@@ -37,8 +37,18 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     # What every method builds on: configs and the method registry, module targeting, other
-    # libraries' adapter folders read into configs, adapter folders read as untrusted input.
-    ("core", ("deltatune.config", "deltatune.targeting", "deltatune.formats", "deltatune.untrusted")),
+    # libraries' adapter folders read into configs, adapter folders read as untrusted input, the
+    # bridge that shows deltatune models to libraries that check for PEFT's classes.
+    (
+        "core",
+        (
+            "deltatune.config",
+            "deltatune.targeting",
+            "deltatune.formats",
+            "deltatune.untrusted",
+            "deltatune.integrations",
+        ),
+    ),
     # Adapter layers and tuners, one package or file per method; LoRA over 4-bit bases; LoftQ.
     ("layers", ("deltatune.methods", "deltatune.quant.qlora", "deltatune.quant.loftq")),
     # The wrapper model and what works on whole (wrapped) models.

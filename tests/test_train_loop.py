@@ -162,7 +162,7 @@ def test_gradient_checkpointing_with_lora_gives_the_same_adapter(tmp_path):
         Trainer(
             model, train, collator, _cfg(tmp_path / str(gc), max_steps=3, gradient_checkpointing=gc)
         ).train()
-        assert model.base_model.is_gradient_checkpointing == gc
+        assert model.get_base_model().is_gradient_checkpointing == gc
         states.append(_lora_state(model))
     for k in states[0]:
         assert not torch.equal(states[0][k], torch.zeros_like(states[0][k])) or "lora_B" not in k

@@ -430,9 +430,9 @@ def test_a_loaded_prompt_never_reads_the_tokenizer_path_of_its_config(tmp_path, 
 def test_a_catastrophic_pattern_on_a_mixture_of_experts_model_is_fast():
     """On MoE models, target_modules is also matched against expert parameter names (to map old
     per-expert names onto fused parameters): that matching is linear-time too."""
-    from test_moe import tiny_moe
+    from helpers import tiny_mixtral
 
-    base = tiny_moe("mixtral")
+    base = tiny_mixtral()
     before = _snapshot(base)
     start = time.perf_counter()
     with pytest.raises(ValueError, match="matched no"):

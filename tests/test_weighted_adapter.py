@@ -50,7 +50,7 @@ def two_adapters(kind: str = "llama", embed: bool = False) -> PeftModel:
 def deltas(model: PeftModel, name: str) -> dict[str, torch.Tensor]:
     return {
         p: m.delta_weight(name).detach()
-        for p, m in model.base_model.named_modules()
+        for p, m in model.get_base_model().named_modules()
         if isinstance(m, LoraLayer) and name in m.r
     }
 
@@ -74,8 +74,8 @@ def test_cat_is_exact(kind: str, embed: bool) -> None:
     for path in expected:
         torch.testing.assert_close(got[path], expected[path], rtol=1e-5, atol=1e-5)
     shared = "model.layers.0.self_attn.q_proj" if kind == "llama" else "transformer.h.0.attn.c_attn"
-    assert model.base_model.get_submodule(shared).r["mix"] == 6  # 4 + 2
-    assert model.base_model.get_submodule(shared).scaling["mix"] == 1.0
+    assert model.get_base_model().get_submodule(shared).r["mix"] == 6  # 4 + 2
+    assert model.get_base_model().get_submodule(shared).scaling["mix"] == 1.0
 
 
 def test_cat_forward_equals_merging_the_weighted_sum() -> None:
@@ -112,7 +112,7 @@ def test_svd_full_rank_is_exact_and_low_rank_is_optimal() -> None:
 def test_svd_default_rank_is_max_rank() -> None:
     model = two_adapters()
     model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "mix")  # default: svd, like the ecosystem
-    assert model.base_model.get_submodule("model.layers.0.self_attn.q_proj").r["mix"] == 4
+    assert model.get_base_model().get_submodule("model.layers.0.self_attn.q_proj").r["mix"] == 4
 
 
 def test_linear_needs_equal_ranks_and_is_exact_for_shared_a() -> None:
@@ -124,7 +124,7 @@ def test_linear_needs_equal_ranks_and_is_exact_for_shared_a() -> None:
     )
     model.add_adapter("b", LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj"], init_lora_weights=False))
     with torch.no_grad():  # share A: then B-combination is exact
-        for m in model.base_model.modules():
+        for m in model.get_base_model().modules():
             if isinstance(m, LoraLayer):
                 m.lora_A["b"].weight.copy_(m.lora_A["default"].weight)
     weights = {"default": 0.3, "b": -0.8}
@@ -184,7 +184,7 @@ def test_svd_factors_and_clamp_equal_peft(clamp: float | None) -> None:
         model.add_weighted_adapter(
             ["default", "b"], [0.7, -0.3], "mix", combination_type="svd", svd_clamp=clamp
         )
-    q_ours = ours.base_model.model.layers[0].self_attn.q_proj
+    q_ours = ours.get_base_model().model.layers[0].self_attn.q_proj
     q_theirs = theirs.base_model.model.model.layers[0].self_attn.q_proj
     for mine, ref in ((q_ours.lora_A, q_theirs.lora_A), (q_ours.lora_B, q_theirs.lora_B)):
         torch.testing.assert_close(mine["mix"].weight, ref["mix"].weight, rtol=1e-4, atol=1e-5)

@@ -15,15 +15,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import PushToHubMixin
 
+from deltatune import integrations
 from deltatune.config import TASK_HEADS, PeftConfig, method_for
 from deltatune.io import replace_folder
 from deltatune.methods.base import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper, Tuner, replace_module
 from deltatune.peft_compat import (
+    TunerModel,
     WithBaseSignature,
     check_kwargs,
     check_save_kwargs,
+    enable_checkpointing,
     read_adapter,
+    reload_adapter,
+    tensors_from_state_dict,
     warn_autocast,
     write_adapter_files,
 )
@@ -42,12 +48,14 @@ def _tuner(config: PeftConfig) -> Tuner[Any]:
     return method_for(config).tuner
 
 
-class PeftModel(nn.Module):
+class PeftModel(PushToHubMixin, nn.Module):
     """A base model with one or more named adapters, all of one method.
 
     Calls that are not defined here (``config``, ``generate`` of the base, ...) pass
     through to the base model.
     """
+
+    _deltatune_peft_model = True  # what deltatune.integrations recognises
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
@@ -56,7 +64,9 @@ class PeftModel(nn.Module):
                 "This model is already wrapped; use model.add_adapter(name, config) to add another adapter."
             )
         check_unwrapped(model)
-        self.base_model = model
+        integrations.enable()  # transformers / accelerate / TRL then treat this model as PEFT's
+        # PEFT's layout: a tuner over the model for layer methods, the model itself for prompt ones
+        self.base_model = TunerModel(model, self) if _tuner(peft_config).is_layer_based else model
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter: str | None = None
         self._disabled = False
@@ -74,7 +84,7 @@ class PeftModel(nn.Module):
         modules and requires_grad flags (``flags``, from ``grad_flags`` before the call) back."""
         for config in self.peft_config.values():
             _tuner(config).delete(self, None)
-        strip_adapter_modules(self.base_model)
+        strip_adapter_modules(self.get_base_model())
         for p, requires_grad in flags.values():
             p.requires_grad_(requires_grad)
         self.peft_config = {}
@@ -103,7 +113,7 @@ class PeftModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         """The wrapped transformers model (with adapter layers inside), as PEFT's returns."""
-        return self.base_model
+        return self.base_model.model if isinstance(self.base_model, TunerModel) else self.base_model
 
     @property
     def active_peft_config(self) -> PeftConfig:
@@ -112,7 +122,7 @@ class PeftModel(nn.Module):
         return self.peft_config[self.active_adapter]
 
     def _adapter_modules(self) -> Iterator[AdapterLayer | ModulesToSaveWrapper]:
-        for m in self.base_model.modules():
+        for m in self.get_base_model().modules():
             if isinstance(m, (AdapterLayer, ModulesToSaveWrapper)):
                 yield m
 
@@ -142,12 +152,12 @@ class PeftModel(nn.Module):
                 current = list(peft_config.modules_to_save or [])  # type: ignore[attr-defined]
                 peft_config.modules_to_save = current + [h for h in heads if h not in current]  # type: ignore[attr-defined]
         if peft_config.base_model_name_or_path is None:
-            cfg = getattr(self.base_model, "config", None)
+            cfg = getattr(self.get_base_model(), "config", None)
             peft_config.base_model_name_or_path = getattr(cfg, "name_or_path", None) or None
         before = {id(m) for m in self._adapter_modules()}
         try:
             tuner.inject(self, peft_config, adapter_name)
-            tuner.inject_modules_to_save(self.base_model, peft_config, adapter_name)
+            tuner.inject_modules_to_save(self.get_base_model(), peft_config, adapter_name)
         except BaseException:
             self._discard_adapter(adapter_name, before)  # never a half-injected adapter
             raise
@@ -169,7 +179,7 @@ class PeftModel(nn.Module):
         config = self.peft_config.pop(adapter_name, None)
         if config is not None:
             _tuner(config).delete(self, adapter_name)
-        strip_adapter_modules(self.base_model, keep=before)
+        strip_adapter_modules(self.get_base_model(), keep=before)
         if self.active_adapter == adapter_name:
             self.active_adapter = None
 
@@ -216,7 +226,7 @@ class PeftModel(nn.Module):
             for p in self._adapter_params(name, tuner):
                 p.requires_grad_(False)
             if trainable:
-                tuner.mark_trainable(self.base_model, config, name)
+                tuner.mark_trainable(self.get_base_model(), config, name)
                 # Parameters a method keeps outside the base model (e.g. soft prompts) train too.
                 for p in tuner.extra_parameters(self, name):
                     p.requires_grad_(True)
@@ -232,7 +242,7 @@ class PeftModel(nn.Module):
         config = self.peft_config[adapter_name]
         merged = [
             p
-            for p, m in self.base_model.named_modules()
+            for p, m in self.get_base_model().named_modules()
             if isinstance(m, AdapterLayer) and adapter_name in m.merged_adapters
         ]
         if merged:  # checked on every layer before any is changed: never a half-deleted adapter
@@ -291,7 +301,7 @@ class PeftModel(nn.Module):
 
     # -- merging ----------------------------------------------------------------------
     def _layers(self) -> list[AdapterLayer]:
-        return [m for m in self.base_model.modules() if isinstance(m, AdapterLayer)]
+        return [m for m in self.get_base_model().modules() if isinstance(m, AdapterLayer)]
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Add the adapters' deltas into the base weights (reversible with unmerge_adapter)."""
@@ -352,23 +362,23 @@ class PeftModel(nn.Module):
 
     def _unload(self) -> nn.Module:
         done: list[str] = []
-        for path, module in list(self.base_model.named_modules()):
+        for path, module in list(self.get_base_model().named_modules()):
             if any(path.startswith(d + ".") for d in done):
                 continue  # inside a layer already unloaded (nested wrappers unload as one)
             if isinstance(module, AdapterLayer):
-                replace_module(self.base_model, path, module.unload())
+                replace_module(self.get_base_model(), path, module.unload())
                 done.append(path)
             elif isinstance(module, ModulesToSaveWrapper):
                 # The active adapter's trained copy (PEFT does the same); the original when
                 # the active adapter has no copy here.
                 active = module.active_adapters[-1] if module.active_adapters else None
                 keep = module.modules_to_save[active] if active else module.original_module
-                replace_module(self.base_model, path, keep)
+                replace_module(self.get_base_model(), path, keep)
         for config in self.peft_config.values():
             _tuner(config).delete(self, None)
         self.peft_config = {}
         self.active_adapter = None
-        return self.base_model
+        return self.get_base_model()
 
     # -- parameters ---------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -384,7 +394,7 @@ class PeftModel(nn.Module):
     # -- forward ----------------------------------------------------------------------
     def _forward_entry(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is not None:
-            with mixed_batch(self.base_model, adapter_names, list(self.peft_config), args, kwargs):
+            with mixed_batch(self.get_base_model(), adapter_names, list(self.peft_config), args, kwargs):
                 return self._forward(args, kwargs, adapter_names)
         return self._forward(args, kwargs, None)
 
@@ -397,12 +407,12 @@ class PeftModel(nn.Module):
             tuner = _tuner(self.active_peft_config)
             if not tuner.is_layer_based:
                 return tuner.forward(self, args, kwargs, adapter_names)
-        return self.base_model(*args, **kwargs)
+        return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the active adapter (``adapter_names``: one per row)."""
         if adapter_names is not None:
-            with mixed_batch(self.base_model, adapter_names, list(self.peft_config), args, kwargs):
+            with mixed_batch(self.get_base_model(), adapter_names, list(self.peft_config), args, kwargs):
                 return self._generate(args, kwargs, adapter_names)
         return self._generate(args, kwargs, None)
 
@@ -413,19 +423,14 @@ class PeftModel(nn.Module):
             tuner = _tuner(self.active_peft_config)
             if not tuner.is_layer_based:
                 return tuner.generate(self, args, kwargs, adapter_names)
-        base: Any = self.base_model
+        base: Any = self.get_base_model()
         return base.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
     ) -> None:
         """Checkpointing that works with a frozen base: inputs are made to require grad."""
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        base: Any = self.base_model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        enable = getattr(self.base_model, "enable_input_require_grads", None)
-        if callable(enable):
-            enable()
+        enable_checkpointing(self.get_base_model(), gradient_checkpointing_kwargs)
 
     # -- files ------------------------------------------------------------------------
     def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
@@ -447,12 +452,18 @@ class PeftModel(nn.Module):
         save_embedding_layers: str | bool = "auto",
         is_main_process: bool = True,
         path_initial_model_for_weight_conversion: str | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        max_shard_size: int | str | None = None,
+        save_function: Any = None,
         **kwargs: Any,
     ) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` + README.
 
         The default adapter goes in ``save_directory``; others in sub-folders named after them.
         ``is_main_process=False`` (other ranks of a distributed run) writes nothing.
+        ``state_dict``: this model's full state dict (e.g. gathered by FSDP); the adapter's tensors
+        are taken from it. ``max_shard_size`` and ``save_function`` (``accelerator.save``) are
+        accepted as transformers accepts them and change nothing: one safetensors file, atomically.
         """
         check_save_kwargs(
             safe_serialization, save_embedding_layers, path_initial_model_for_weight_conversion, kwargs
@@ -474,10 +485,13 @@ class PeftModel(nn.Module):
             return
         # One swap replaces the whole folder (every selected adapter at once): a crash at any moment
         # leaves all the old files or all the new ones; the folder's other files are kept.
+        tensors = {
+            n: tensors_from_state_dict(self, self.get_adapter_state_dict(n), state_dict) for n in names
+        }
         with replace_folder(save_directory) as root:
             for name in names:
                 target = root if name == "default" else os.path.join(root, name)
-                write_adapter_files(target, self.peft_config[name], self.get_adapter_state_dict(name))
+                write_adapter_files(target, self.peft_config[name], tensors[name])
 
     def load_adapter(
         self,
@@ -498,9 +512,9 @@ class PeftModel(nn.Module):
         ``subfolder``: the adapter lives in ``model_id/subfolder`` (e.g. a non-default adapter
         that ``save_pretrained`` wrote beside the default one). ``key_mapping``: regex →
         replacement renames of the saved keys (without ``base_model.model.``), as in PEFT.
-        ``ephemeral_gpu_offload`` and ``low_cpu_mem_usage`` are accepted for PEFT compatibility
-        and change nothing here; Hub-only keywords (``token``, ``cache_dir``, ...) are ignored.
-        Any other keyword is refused with a TypeError.
+        ``ephemeral_gpu_offload``, ``low_cpu_mem_usage`` and Hub-only keywords (``token``, ...) are
+        accepted and change nothing; any other keyword is refused with a TypeError. An existing
+        ``adapter_name`` (same config) gets the saved values, as in PEFT.
         """
         check_kwargs("load_adapter", kwargs)
         warn_autocast(autocast_adapter_dtype)
@@ -509,8 +523,11 @@ class PeftModel(nn.Module):
             key_mapping=key_mapping,
         )  # fmt: skip
         check_adapter_name(adapter_name)
-        if adapter_name not in self.peft_config:  # sizes checked on the meta device before any allocation
-            dry_run(self, None, self.base_model, config, adapter_name, state, os.fspath(model_id))
+        if adapter_name in self.peft_config:
+            reload_adapter(self, adapter_name, config, state)  # as PEFT: Trainer's resume relies on it
+            return
+        # sizes checked on the meta device before any allocation
+        dry_run(self, None, self.base_model, config, adapter_name, state, os.fspath(model_id))
         before = {id(m) for m in self._adapter_modules()}
         with loading_weights():  # the file's values replace any initialisation
             self.add_adapter(adapter_name, config)
@@ -525,7 +542,7 @@ class PeftModel(nn.Module):
         tuner = _tuner(config)
         state = {k.removeprefix(tuner.saved_prefix): v for k, v in state.items()}
         tuner.load_state_dict(self, config, adapter_name, state)
-        if any(p.is_meta for p in self.base_model.parameters()):
+        if any(p.is_meta for p in self.get_base_model().parameters()):
             # The adapter's tensors were assigned (they hold the file's values); the base is empty.
             warnings.warn(
                 "The base model's weights are on the meta device: the adapter's tensors were loaded, but "

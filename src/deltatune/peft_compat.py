@@ -16,6 +16,7 @@ import warnings
 from typing import Any
 
 import torch
+from torch import nn
 
 from deltatune.config import CONFIG_NAME, PeftConfig
 from deltatune.formats import read_foreign_folder
@@ -113,7 +114,7 @@ class _SignedForward:
     @property
     def __signature__(self) -> inspect.Signature:
         try:
-            base = inspect.signature(self._model.base_model.forward)
+            base = inspect.signature(self._model.get_base_model().forward)
         except (TypeError, ValueError):  # a forward inspect cannot read: the wrapper's own
             return inspect.signature(self._call)
         params = list(base.parameters.values())
@@ -206,6 +207,57 @@ def check_save_kwargs(
         )
 
 
+def tensors_from_state_dict(
+    model: nn.Module, tensors: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """The adapter's ``tensors`` (file key → this model's parameter) with their values taken from
+    ``state_dict``, a full state dict of ``model`` (the copy a distributed run gathered), if given."""
+    if state_dict is None:
+        return tensors
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    out: dict[str, torch.Tensor] = {}
+    missing: list[str] = []
+    for key, tensor in tensors.items():
+        name = names.get(id(tensor))
+        if name is not None and name in state_dict:
+            out[key] = state_dict[name]
+        else:
+            missing.append(name or key)
+    if missing:
+        raise ValueError(
+            f"save_pretrained(state_dict=...): the state dict lacks the adapter's tensors {missing[:3]} "
+            f"(of {len(missing)}); pass this model's own state_dict() (full key names), or no state_dict."
+        )
+    return out
+
+
+def enable_checkpointing(base: Any, gradient_checkpointing_kwargs: dict[str, Any] | None) -> None:
+    """Gradient checkpointing on a frozen ``base``: its inputs are made to require grad."""
+    base.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False}
+    )
+    enable = getattr(base, "enable_input_require_grads", None)
+    if callable(enable):
+        enable()
+
+
+def reload_adapter(model: Any, adapter_name: str, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:
+    """Load saved values into ``model``'s existing adapter ``adapter_name`` (as PEFT's
+    ``load_adapter`` does for a name in use); on any error its values stay as they were."""
+    ignore = {"inference_mode": None, "base_model_name_or_path": None, "revision": None}
+    if config.to_dict() | ignore != model.peft_config[adapter_name].to_dict() | ignore:
+        raise ValueError(
+            f"load_adapter(..., {adapter_name!r}): an adapter of that name exists with another config; "
+            f"load under a new name, or delete_adapter({adapter_name!r}) first."
+        )
+    before = {k: v.detach().clone() for k, v in model.get_adapter_state_dict(adapter_name).items()}
+    try:
+        model._load_state(adapter_name, state)
+    except BaseException:
+        model._load_state(adapter_name, before)
+        raise
+
+
 def write_adapter(directory: str, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:
     """Write one adapter folder atomically (built beside it, swapped in whole; see
     :func:`deltatune.io.replace_folder`): its files as :func:`write_adapter_files` writes them."""
@@ -222,3 +274,79 @@ def write_adapter_files(directory: str, config: PeftConfig, state: dict[str, tor
     save_tensors(state, os.path.join(directory, WEIGHTS_NAME))
     config.save_pretrained(directory)
     atomic_write_text(os.path.join(directory, "README.md"), model_card(config, state))
+
+
+class TunerModel(nn.Module):
+    """``PeftModel.base_model`` for layer-based methods, laid out as PEFT's tuner (``LoraModel``,
+    ``IA3Model``, ...): ``.model`` is the transformers model with the adapter layers inside, so
+    state-dict keys read ``base_model.model.<module path>`` as in PEFT, and the libraries that
+    duck-type on PEFT's layout (TRL, transformers) find what they expect::
+
+        PeftModel
+        └── base_model      TunerModel (this)
+            └── model       the transformers model, adapter layers inside
+
+    Adapter management is the wrapper's: the calls PEFT's tuners offer (``set_adapter``,
+    ``disable_adapter_layers``, ``merge_and_unload``, ...) are passed on to it. Any other
+    attribute is the transformers model's.
+    """
+
+    def __init__(self, model: nn.Module, owner: Any) -> None:
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "_owner", owner)  # not a submodule: the wrapper holds this tuner
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("model", "_owner"):
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self._owner.peft_config  # type: ignore[no-any-return]
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._owner.active_adapter  # type: ignore[no-any-return]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self._owner.active_adapters  # type: ignore[no-any-return]
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        self._owner.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        self._owner.set_requires_grad(adapter_names, requires_grad=requires_grad)
+
+    def disable_adapter_layers(self) -> None:
+        self._owner.disable_adapter_layers()
+
+    def enable_adapter_layers(self) -> None:
+        self._owner.enable_adapter_layers()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._owner.delete_adapter(adapter_name)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._owner.merge_adapter(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self._owner.unmerge_adapter()
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        self._owner.add_weighted_adapter(*args, **kwargs)
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        return self._owner.merge_and_unload(progressbar, safe_merge, adapter_names)  # type: ignore[no-any-return]
+
+    def unload(self) -> nn.Module:
+        return self._owner.unload()  # type: ignore[no-any-return]

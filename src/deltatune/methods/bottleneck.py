@@ -397,7 +397,7 @@ class BottleneckTuner(Tuner):
         from deltatune.methods.base import replace_module
 
         assert isinstance(config, BottleneckConfig)
-        model = peft_model.base_model
+        model = peft_model.get_base_model()
         sites = self._sites(model, config)
         existing = [p for p, m in model.named_modules() if isinstance(m, BottleneckLayer)]
         plan = []
@@ -442,7 +442,7 @@ class BottleneckTuner(Tuner):
         """As every layer method, after lining up a differing model prefix (``bert.encoder...`` saved
         from a model with a head, loaded into a bare ``BertModel``): keys are matched from the
         numbered block on, and only when that matches every key one to one."""
-        kmap = self.key_map(peft_model.base_model, config, adapter_name)
+        kmap = self.key_map(peft_model.get_base_model(), config, adapter_name)
         if state and not set(state) <= set(kmap):
             # Older deltatune files put BERT's adapters on the sub-layer's dense layer.
             state = {_OLD_BERT_SITE.sub(".output.bottleneck.", k): v for k, v in state.items()}

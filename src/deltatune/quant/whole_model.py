@@ -70,7 +70,8 @@ def _base_linears(model: nn.Module) -> Iterator[tuple[str, str, nn.Linear]]:
             yield from walk(child, f"{path}.{name}" if path else name, f"{bare}.{name}" if bare else name)
 
     if isinstance(model, PeftModel):
-        yield from walk(model.base_model, "base_model", "")
+        base = model.get_base_model()
+        yield from walk(base, "base_model.model" if model.base_model is not base else "base_model", "")
     else:
         yield from walk(model, "", "")
 

@@ -55,9 +55,12 @@ def dora_slot_factors(
         return a, b * (f * scaling).unsqueeze(1), 1.0, f, c
 
 
-def _module_path(name: str) -> str:
-    """A LoRA layer's path inside the base model (the wrapper's ``base_model.`` prefix removed)."""
-    return name.removeprefix("base_model.")
+def _lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """The LoRA layers of ``model`` (a wrapper or a plain module) by their path inside the
+    transformers model, as adapter files name them after ``base_model.model.``."""
+    get_base = getattr(model, "get_base_model", None)
+    root = get_base() if callable(get_base) else model
+    return {n: m for n, m in root.named_modules() if isinstance(m, LoraLinear)}
 
 
 class AdapterBank:
@@ -71,9 +74,7 @@ class AdapterBank:
         dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
-        self.layers: dict[str, LoraLinear] = {
-            _module_path(n): m for n, m in model.named_modules() if isinstance(m, LoraLinear)
-        }
+        self.layers: dict[str, LoraLinear] = _lora_layers(model)
         if not self.layers:
             raise ValueError(
                 "AdapterBank needs a model with LoRA layers: wrap the base with get_peft_model(model, "
