@@ -326,7 +326,7 @@ def test_catastrophic_patterns_run_in_linear_time(good, tmp_path):
     start = time.perf_counter()
     model = PeftModel.from_pretrained(tiny_llama_lm(), str(folder))
     assert time.perf_counter() - start < SECONDS
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
     assert layer.r["default"] == 4 and layer.scaling["default"] == 8 / 4
 
 
@@ -339,7 +339,7 @@ def test_embedding_table_from_the_file_is_still_taken_alone(tmp_path):
         tmp_path, lambda s: s.__setitem__("base_model.model.model.embed_tokens.base_layer.weight", table)
     )
     loaded = PeftModel.from_pretrained(tiny_llama_lm(), str(tmp_path))
-    assert torch.equal(loaded.base_model.model.embed_tokens.base_layer.weight, table)
+    assert torch.equal(loaded.get_base_model().model.embed_tokens.base_layer.weight, table)
 
 
 def test_prompt_tuning_sizes_are_checked_before_allocating(tmp_path):

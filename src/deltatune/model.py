@@ -19,7 +19,6 @@ from transformers.utils import PushToHubMixin
 
 from deltatune import integrations
 from deltatune.config import TASK_HEADS, PeftConfig, method_for
-from deltatune.io import replace_folder
 from deltatune.methods.base import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper, Tuner, replace_module
 from deltatune.peft_compat import (
     TunerModel,
@@ -29,9 +28,8 @@ from deltatune.peft_compat import (
     enable_checkpointing,
     read_adapter,
     reload_adapter,
-    tensors_from_state_dict,
+    save_adapters,
     warn_autocast,
-    write_adapter_files,
 )
 from deltatune.untrusted import dry_run, loading_weights
 from deltatune.wrapping import (
@@ -468,30 +466,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         check_save_kwargs(
             safe_serialization, save_embedding_layers, path_initial_model_for_weight_conversion, kwargs
         )
-        save_directory = os.fspath(save_directory)
-        if os.path.isfile(save_directory):
-            raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a folder path.")
-        if not self.peft_config:
-            raise ValueError(
-                "This model holds no adapter (the last one was deleted or unloaded), so save_pretrained has "
-                f"nothing to write to {save_directory!r}. Add or load an adapter first."
-            )
-        names = selected_adapters or list(self.peft_config)
-        for name in names:
-            if name not in self.peft_config:
-                raise ValueError(f"No adapter named {name!r}; this model has {list(self.peft_config)}.")
-            check_adapter_name(name)  # a sub-folder of save_directory, never a path outside it
-        if not is_main_process:
-            return
-        # One swap replaces the whole folder (every selected adapter at once): a crash at any moment
-        # leaves all the old files or all the new ones; the folder's other files are kept.
-        tensors = {
-            n: tensors_from_state_dict(self, self.get_adapter_state_dict(n), state_dict) for n in names
-        }
-        with replace_folder(save_directory) as root:
-            for name in names:
-                target = root if name == "default" else os.path.join(root, name)
-                write_adapter_files(target, self.peft_config[name], tensors[name])
+        save_adapters(self, os.fspath(save_directory), selected_adapters, state_dict, is_main_process)
 
     def load_adapter(
         self,

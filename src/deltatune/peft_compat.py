@@ -23,6 +23,7 @@ from deltatune.formats import read_foreign_folder
 from deltatune.io import WEIGHTS_NAME, atomic_write_text, replace_folder, save_tensors
 from deltatune.untrusted import check_tensors
 from deltatune.untrusted import read_adapter as read_untrusted
+from deltatune.wrapping import check_adapter_name
 
 # Keyword arguments of PEFT's loaders that only steer Hub downloads: without effect on a local
 # folder, so they are accepted and ignored.
@@ -350,3 +351,34 @@ class TunerModel(nn.Module):
 
     def unload(self) -> nn.Module:
         return self._owner.unload()  # type: ignore[no-any-return]
+
+
+def save_adapters(
+    model: Any,
+    save_directory: str,
+    selected: list[str] | None,
+    state_dict: dict[str, torch.Tensor] | None,
+    is_main_process: bool,
+) -> None:
+    """``save_pretrained``'s work: check the names, then write the default adapter into
+    ``save_directory`` and the others into sub-folders named after them, in one folder swap (a
+    crash at any moment leaves all the old files or all the new ones; other files are kept)."""
+    if os.path.isfile(save_directory):
+        raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a folder path.")
+    if not model.peft_config:
+        raise ValueError(
+            "This model holds no adapter (the last one was deleted or unloaded), so save_pretrained has "
+            f"nothing to write to {save_directory!r}. Add or load an adapter first."
+        )
+    names = selected or list(model.peft_config)
+    for name in names:
+        if name not in model.peft_config:
+            raise ValueError(f"No adapter named {name!r}; this model has {list(model.peft_config)}.")
+        check_adapter_name(name)  # a sub-folder of save_directory, never a path outside it
+    if not is_main_process:
+        return
+    tensors = {n: tensors_from_state_dict(model, model.get_adapter_state_dict(n), state_dict) for n in names}
+    with replace_folder(save_directory) as root:
+        for name in names:
+            target = root if name == "default" else os.path.join(root, name)
+            write_adapter_files(target, model.peft_config[name], tensors[name])
