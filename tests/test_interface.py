@@ -15,6 +15,7 @@ from deltatune.methods.base import ModulesToSaveWrapper
 from deltatune.methods.lora import Linear
 from helpers import (
     MODELS,
+    llama3_8b_meta,
     model_output,
     peft_classifier_adapter,
     randomize_lora,
@@ -28,24 +29,8 @@ from helpers import (
 LLAMA3_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def llama3_8b_on_meta() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-    )
-    with torch.device("meta"):
-        return LlamaForCausalLM(config)
-
-
 def test_mission_snippet_on_llama3_8b_figures(capsys: pytest.CaptureFixture[str]) -> None:
-    model = llama3_8b_on_meta()
+    model = llama3_8b_meta()
     lora_config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=16,
@@ -60,7 +45,7 @@ def test_mission_snippet_on_llama3_8b_figures(capsys: pytest.CaptureFixture[str]
         "trainable params: 41,943,040 || all params: 8,072,204,288 || trainable%: 0.5196"
     )
     # r=32 gives the mission text's 83,886,080: twice as many, since the count is linear in r.
-    model32 = get_peft_model(llama3_8b_on_meta(), LoraConfig(r=32, target_modules=LLAMA3_TARGETS))
+    model32 = get_peft_model(llama3_8b_meta(), LoraConfig(r=32, target_modules=LLAMA3_TARGETS))
     assert model32.get_nb_trainable_parameters()[0] == 83_886_080
 
 
