@@ -80,6 +80,48 @@ def tiny_t5(seed: int = 0) -> nn.Module:
     return T5ForConditionalGeneration(cfg).eval()
 
 
+def tiny_wide(kind: str = "llama", seed: int = 0) -> nn.Module:
+    """A 2-layer ``kind`` model of width 64 and a 128-token vocabulary (rows as long as the 64-weight
+    blocks of NF4 and bitsandbytes): llama, mistral, qwen2, gpt2 (LM heads), bert, roberta
+    (encoders), t5 (seq2seq); eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    decoder = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
+    encoder = dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=128
+    )
+    build: dict[str, Callable[[], nn.Module]] = {
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**decoder)),
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**decoder)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**decoder)),
+        "gpt2": lambda: tf.GPT2LMHeadModel(
+            tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, bos_token_id=0, eos_token_id=0)
+        ),
+        "bert": lambda: tf.BertModel(tf.BertConfig(**encoder)),
+        "roberta": lambda: tf.RobertaModel(tf.RobertaConfig(**encoder, pad_token_id=1)),
+        "t5": lambda: tf.T5ForConditionalGeneration(
+            tf.T5Config(
+                d_model=64,
+                d_ff=128,
+                num_layers=2,
+                num_heads=4,
+                d_kv=16,
+                vocab_size=128,
+                decoder_start_token_id=0,
+            )
+        ),
+    }
+    return build[kind]().eval()
+
+
 class MLP(nn.Module):
     """A user's own torch model: no transformers config at all."""
 
