@@ -233,6 +233,26 @@ def token_ids(batch: int = 3, length: int = 7, seed: int = 1, vocab: int = 96) -
     return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def trainable_report(model: Any) -> str:
+    """The line ``model.print_trainable_parameters()`` prints."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        model.print_trainable_parameters()
+    return buf.getvalue().strip()
+
+
+# The tiny models of each task type, for the virtual-token methods (prompt / prefix tuning).
+VIRTUAL_TOKEN_TASKS: dict[str, tuple[Callable[..., nn.Module], str]] = {
+    "llama": (tiny_llama, "CAUSAL_LM"),
+    "gpt2": (tiny_gpt2, "CAUSAL_LM"),
+    "bert": (tiny_bert, "SEQ_CLS"),
+    "t5": (tiny_t5, "SEQ_2_SEQ_LM"),
+}
+
+
 def llama3_8b_meta() -> nn.Module:
     """Llama-3-8B's shapes on the meta device (no memory): for parameter-count figures."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 from deltatune import IA3Config, PeftModel, get_peft_model
 from deltatune.methods.ia3 import IA3Layer
-from helpers import tiny_wide
+from helpers import llama3_8b_meta, tiny_wide, trainable_report
 
 
 def ids(batch: int = 2, seq: int = 7) -> torch.Tensor:
@@ -86,24 +79,9 @@ def test_forward_formula_on_one_layer() -> None:
 
 
 def test_llama3_8b_parameter_report() -> None:
-    with torch.device("meta"):
-        base = LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=4096,
-                intermediate_size=14336,
-                num_hidden_layers=32,
-                num_attention_heads=32,
-                num_key_value_heads=8,
-                vocab_size=128256,
-                tie_word_embeddings=False,
-            )
-        )
-    model = get_peft_model(base, IA3Config())
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        model.print_trainable_parameters()
+    model = get_peft_model(llama3_8b_meta(), IA3Config())
     assert (
-        buf.getvalue().strip()
+        trainable_report(model)
         == "trainable params: 524,288 || all params: 8,030,785,536 || trainable%: 0.0065"
     )
 
