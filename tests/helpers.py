@@ -3,7 +3,9 @@ hub download), their inputs, and checks used by several test files. Fixtures liv
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -231,6 +233,27 @@ def peft_classifier_adapter(path: str) -> nn.Module:
 def token_ids(batch: int = 3, length: int = 7, seed: int = 1, vocab: int = 96) -> torch.Tensor:
     """A fixed batch of token ids (1 .. vocab - 1) for the tiny models."""
     return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def once_per_run(name: str, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """``build(folder)``: computed by one pytest-xdist worker per run, loaded by the others.
+
+    The result (tensors, numbers, strings) is saved in ``$DELTATUNE_HOME``, which the workers of a
+    run share (see conftest's ``deltatune_home``); ``folder`` is there too, for files it writes.
+    """
+    import fcntl
+
+    home = Path(os.environ["DELTATUNE_HOME"])
+    with open(home / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other workers wait for the one building it
+        saved = home / f"{name}.pt"
+        if saved.exists():
+            return dict(torch.load(saved))
+        folder = home / name
+        folder.mkdir(exist_ok=True)
+        result = build(folder)
+        torch.save(result, saved)
+        return result
 
 
 def trainable_report(model: Any) -> str:
