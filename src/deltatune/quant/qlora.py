@@ -374,6 +374,11 @@ def merge_quantized(
     probe inputs, each layer gets ``probe_rows`` random N(0, 1) input rows and no
     whole-model figure is given.
 
+    bitsandbytes 4-bit bases: the merged weight is bitsandbytes' own dequantised weight plus the
+    update (the reference forwards leave the layers as stored). A model that already ran an
+    eval-mode forward on a CPU with bf16 support was changed by bitsandbytes then: its absmax
+    rounded to bf16, so each merged weight may be off by up to 2^-8 of its block's absmax.
+
     Returns:
         (the merged base model, a :class:`MergeReport`); ``peft_model`` is consumed, as by
         ``merge_and_unload()``. ``print(report)`` shows the table.
