@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CHUNK_VALUES", "chunked_linear", "supports_chunked"]
+__all__ = ["CHUNK_VALUES", "chunked_linear", "one_thread", "supports_chunked"]
 
 # Values of W dequantised per chunk: 4 M values (16 MB in fp32), so that a layer takes a few
 # GEMMs. The dequantisation of a chunk runs on one thread: it is a few cheap passes, and
@@ -36,7 +36,11 @@ CHUNK_VALUES = 1 << 22
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
+    """Run torch's CPU ops on one thread while active. For streams of short element-wise ops
+    (dequantising or quantising a chunk): each multi-threaded op ends in a barrier, and when
+    another process holds a core that barrier waits out a scheduler time slice; measured on
+    the NF4 quantiser under load, 2 threads were 15-20x slower than one."""
     threads = torch.get_num_threads()
     if threads == 1:
         yield
@@ -70,7 +74,7 @@ class _Dequantizer:
 
     def rows_of(self, r0: int, r1: int) -> torch.Tensor:
         """W[r0:r1] (r1 - r0, in) in ``dtype``; valid until the next call."""
-        with _one_thread():
+        with one_thread():
             return self._rows_of(r0, r1)
 
     def _rows_of(self, r0: int, r1: int) -> torch.Tensor:
