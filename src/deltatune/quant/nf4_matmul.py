@@ -19,12 +19,13 @@ true of every transformer projection); other layers take the plain path.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["CHUNK_VALUES", "chunked_linear", "one_thread", "supports_chunked"]
+__all__ = ["CHUNK_VALUES", "chunked_linear", "one_thread", "release_workspace", "supports_chunked"]
 
 # Values of W dequantised per chunk: 4 M values (16 MB in fp32), so that a layer takes a few
 # GEMMs. The dequantisation of a chunk runs on one thread: it is a few cheap passes, and
@@ -56,28 +57,65 @@ def supports_chunked(x: torch.Tensor, in_features: int, block_size: int) -> bool
     return x.device.type == "cpu" and in_features % block_size == 0
 
 
+class _Workspace(threading.local):
+    """Buffers reused from call to call (one set per thread). A fresh multi-megabyte tensor per
+    call comes straight from the kernel (above glibc's mmap threshold), and faulting its pages
+    in cost more than dequantising into it. Each buffer grows to the largest request seen."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (name, dtype, device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < n:
+            self.buffers.pop(key, None)  # free the old one before allocating the larger one
+            buf = self.buffers[key] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n]
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free this thread's dequantisation buffers (they are kept for the next call otherwise)."""
+    _WORKSPACE.buffers.clear()
+
+
 class _Dequantizer:
-    """Dequantises row chunks of one weight into reused buffers."""
+    """Dequantises row chunks of one weight into reused buffers.
+
+    fp32: chunks of about ``CHUNK_VALUES`` values, each consumed by its own GEMM. Lower
+    precisions (bf16, fp16) take the whole weight as one chunk, so that forward and backward
+    are one GEMM each, summed as ``F.linear`` / bitsandbytes sum them (a backward accumulated
+    chunk by chunk in bf16 would round once per chunk); the weight in bf16 is half the size of
+    an fp32 chunk set, and it is still dequantised ``CHUNK_VALUES`` values at a time."""
 
     def __init__(self, weight: tuple[Any, ...], dtype: torch.dtype) -> None:
         # weight: (packed, absmax, pairs, out_features, in_features, block_size), see chunked_linear
         packed, absmax, pairs, out_features, in_features, block_size = weight
         self.packed, self.absmax, self.pairs = packed, absmax, pairs
         self.in_features, self.block_size, self.dtype = in_features, block_size, dtype
-        self.rows = max(1, min(out_features, CHUNK_VALUES // in_features))
-        n = self.rows * in_features
-        self.levels = torch.empty(n, dtype=torch.float32, device=packed.device)
-        self.index = torch.empty(n // 2, dtype=torch.int32, device=packed.device)
+        self.sub_rows = max(1, min(out_features, CHUNK_VALUES // in_features))  # rows per dequantised piece
+        self.rows = self.sub_rows if dtype == torch.float32 else out_features  # rows per GEMM
+        device = packed.device
+        n = self.sub_rows * in_features
+        self.levels = _WORKSPACE.get("levels", n, torch.float32, device)
+        self.index = _WORKSPACE.get("index", n // 2, torch.int32, device)
         self.weight = (
-            self.levels if dtype == torch.float32 else torch.empty(n, dtype=dtype, device=packed.device)
+            self.levels
+            if dtype == torch.float32
+            else _WORKSPACE.get("weight", self.rows * in_features, dtype, device)
         )
 
     def rows_of(self, r0: int, r1: int) -> torch.Tensor:
         """W[r0:r1] (r1 - r0, in) in ``dtype``; valid until the next call."""
         with one_thread():
-            return self._rows_of(r0, r1)
+            for s0 in range(r0, r1, self.sub_rows):
+                self._piece(s0, min(s0 + self.sub_rows, r1), (s0 - r0) * self.in_features)
+        return self.weight[: (r1 - r0) * self.in_features].view(r1 - r0, self.in_features)
 
-    def _rows_of(self, r0: int, r1: int) -> torch.Tensor:
+    def _piece(self, r0: int, r1: int, offset: int) -> None:
         n = (r1 - r0) * self.in_features
         half, bpr = self.in_features // 2, self.in_features // self.block_size
         index = self.index[: n // 2]
@@ -85,13 +123,10 @@ class _Dequantizer:
         levels = self.levels[:n]
         # One 8-byte gather per byte: both fp32 levels, in element order.
         torch.index_select(self.pairs, 0, index, out=levels.view(torch.float64))
-        w = self.weight[:n]
-        torch.mul(
-            levels.view(-1, self.block_size),
-            self.absmax[r0 * bpr : r1 * bpr, None],
-            out=w.view(-1, self.block_size),
-        )
-        return w.view(r1 - r0, self.in_features)
+        # level x absmax in fp32, then (bf16/fp16) rounded once into the weight buffer.
+        levels.view(-1, self.block_size).mul_(self.absmax[r0 * bpr : r1 * bpr, None])
+        if self.weight is not self.levels:
+            self.weight[offset : offset + n].copy_(levels)
 
 
 class _ChunkedNF4Linear(torch.autograd.Function):
@@ -103,18 +138,21 @@ class _ChunkedNF4Linear(torch.autograd.Function):
         weight: tuple[Any, ...],
         out_features: int,
     ) -> torch.Tensor:
-        # Only references to the stored codes are kept for backward; the chunk buffers are freed.
+        # Only references to the stored codes are kept for backward; the chunk buffers are reused.
         ctx.weight, ctx.out_features = weight, out_features
         ctx.has_bias = bias is not None
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
         deq = _Dequantizer(weight, x.dtype)
-        yt = torch.empty(out_features, x2.shape[0], dtype=x.dtype, device=x.device)  # (out, T)
-        xt = x2.t()
         with torch.autocast(x.device.type, enabled=False):  # the caller chose the dtype
-            for r0 in range(0, out_features, deq.rows):
-                r1 = min(r0 + deq.rows, out_features)
-                torch.mm(deq.rows_of(r0, r1), xt, out=yt[r0:r1])
-        y = yt.t()  # (T, out), a transposed view: no copy
+            if deq.rows >= out_features:  # one GEMM: (T, in) @ (in, out)
+                y = torch.mm(x2, deq.rows_of(0, out_features).t())
+            else:
+                yt = torch.empty(out_features, x2.shape[0], dtype=x.dtype, device=x.device)  # (out, T)
+                xt = x2.t()
+                for r0 in range(0, out_features, deq.rows):
+                    r1 = min(r0 + deq.rows, out_features)
+                    torch.mm(deq.rows_of(r0, r1), xt, out=yt[r0:r1])
+                y = yt.t()  # (T, out), a transposed view: no copy
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], out_features)
@@ -122,9 +160,9 @@ class _ChunkedNF4Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         gy2 = gy.reshape(-1, ctx.out_features)  # (T, out)
-        deq = _Dequantizer(ctx.weight, gy.dtype)
         gx = gb = None
         if ctx.needs_input_grad[0]:
+            deq = _Dequantizer(ctx.weight, gy.dtype)
             gx = torch.empty(gy2.shape[0], deq.in_features, dtype=gy.dtype, device=gy.device)
             for r0 in range(0, ctx.out_features, deq.rows):
                 r1 = min(r0 + deq.rows, ctx.out_features)
@@ -146,7 +184,8 @@ def chunked_linear(
     its ``packed`` codes, fp32 ``block_absmax()`` and ``block_size`` are read; ``pairs`` is the
     byte -> level-pair table (256,) float64. Differentiable in ``x`` and ``bias``."""
     out_features, in_features = weight.shape
-    absmax = weight.block_absmax()
+    with one_thread():
+        absmax = weight.block_absmax()  # (n_blocks,) fp32
     state = (weight.packed, absmax, pairs, out_features, in_features, weight.block_size)
     out: torch.Tensor = _ChunkedNF4Linear.apply(x, bias, state, out_features)
     return out
