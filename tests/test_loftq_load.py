@@ -153,10 +153,11 @@ _PEAK_SCRIPT = textwrap.dedent(
             fields = dict(line.split(":", 1) for line in f)
         return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
 
-    config = dt.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+    config = dt.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"],
                            init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1))
-    # Warm up the one-time costs (imports, LAPACK's buffers) on a first load.
-    warm = load_quantized(sys.argv[1], lora_config=config)
+    # Pay the one-time costs (imports, the allocator's arenas, LAPACK's setup) before measuring.
+    warm = load_quantized(sys.argv[1])
+    torch.linalg.svd(torch.randn(64, 128), full_matrices=False)
     del warm
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -177,10 +178,11 @@ def test_peak_memory_of_streamed_loftq_stays_under_the_bound(tmp_path):
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    # Many small layers: the dense model (40 MB in bf16) outgrows one weight's LoftQ work.
     cfg = LlamaConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=2,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=8,
         num_attention_heads=8,
         num_key_value_heads=8,
         vocab_size=1024,
@@ -214,5 +216,5 @@ def test_peak_memory_of_streamed_loftq_stays_under_the_bound(tmp_path):
     # largest weight (W, its residual, the SVD's factors: 6 x 4 bytes per value), 64 MB.
     bound = m["model"] + 24 * largest + 64 * 2**20
     assert grown <= bound, f"peak grew by {grown / 2**20:.1f} MiB; bound {bound / 2**20:.1f} MiB ({m})"
-    assert grown < 2 * checkpoint  # the dense model in fp32, which LoftQ on from_pretrained would hold
+    assert grown < checkpoint  # less than the dense model, which LoftQ on from_pretrained would hold
     assert m["after"] - m["before"] < m["model"] + 16 * 2**20  # nothing kept besides the model

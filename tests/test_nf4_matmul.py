@@ -134,3 +134,43 @@ def test_qlora_gradients_equal_peft_bitsandbytes(tmp_path, use_dora):
     for name, p in mine_lora.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
         torch.testing.assert_close(p.grad, theirs_lora[name].grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_autocast_step_equals_bitsandbytes_bit_for_bit(bias):
+    """In bf16 the whole weight is one GEMM forward and backward, summed as bitsandbytes sums
+    them: output and input gradient are identical, not just close."""
+    bnb = pytest.importorskip("bitsandbytes")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 384, bias=bias).to(torch.bfloat16).requires_grad_(False)
+    ours = Linear4bit.from_linear(linear)
+    theirs = bnb.nn.Linear4bit(256, 384, bias=bias, compute_dtype=torch.bfloat16, quant_type="nf4")
+    weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    theirs.weight = weight.to("cpu")
+    if bias:
+        theirs.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    theirs.train()
+    assert torch.equal(ours.weight_packed, theirs.weight.data.view(-1))
+    x = torch.randn(2, 7, 256)
+    gy = torch.randn(2, 7, 384)
+    results = []
+    for module in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(xi)
+        y.float().backward(gy)
+        results.append((y.float(), xi.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_dequantisation_buffers_are_reused_between_calls():
+    q = layer(out_features=128, bias=False)
+    x = torch.randn(4, 128, requires_grad=True)
+    q(x).sum().backward()
+    buffers = {k: v.data_ptr() for k, v in nf4_matmul._WORKSPACE.buffers.items()}
+    q(x).sum().backward()
+    assert buffers and {k: v.data_ptr() for k, v in nf4_matmul._WORKSPACE.buffers.items()} == buffers
+    nf4_matmul.release_workspace()
+    assert not nf4_matmul._WORKSPACE.buffers

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["CHUNK_VALUES", "chunked_linear", "one_thread", "release_workspace", "supports_chunked"]
 
@@ -144,15 +145,14 @@ class _ChunkedNF4Linear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
         deq = _Dequantizer(weight, x.dtype)
         with torch.autocast(x.device.type, enabled=False):  # the caller chose the dtype
-            if deq.rows >= out_features:  # one GEMM: (T, in) @ (in, out)
-                y = torch.mm(x2, deq.rows_of(0, out_features).t())
-            else:
-                yt = torch.empty(out_features, x2.shape[0], dtype=x.dtype, device=x.device)  # (out, T)
-                xt = x2.t()
-                for r0 in range(0, out_features, deq.rows):
-                    r1 = min(r0 + deq.rows, out_features)
-                    torch.mm(deq.rows_of(r0, r1), xt, out=yt[r0:r1])
-                y = yt.t()  # (T, out), a transposed view: no copy
+            if deq.rows >= out_features:  # one GEMM, the bias added inside it (as F.linear)
+                return F.linear(x, deq.rows_of(0, out_features), bias)
+            yt = torch.empty(out_features, x2.shape[0], dtype=x.dtype, device=x.device)  # (out, T)
+            xt = x2.t()
+            for r0 in range(0, out_features, deq.rows):
+                r1 = min(r0 + deq.rows, out_features)
+                torch.mm(deq.rows_of(r0, r1), xt, out=yt[r0:r1])
+        y = yt.t()  # (T, out), a transposed view: no copy
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], out_features)
