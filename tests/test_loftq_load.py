@@ -22,8 +22,8 @@ from deltatune.quant import (
     loftq_initialize,
     loftq_report,
     quantize_model,
+    streams_loftq,
 )
-from deltatune.quant.load import streams_loftq
 from helpers import tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]

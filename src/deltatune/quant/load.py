@@ -24,6 +24,12 @@ adds its size once more. ``tests/test_qlora_load.py`` measures the bound in a su
 
 The codes are bit-identical to those of ``from_pretrained(path, ...)`` +
 ``quantize_model(model, ...)`` with the same arguments, and so are the model's outputs.
+
+LoftQ (``lora_config=`` a 4-bit LoftQ ``LoraConfig``) runs per weight as it is read: Q goes
+into the codes, A and B wait on the layer for the adapter, the full-precision weight is
+dropped. Its bound adds LoftQ's fp32 work on one weight (the weight, its residual and the
+SVD's factors: about 24 bytes per value of the largest targeted weight) and the factors
+(r x (out + in) x 4 bytes per targeted weight); ``tests/test_loftq_load.py`` measures it.
 """
 
 from __future__ import annotations

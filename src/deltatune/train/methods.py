@@ -19,8 +19,7 @@ from torch import nn
 
 from deltatune.config import CliRecipe, MethodSpec, PeftConfig, cli_recipes
 from deltatune.model import get_peft_model
-from deltatune.quant import load_quantized, prepare_model_for_kbit_training, quantize_model
-from deltatune.quant.load import streams_loftq
+from deltatune.quant import load_quantized, prepare_model_for_kbit_training, quantize_model, streams_loftq
 
 # Config fields the trainer sets itself: never through --method-arg.
 _NOT_METHOD_ARGS = {"task_type", "peft_type", "base_model_name_or_path", "inference_mode", "revision"}
