@@ -10,6 +10,11 @@ its share of the product::
     forward   yᵀ[r0:r1] = W[r0:r1] xᵀ          (out, T) rows, one GEMM per chunk
     backward  gx       += gy[:, r0:r1] W[r0:r1]   (T, in), accumulated over chunks
 
+In bf16 / fp16 the whole weight is one "chunk": it is half the size of fp32's, the GEMMs run
+several times faster than fp32's (so a chunk's fixed costs weigh more), and one GEMM each way
+sums as ``F.linear`` and bitsandbytes do: output and input gradient equal bitsandbytes' bit
+for bit. The buffers are kept per thread from call to call (see ``_Workspace``).
+
 The values of each chunk are exactly those of ``NF4Tensor.dequantize(dtype)`` (fp32 level
 x fp32 absmax, rounded once into ``dtype``), so only the GEMMs' summation order differs
 from the plain path. Blocks must not straddle rows (``in_features % block_size == 0``,
