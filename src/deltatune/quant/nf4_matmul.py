@@ -106,26 +106,23 @@ class _Dequantizer:
     precisions (bf16, fp16) take the whole weight as one chunk, so that forward and backward
     are one GEMM each, summed as ``F.linear`` / bitsandbytes sum them (a backward accumulated
     chunk by chunk in bf16 would round once per chunk); the weight in bf16 is half the size of
-    an fp32 chunk set, and it is still dequantised ``CHUNK_VALUES`` values at a time."""
+    an fp32 chunk. Either way a chunk is filled ``PIECE_VALUES`` values at a time, each piece
+    gathered, scaled (and cast) while it is in cache."""
 
     def __init__(self, weight: tuple[Any, ...], dtype: torch.dtype) -> None:
         # weight: (packed, absmax, pairs, out_features, in_features, block_size), see chunked_linear
         packed, absmax, pairs, out_features, in_features, block_size = weight
         self.packed, self.absmax, self.pairs = packed, absmax, pairs
         self.in_features, self.block_size, self.dtype = in_features, block_size, dtype
-        low = dtype != torch.float32
-        piece = min(CHUNK_VALUES, PIECE_VALUES) if low else CHUNK_VALUES
-        self.sub_rows = max(1, min(out_features, piece // in_features))  # rows per dequantised piece
-        self.rows = out_features if low else self.sub_rows  # rows per GEMM
+        chunk_rows = max(1, min(out_features, CHUNK_VALUES // in_features))
+        self.rows = chunk_rows if dtype == torch.float32 else out_features  # rows per GEMM
+        self.sub_rows = max(1, min(self.rows, min(CHUNK_VALUES, PIECE_VALUES) // in_features))  # per piece
         device = packed.device
         n = self.sub_rows * in_features
-        self.levels = _WORKSPACE.get("levels", n, torch.float32, device)
         self.index = _WORKSPACE.get("index", n // 2, torch.int32, device)
-        self.weight = (
-            self.levels
-            if dtype == torch.float32
-            else _WORKSPACE.get("weight", self.rows * in_features, dtype, device)
-        )
+        self.weight = _WORKSPACE.get(f"weight-{dtype}", self.rows * in_features, dtype, device)
+        # fp32 pieces are gathered straight into the weight buffer; others through fp32 levels.
+        self.levels = None if dtype == torch.float32 else _WORKSPACE.get("levels", n, torch.float32, device)
 
     def rows_of(self, r0: int, r1: int) -> torch.Tensor:
         """W[r0:r1] (r1 - r0, in) in ``dtype``; valid until the next call."""
@@ -139,13 +136,14 @@ class _Dequantizer:
         half, bpr = self.in_features // 2, self.in_features // self.block_size
         index = self.index[: n // 2]
         index.copy_(self.packed[r0 * half : r1 * half])  # uint8 -> int32 row indices of the pair table
-        levels = self.levels[:n]
+        dst = self.weight[offset : offset + n]
+        levels = dst if self.levels is None else self.levels[:n]
         # One 8-byte gather per byte: both fp32 levels, in element order.
         torch.index_select(self.pairs, 0, index, out=levels.view(torch.float64))
         # level x absmax in fp32, then (bf16/fp16) rounded once into the weight buffer.
         levels.view(-1, self.block_size).mul_(self.absmax[r0 * bpr : r1 * bpr, None])
-        if self.weight is not self.levels:
-            self.weight[offset : offset + n].copy_(levels)
+        if levels is not dst:
+            dst.copy_(levels)
 
 
 class _ChunkedNF4Linear(torch.autograd.Function):
