@@ -32,6 +32,7 @@ def plain(q: Linear4bit, x: torch.Tensor) -> torch.Tensor:
 def small_chunks(monkeypatch):
     # 3 rows of 128 per chunk: 96 rows take 32 chunks; 100 rows leave a short last chunk.
     monkeypatch.setattr(nf4_matmul, "CHUNK_VALUES", 3 * 128)
+    monkeypatch.setattr(nf4_matmul, "WHOLE_VALUES", 0)  # every weight by chunks
 
 
 @pytest.mark.parametrize("out_features", [96, 100])
@@ -137,15 +138,16 @@ def test_qlora_gradients_equal_peft_bitsandbytes(tmp_path, use_dora):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_bf16_autocast_step_equals_bitsandbytes_bit_for_bit(bias):
-    """In bf16 the whole weight is one GEMM forward and backward, summed as bitsandbytes sums
-    them: output and input gradient are identical, not just close."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_weight_step_equals_bitsandbytes_bit_for_bit(bias, dtype):
+    """A weight under WHOLE_VALUES is one GEMM forward and backward, summed as bitsandbytes
+    sums them: output and input gradient are identical, not just close (bf16 under autocast)."""
     bnb = pytest.importorskip("bitsandbytes")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     torch.manual_seed(0)
-    linear = nn.Linear(256, 384, bias=bias).to(torch.bfloat16).requires_grad_(False)
+    linear = nn.Linear(256, 384, bias=bias).to(dtype).requires_grad_(False)
     ours = Linear4bit.from_linear(linear)
-    theirs = bnb.nn.Linear4bit(256, 384, bias=bias, compute_dtype=torch.bfloat16, quant_type="nf4")
+    theirs = bnb.nn.Linear4bit(256, 384, bias=bias, compute_dtype=dtype, quant_type="nf4")
     weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
     theirs.weight = weight.to("cpu")
     if bias:
@@ -157,7 +159,7 @@ def test_bf16_autocast_step_equals_bitsandbytes_bit_for_bit(bias):
     results = []
     for module in (ours, theirs):
         xi = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             y = module(xi)
         y.float().backward(gy)
         results.append((y.float(), xi.grad))

@@ -1,24 +1,26 @@
-"""The measured fast path of a 4-bit linear layer on the CPU: dequantise W a few rows at a time.
+"""The measured fast path of a 4-bit linear layer on the CPU: dequantise W into a reused buffer.
 
-The plain formula (``nf4.py``) dequantises the whole weight W (out, in) and calls
-``F.linear``; backward does it again. For a 2048 x 5632 layer in fp32 that is a fresh 46 MB
-tensor per call: written once, read once by the matmul, and (above glibc's 32 MB mmap
-threshold) page-faulted in from the kernel every time. Here W is dequantised in row chunks
-of about ``CHUNK_VALUES`` values into one reused buffer, and each chunk goes straight into
-its share of the product::
+The plain formula (``nf4.py``) dequantises the whole weight W (out, in) into a fresh tensor
+and calls ``F.linear``; backward does it again. For a 2048 x 5632 layer in fp32 that is a
+fresh 46 MB tensor per call, which (above glibc's mmap threshold) is page-faulted in from
+the kernel every time, and faulting costs more than filling it. Here W is dequantised into
+buffers kept per thread from call to call (see ``_Workspace``), ``PIECE_VALUES`` values at a
+time so that each piece is gathered, scaled and cast while it is in cache:
+
+- weights of up to ``WHOLE_VALUES`` values (every projection of models up to a few billion
+  parameters) are dequantised whole and used in one GEMM each way, summed exactly as
+  ``F.linear`` and bitsandbytes sum them: output and input gradient equal bitsandbytes' bit
+  for bit;
+- larger weights go by row chunks of about ``CHUNK_VALUES`` values, so that the buffer stays
+  bounded, each chunk straight into its share of the product::
 
     forward   yᵀ[r0:r1] = W[r0:r1] xᵀ          (out, T) rows, one GEMM per chunk
     backward  gx       += gy[:, r0:r1] W[r0:r1]   (T, in), accumulated over chunks
 
-In bf16 / fp16 the whole weight is one "chunk": it is half the size of fp32's, the GEMMs run
-several times faster than fp32's (so a chunk's fixed costs weigh more), and one GEMM each way
-sums as ``F.linear`` and bitsandbytes do: output and input gradient equal bitsandbytes' bit
-for bit. The buffers are kept per thread from call to call (see ``_Workspace``).
-
-The values of each chunk are exactly those of ``NF4Tensor.dequantize(dtype)`` (fp32 level
-x fp32 absmax, rounded once into ``dtype``), so only the GEMMs' summation order differs
-from the plain path. Blocks must not straddle rows (``in_features % block_size == 0``,
-true of every transformer projection); other layers take the plain path.
+The values are exactly those of ``NF4Tensor.dequantize(dtype)`` (fp32 level x fp32 absmax,
+rounded once into ``dtype``), so only the chunked GEMMs' summation order differs from the
+plain path. Blocks must not straddle rows (``in_features % block_size == 0``, true of every
+transformer projection); other layers take the plain path.
 """
 
 from __future__ import annotations
@@ -34,22 +36,28 @@ import torch.nn.functional as F
 __all__ = [
     "CHUNK_VALUES",
     "PIECE_VALUES",
+    "WHOLE_VALUES",
     "chunked_linear",
     "one_thread",
     "release_workspace",
     "supports_chunked",
 ]
 
-# Values of W dequantised per chunk: 4 M values (16 MB in fp32), so that a layer takes a few
-# GEMMs. The dequantisation of a chunk runs on one thread: it is a few cheap passes, and
-# multi-threaded short ops each end in a barrier that stalls for a scheduler time slice as
-# soon as another process takes a core. Measured on 2048 x 5632 and 5632 x 2048 layers,
-# 128 and 2048 tokens, fp32 and bf16, on a quiet and on an oversubscribed machine: smaller
-# chunks win slightly when the cores are free and lose badly when they are not.
+# Weights of up to 32 M values (128 MB in fp32) are one GEMM each way; a whole-weight buffer
+# for, e.g., a 70B model's 8192 x 28672 projections would take 940 MB in fp32, so larger
+# weights go by chunks. On a 2048 x 5632 layer, whole and chunked cost the same at 128 tokens
+# and whole is 3 % faster at 2048 tokens (its output is contiguous for what follows).
+WHOLE_VALUES = 1 << 25
+# Values of W per chunk when chunked: 4 M values (16 MB in fp32), so that a layer takes a few
+# GEMMs. Dequantisation runs on one thread: it is a few cheap passes, and multi-threaded short
+# ops each end in a barrier that stalls for a scheduler time slice as soon as another process
+# takes a core. Measured on 2048 x 5632 and 5632 x 2048 layers, 128 and 2048 tokens, fp32 and
+# bf16, on a quiet and on an oversubscribed machine: smaller chunks win slightly when the
+# cores are free and lose badly when they are not.
 CHUNK_VALUES = 1 << 22
-# bf16 / fp16: the whole weight is one GEMM, dequantised this many values at a time, so that
-# the fp32 levels (4 MB) stay in cache between the gather, the scaling and the cast: 1.4x
-# faster than 4 M-value pieces on a 2048 x 5632 weight (4.5 ms against 6.4 ms, one thread).
+# Values dequantised per piece, so that the fp32 levels (4 MB) stay in cache between the
+# gather, the scaling and the cast: 1.4x faster than 4 M-value pieces on a 2048 x 5632
+# weight (bf16: 4.5 ms against 6.4 ms; fp32: 1.4 against 1.8 ms per 4 M values; one thread).
 PIECE_VALUES = 1 << 20
 
 
@@ -100,22 +108,16 @@ def release_workspace() -> None:
 
 
 class _Dequantizer:
-    """Dequantises row chunks of one weight into reused buffers.
-
-    fp32: chunks of about ``CHUNK_VALUES`` values, each consumed by its own GEMM. Lower
-    precisions (bf16, fp16) take the whole weight as one chunk, so that forward and backward
-    are one GEMM each, summed as ``F.linear`` / bitsandbytes sum them (a backward accumulated
-    chunk by chunk in bf16 would round once per chunk); the weight in bf16 is half the size of
-    an fp32 chunk. Either way a chunk is filled ``PIECE_VALUES`` values at a time, each piece
-    gathered, scaled (and cast) while it is in cache."""
+    """Dequantises one weight, whole or by row chunks (``rows`` per GEMM), into reused buffers,
+    ``PIECE_VALUES`` values at a time."""
 
     def __init__(self, weight: tuple[Any, ...], dtype: torch.dtype) -> None:
         # weight: (packed, absmax, pairs, out_features, in_features, block_size), see chunked_linear
         packed, absmax, pairs, out_features, in_features, block_size = weight
         self.packed, self.absmax, self.pairs = packed, absmax, pairs
         self.in_features, self.block_size, self.dtype = in_features, block_size, dtype
-        chunk_rows = max(1, min(out_features, CHUNK_VALUES // in_features))
-        self.rows = chunk_rows if dtype == torch.float32 else out_features  # rows per GEMM
+        whole = out_features * in_features <= WHOLE_VALUES
+        self.rows = out_features if whole else max(1, min(out_features, CHUNK_VALUES // in_features))
         self.sub_rows = max(1, min(self.rows, min(CHUNK_VALUES, PIECE_VALUES) // in_features))  # per piece
         device = packed.device
         n = self.sub_rows * in_features
