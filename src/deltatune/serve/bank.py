@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from deltatune.methods.base import BASE_ADAPTER, AdapterLayer
+from deltatune.methods.ia3 import IA3Layer
 from deltatune.methods.lora import dora
 from deltatune.methods.lora.bank import LayerBank, SlotTable
 from deltatune.methods.lora.layer import Linear as LoraLinear
@@ -69,6 +70,20 @@ def dora_slot_factors(
         bias = getattr(layer.base_layer, "bias", None)
         c = (1 - f) * bias.to(f.dtype) if isinstance(bias, torch.Tensor) else None
         return a, b * (f * scaling).unsqueeze(1), 1.0, f, c
+
+
+def ia3_scales(model: nn.Module, name: str) -> dict[str, Scales]:
+    """(IA)³ adapter ``name`` of ``model`` (a model with (IA)³ layers) as bank entries by module
+    path, ready for :meth:`AdapterBank.add` on a served model with LoRA layers on those modules."""
+    get_base = getattr(model, "get_base_model", None)
+    root = get_base() if callable(get_base) else model
+    out = {}
+    for path, m in root.named_modules():
+        if isinstance(m, IA3Layer) and name in m.ia3_l:
+            out[path] = Scales(m.vector(name).detach().clone(), m.is_feedforward)
+    if not out:
+        raise ValueError(f"The model has no (IA)³ layers for adapter {name!r}.")
+    return out
 
 
 def _lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
