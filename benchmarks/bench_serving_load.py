@@ -8,7 +8,8 @@ generated tokens/s. Targets: throughput with 32 adapters ≥ 0.8 × with one ada
 Model: Llama-shaped, random weights (hidden 256, 4 layers, vocab 100, a character tokenizer),
 r=8 LoRA on all seven projections per adapter; fp32 CPU. Bounded: a few hundred requests.
 
-Run: python benchmarks/bench_serving_load.py [--requests 48] [--tokens 16] [--threads 2]
+Settings run in interleaved rounds (each round: every setting once); the best round of each
+is printed, with errors and mismatches summed over all rounds. Run: python benchmarks/bench_serving_load.py [--requests 48] [--tokens 16] [--threads 2] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as root:
@@ -131,15 +133,27 @@ def main() -> None:
         for m in [f"a{i}" for i in range(32)]:  # references: each request alone, one at a time
             for p in PROMPTS:
                 refs[(m, p)] = stream_request(server.url, m, p, args.tokens)[0]
-        rows = []
+        best: dict[tuple[int, int], tuple[str, ...]] = {}
+        bad: dict[tuple[int, int], list[int]] = {}  # errors, mismatches over all rounds
+        settings = [(1, 1), (16, 1), (16, 32)]
         try:
-            for clients, adapters in [(1, 1), (16, 1), (16, 32)]:
-                n = max(clients * 2, args.requests if clients > 1 else args.requests // 4)
-                rows.append(load(server.url, clients, adapters, n, args.tokens, refs))
-                print(" ".join(rows[-1]), flush=True)
+            # Interleaved rounds: each round runs every setting once, so a slow spell of the shared
+            # machine hits all settings alike; the round with the highest throughput is kept.
+            for _ in range(args.rounds):
+                for clients, adapters in settings:
+                    n = max(clients * 2, args.requests if clients > 1 else args.requests // 4)
+                    row = load(server.url, clients, adapters, n, args.tokens, refs)
+                    print(" ".join(row), flush=True)
+                    key = (clients, adapters)
+                    totals = bad.setdefault(key, [0, 0])
+                    totals[0] += int(row[3])
+                    totals[1] += int(row[4])
+                    if key not in best or float(row[-1]) > float(best[key][-1]):
+                        best[key] = row
         finally:
             server.stop()
             engine.stop()
+        rows = [(*best[k][:3], str(bad[k][0]), str(bad[k][1]), *best[k][5:]) for k in settings]
     header = (
         "clients",
         "adapters",
