@@ -118,7 +118,7 @@ def test_batched_prefill_and_joins_equal_each_request_alone(
     assert prefills[0] == len(jobs) and 2 in prefills[1:]  # joining requests prefill as one batch
     for i, (adapter, prompt, n) in enumerate([*jobs, late, late2]):
         assert col.text[i] == alone(store_dir, adapter, prompt, n), (adapter, prompt)
-    assert engine.running == [] and engine.kv.n == 0
+    assert engine.running == [] and engine.kv.n == 0 and engine.kv.keys == []  # idle: memory freed
 
 
 def test_batch_kv_rows_move_and_grow() -> None:

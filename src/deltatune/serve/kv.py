@@ -9,7 +9,7 @@ head_dim)``; batch row j holds its request's tokens in columns ``[0, length_j)``
 
 Running requests are rows ``[0, n)``: a request that joins is appended after its prefill; one
 that leaves is replaced by the last row (one row copied, once). Columns grow by doubling when a
-row reaches the end. Prefill of several joining requests runs as one left-padded batch.
+row reaches the end; the memory (rows × the longest row's columns) is freed when the batch empties. Prefill of several joining requests runs as one left-padded batch.
 
 :meth:`BatchKV.cache` hands a model the transformers ``Cache`` view of one decode step, with
 :meth:`BatchKV.decode_mask` as its (already 4-D) attention mask.
@@ -52,7 +52,7 @@ class BatchKV:
 
     def __init__(self, rows: int, columns: int = 64, max_columns: int | None = None) -> None:
         self.rows = rows
-        self.columns = columns
+        self.columns = self.initial_columns = columns
         self.max_columns = max_columns
         self.keys: list[torch.Tensor] = []  # per layer (rows, heads, columns, dim)
         self.values: list[torch.Tensor] = []
@@ -107,6 +107,9 @@ class BatchKV:
                 vbuf[row, :, :length] = vbuf[last, :, :length]
             self.lengths[row] = length
         self.lengths.pop()
+        if not self.lengths:  # idle: give the memory back (the next batch allocates what it needs)
+            self.keys, self.values = [], []
+            self.columns = self.initial_columns
 
     def cache(self, rows: int) -> Cache:
         """The cache for one decode step of rows ``[0, rows)`` (one new token each)."""
