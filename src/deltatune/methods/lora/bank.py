@@ -34,6 +34,8 @@ slots); loading an adapter copies into its slot in place.
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +88,7 @@ class SlotTable:
         self.slots: dict[str, int] = {}
         self.rescale_slots: set[int] = set()  # slots with per-slot vectors (DoRA, (IA)³)
         self._cached: tuple[list[tuple[str, torch.Tensor]], BankPlan | None] | None = None
+        self._workspace: dict[tuple[object, ...], torch.Tensor] = {}
 
     def free_slot(self) -> int | None:
         used = set(self.slots.values())
@@ -105,6 +108,17 @@ class SlotTable:
 
     def invalidate(self) -> None:
         self._cached = None
+
+    def workspace(self, key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A reusable buffer of ``shape`` (per thread; the layers of a forward run one after
+        another, so they share it): gathered factors land in warm memory, not fresh pages."""
+        numel = math.prod(shape)
+        slot = (key, threading.get_ident(), like.dtype, like.device)
+        buf = self._workspace.get(slot)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._workspace[slot] = buf
+        return buf[:numel].view(shape)
 
     def _build(self, row_groups: list[tuple[str, torch.Tensor]]) -> BankPlan | None:
         batch = sum(len(rows) for _, rows in row_groups)
@@ -260,6 +274,11 @@ class LayerBank:
 
     def _delta_per_row(self, xs: torch.Tensor, plan: BankPlan) -> torch.Tensor:
         """(N, L, out): each row's factors gathered (small beside its L tokens), two ``bmm``."""
-        a = self.a.index_select(0, plan.slots)  # (N, in, R)
-        b = self.b.index_select(0, plan.slots)  # (N, R, out)
+        n = len(plan.slots)
+        a = torch.index_select(  # (N, in, R)
+            self.a, 0, plan.slots, out=self.table.workspace("a", (n, *self.a.shape[1:]), self.a)
+        )
+        b = torch.index_select(  # (N, R, out)
+            self.b, 0, plan.slots, out=self.table.workspace("b", (n, *self.b.shape[1:]), self.b)
+        )
         return torch.bmm(torch.bmm(xs, a), b)
