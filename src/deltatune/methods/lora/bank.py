@@ -17,9 +17,11 @@ and ``b`` is ``(slots·R, out)``, and for a token t of a row on slot s::
     h_t = Σ_k x_t[k] · a[s·in + k]      (R,)     x_t @ Aᵀ_s
     d_t = Σ_j h_t[j] · b[s·R + j]       (out,)   h_t @ (s·Bᵀ)_s
 
-Each is one weighted-sum ``embedding_bag`` over the whole batch (a bag per token), so the bytes
-read are the batch's distinct adapters' factors once (they stay in cache across the rows that
-share them), and no Python loop over adapters runs. Rows without an adapter are left out.
+Each is one weighted-sum ``embedding_bag`` over the whole batch (a bag per token): every token
+reads its adapter's factors where they lie (rows that share an adapter find them in cache), and
+no Python loop over adapters runs. Rows without an adapter are left out. From
+``SEGMENT_TOKENS`` tokens per row (prefill) the products are large enough that gathering each
+row's factors once and running two ``torch.bmm`` is faster (SGMV-style, a row per segment).
 
 DoRA and (IA)³ slots also keep per-slot vectors, allocated on the first such adapter:
 
