@@ -58,6 +58,7 @@ class BankPlan:
     slots: torch.Tensor  # (N,) each such row's slot
     batch: int  # B
     row_slots: torch.Tensor | None = None  # (B,) each row's slot (0: none); set when a rescale slot is used
+    uniform: int | None = None  # the slot, when every row uses the same one
     bags: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, compare=False)
 
     @property
@@ -137,7 +138,8 @@ class SlotTable:
             used.add(slot)
         rows = row_slots.nonzero().view(-1)
         rescale = not used.isdisjoint(self.rescale_slots)
-        return BankPlan(rows, row_slots[rows], batch, row_slots if rescale else None)
+        uniform = next(iter(used)) if len(used) == 1 and len(rows) == batch else None
+        return BankPlan(rows, row_slots[rows], batch, row_slots if rescale else None, uniform)
 
 
 class LayerBank:
@@ -245,6 +247,11 @@ class LayerBank:
             f = self.f.index_select(0, plan.row_slots).unsqueeze(1).to(y.dtype)  # (B, 1, out)
             c = self.c.index_select(0, plan.row_slots).unsqueeze(1).to(y.dtype)
             y = torch.addcmul(c, y, f)  # DoRA / (IA)³ rows: f ⊙ base + c
+        if plan.uniform is not None and y.is_contiguous():  # one adapter for all: two plain GEMMs
+            s = plan.uniform
+            h = x.reshape(-1, x.shape[-1]).to(self.a.dtype) @ self.a[s]  # (B·L, R)
+            y.view(-1, out).addmm_(h.to(y.dtype), self.b[s].to(y.dtype))
+            return y.view(result.shape)
         x3 = x.reshape(batch, -1, x.shape[-1]).to(self.a.dtype)  # (B, L, in)
         tokens = x3.shape[1]
         xs = x3 if plan.every_row else x3.index_select(0, plan.rows)  # (N, L, in)
