@@ -127,15 +127,20 @@ class SlotTable:
         batch = sum(len(rows) for _, rows in row_groups)
         device = row_groups[0][1].device if row_groups else torch.device("cpu")
         row_slots = torch.zeros(batch, dtype=torch.long, device=device)
-        used: set[int] = set()
+        slots: list[int] = []
+        parts: list[torch.Tensor] = []
         for name, rows in row_groups:
             if name == BASE_ADAPTER:
                 continue
             slot = self.slots.get(name)
             if slot is None:
                 return None
-            row_slots[rows] = slot
-            used.add(slot)
+            slots.append(slot)
+            parts.append(rows)
+        used = set(slots)
+        if parts:  # one scatter for the whole batch
+            counts = torch.tensor([len(r) for r in parts], device=device)
+            row_slots[torch.cat(parts)] = torch.tensor(slots, device=device).repeat_interleave(counts)
         rows = row_slots.nonzero().view(-1)
         rescale = not used.isdisjoint(self.rescale_slots)
         uniform = next(iter(used)) if len(used) == 1 and len(rows) == batch else None
