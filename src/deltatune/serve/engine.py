@@ -120,7 +120,8 @@ class Engine:
             try:
                 self._step(new)
             except Exception as exc:  # a bug must not hang every client: fail the batch, keep serving
-                running = [r for r in self.running if r not in new]
+                fresh = {id(r) for r in new}
+                running = [r for r in self.running if id(r) not in fresh]
                 self._fail_all([*new, *running], f"generation failed: {type(exc).__name__}: {exc}")
 
     def _step(self, new: list[GenRequest]) -> None:
