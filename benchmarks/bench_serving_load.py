@@ -9,7 +9,7 @@ Model: Llama-shaped, random weights (hidden 256, 4 layers, vocab 100, a characte
 r=8 LoRA on all seven projections per adapter; fp32 CPU. Bounded: a few hundred requests.
 
 Settings run in interleaved rounds (each round: every setting once); the best round of each
-is printed, with errors and mismatches summed over all rounds. Also printed: tokens per CPU-second
+(by wall-clock throughput, and separately by CPU-time throughput) is printed, with errors and mismatches summed over all rounds. Also printed: tokens per CPU-second
 of the server process (engine and HTTP server; the clients run in another process), a ratio that
 a busy machine disturbs less than wall-clock throughput. Run: python benchmarks/bench_serving_load.py [--requests 48] [--tokens 16] [--threads 2] [--rounds 3]
 """
@@ -158,8 +158,12 @@ def main() -> None:
                     totals = bad.setdefault(key, [0, 0])
                     totals[0] += int(row[3])
                     totals[1] += int(row[4])
-                    if key not in best or float(row[-2]) > float(best[key][-2]):
+                    if key not in best:
                         best[key] = row
+                    if float(row[-2]) > float(best[key][-2]):  # the best wall-clock round
+                        best[key] = (*row[:-1], best[key][-1])
+                    if float(row[-1]) > float(best[key][-1]):  # the best CPU-time round
+                        best[key] = (*best[key][:-1], row[-1])
         finally:
             clients_pool.shutdown()
             server.stop()
