@@ -41,7 +41,6 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from deltatune.methods.base import BASE_ADAPTER
 
@@ -59,7 +58,9 @@ class BankPlan:
     batch: int  # B
     row_slots: torch.Tensor | None = None  # (B,) each row's slot (0: none); set when a rescale slot is used
     uniform: int | None = None  # the slot, when every row uses the same one
-    bags: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, compare=False)
+    bags: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, compare=False
+    )
 
     @property
     def empty(self) -> bool:
@@ -69,16 +70,18 @@ class BankPlan:
     def every_row(self) -> bool:
         return len(self.rows) == self.batch
 
-    def indices(self, width: int, tokens: int) -> torch.Tensor:
-        """(N·tokens, width): row ``slot·width + k`` of a bank table for each token's bag, built
-        once per forward for each table width and shared by every layer of that width."""
+    def indices(self, width: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bags over a bank table of ``width``-wide blocks per slot, one bag per token: the rows
+        ``slot·width + k`` (k < width) flattened (N·tokens·width,), and each bag's offset. Built
+        once per forward for each width and shared by every layer of that width."""
         key = (width, tokens)
-        idx = self.bags.get(key)
-        if idx is None:
+        bags = self.bags.get(key)
+        if bags is None:
             slots = self.slots if tokens == 1 else self.slots.repeat_interleave(tokens)
             idx = slots.unsqueeze(1) * width + torch.arange(width, device=slots.device)
-            self.bags[key] = idx
-        return idx
+            offsets = torch.arange(0, idx.numel(), width, device=slots.device)
+            bags = self.bags[key] = (idx.view(-1), offsets)
+        return bags
 
 
 class SlotTable:
@@ -271,20 +274,17 @@ class LayerBank:
         return y.view(result.shape)
 
     def _delta_per_token(self, xs: torch.Tensor, plan: BankPlan) -> torch.Tensor:
-        """(N·L, out): two weighted-sum embedding bags over the bank itself, a bag per token."""
+        """(N·L, out): two weighted-sum embedding bags over the bank itself, a bag per token
+        (``torch.embedding_bag`` with mode 0 = sum, called directly: this runs per layer and step)."""
         n, tokens, width = xs.shape
-        h = F.embedding_bag(  # (N·L, R): x_t @ Aᵀ_slot
-            plan.indices(width, tokens),
-            self.a.view(-1, self.rank),
-            mode="sum",
-            per_sample_weights=xs.reshape(-1, width),
-        )
-        return F.embedding_bag(  # (N·L, out): h_t @ (s·Bᵀ)_slot
-            plan.indices(self.rank, tokens),
-            self.b.view(-1, self.b.shape[2]),
-            mode="sum",
-            per_sample_weights=h,
-        )
+        idx, offsets = plan.indices(width, tokens)
+        h = torch.embedding_bag(  # (N·L, R): x_t @ Aᵀ_slot
+            self.a.view(-1, self.rank), idx, offsets, False, 0, False, xs.reshape(-1), False
+        )[0]
+        idx, offsets = plan.indices(self.rank, tokens)
+        return torch.embedding_bag(  # (N·L, out): h_t @ (s·Bᵀ)_slot
+            self.b.view(-1, self.b.shape[2]), idx, offsets, False, 0, False, h.view(-1), False
+        )[0]
 
     def _delta_per_row(self, xs: torch.Tensor, plan: BankPlan) -> torch.Tensor:
         """(N, L, out): each row's factors gathered (small beside its L tokens), two ``bmm``."""
