@@ -231,8 +231,8 @@ def main() -> None:
     print(
         f"per CPU-second of the server process (robust to a shared machine): {c16 / c1:.2f} and {c16m / c16:.2f}"
     )
-    for n, clock in enumerate(["second", "CPU-second"]):
-        e1, e16, e16m = (engine_best[k][n] for k in settings)
+    for col, clock in enumerate(["second", "CPU-second"]):
+        e1, e16, e16m = (engine_best[k][col] for k in settings)
         print(f"engine alone, no HTTP, tokens per {clock} ({e1:.0f}, {e16:.0f}, {e16m:.0f}): "
               f"{e16 / e1:.2f} and {e16m / e16:.2f}")  # fmt: skip
 
