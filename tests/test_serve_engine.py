@@ -138,3 +138,53 @@ def test_batch_kv_rows_move_and_grow() -> None:
     kv.remove(0)  # the last row takes row 0's place
     assert kv.lengths == [3]
     torch.testing.assert_close(kv.keys[0][0, :, :3], torch.cat([layer[1, :, 3:], new[1, :, :]], dim=1))
+
+
+def test_cancelled_request_leaves_and_a_failed_step_is_contained(store_dir: Path) -> None:
+    """A client gone mid-way frees its row (the others finish unchanged); a step that raises
+    fails only the requests it ran, and the engine serves the next request correctly."""
+    model = serving_model(base_model())
+    store = AdapterStore(model, store_dir, capacity=4, max_rank=8)
+    engine = Engine(model, char_tokenizer(), store, max_batch=4, max_queue=8, max_len=120)
+    col = Collector()
+    gone: list[GenRequest] = []
+
+    def cancel(count: int) -> None:
+        if count == 2:
+            gone[0].cancelled = True
+
+    jobs = [("sql", "SELECT", 10), ("chat", "hello", 30), ("__base__", "abc", 8)]
+    reqs = [col.request(i, *job, on_token=cancel if i == 1 else None) for i, job in enumerate(jobs)]
+    gone.append(reqs[1])
+    col.expected -= 1  # the cancelled one never finishes
+    for r in reqs:
+        engine.submit(r)
+    engine.start()
+    try:
+        assert col.done.wait(120)
+        for i in (0, 2):
+            assert col.text[i] == alone(store_dir, *jobs[i]), jobs[i]
+        assert len(col.text[1]) < 30 and engine.kv.n == 0  # stopped early; its row is free
+        # A step that raises: its request gets an error, the engine survives.
+        errors: list[Any] = []
+        real = engine.model.forward
+        engine.model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore[method-assign]
+        done = threading.Event()
+
+        def on_error(event: tuple[str, Any]) -> None:
+            if event[0] == "error":
+                errors.append(event[1])
+                done.set()
+
+        engine.submit(
+            GenRequest(adapter="sql", prompt_ids=[40, 41], max_tokens=4, temperature=0, emit=on_error)
+        )
+        assert done.wait(60) and errors[0][0] == 500 and "boom" in errors[0][1]
+        engine.model.forward = real  # type: ignore[method-assign]
+        col2 = Collector()
+        engine.submit(col2.request(0, "ia3", "after", 6))
+        assert col2.done.wait(60)
+        assert col2.text[0] == alone(store_dir, "ia3", "after", 6)
+        assert engine.kv.n == 0 and engine.running == []
+    finally:
+        engine.stop()
