@@ -188,3 +188,46 @@ def test_cancelled_request_leaves_and_a_failed_step_is_contained(store_dir: Path
         assert engine.kv.n == 0 and engine.running == []
     finally:
         engine.stop()
+
+
+def test_gpt2_base_batches_too(tmp_path: Path) -> None:
+    """Another architecture (GPT-2: Conv1D projections, learned positions) through the batched
+    prefill and the in-place cache."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(
+            GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=128)
+        ).eval()
+
+    lora = get_peft_model(
+        gpt2(), LoraConfig(r=4, target_modules=["c_attn", "c_proj"], init_lora_weights=False)
+    )
+    randomize_lora(lora, std=0.3)
+    lora.save_pretrained(str(tmp_path / "g"))
+    model = serving_model(gpt2(), target_modules=["c_attn", "c_proj", "c_fc"])
+    engine = Engine(
+        model, char_tokenizer(), AdapterStore(model, tmp_path, capacity=2, max_rank=4), max_batch=4
+    )
+    col = Collector()
+    jobs = [("g", "hello world", 12), ("__base__", "abc", 10), ("g", "x", 15)]
+    for i, job in enumerate(jobs):
+        engine.submit(col.request(i, *job))
+    engine.start()
+    try:
+        assert col.done.wait(120)
+    finally:
+        engine.stop()
+    tok = char_tokenizer()
+    for i, (adapter, prompt, n) in enumerate(jobs):
+        m = (
+            gpt2()
+            if adapter == "__base__"
+            else PeftModel.from_pretrained(gpt2(), str(tmp_path / adapter)).eval()
+        )
+        ids = tok(prompt)["input_ids"]
+        with torch.no_grad():
+            out = m.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                             eos_token_id=2, pad_token_id=0)  # fmt: skip
+        assert col.text[i] == tok.decode(out[0, len(ids) :], skip_special_tokens=True), adapter
