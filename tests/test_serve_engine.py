@@ -231,3 +231,31 @@ def test_gpt2_base_batches_too(tmp_path: Path) -> None:
             out = m.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False,
                              eos_token_id=2, pad_token_id=0)  # fmt: skip
         assert col.text[i] == tok.decode(out[0, len(ids) :], skip_special_tokens=True), adapter
+
+
+def test_incremental_decoding_equals_decoding_the_whole_output() -> None:
+    """The engine decodes only each request's newest tokens; with a byte-level BPE tokenizer
+    (multi-byte characters split over tokens, leading spaces) the streamed text is always a prefix
+    of the whole output's decoding, never shows a broken character, and ends equal to it."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["the cat sat on the mat", "naïve café", "hello world"] * 20
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    text = "the café sat 😀 on a naïve mat, ünïcödé ✓ world"
+    ids = fast(text)["input_ids"]
+    assert fast.decode(ids) == text and len(ids) > 20
+    engine = SimpleNamespace(tokenizer=fast)
+    r = GenRequest(adapter="__base__", prompt_ids=[1])
+    for n in range(1, len(ids) + 1):
+        so_far = Engine._detokenize(engine, r, ids[:n], final=n == len(ids))  # type: ignore[arg-type]
+        assert "\ufffd" not in so_far and text.startswith(so_far), (n, so_far)
+    assert so_far == text

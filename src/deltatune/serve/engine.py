@@ -47,7 +47,10 @@ class GenRequest:
     emit: Callable[[Event], None] = lambda event: None
     # -- state, owned by the engine thread --
     generated: list[int] = field(default_factory=list)
+    text: str = ""  # the generated text decoded so far
     sent: int = 0  # characters of text already emitted
+    prefix_offset: int = 0  # incremental decoding: tokens before this are settled text
+    read_offset: int = 0  # ... and tokens before this are in ``text``
     cancelled: bool = False
     finish: str | None = None
     generator: torch.Generator | None = None
@@ -234,13 +237,14 @@ class Engine:
             return
         last = r.generated[-1]
         ids = r.generated[:-1] if last in self.eos else r.generated
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        limit = len(r.generated) >= r.max_tokens or len(r.prompt_ids) + len(r.generated) >= self.max_len
+        text = self._detokenize(r, ids, final=last in self.eos or limit)
         cut = min((i for i in (text.find(s) for s in r.stop if s) if i >= 0), default=-1)
         if cut >= 0:
             text, r.finish = text[:cut], "stop"
         elif last in self.eos:
             r.finish = "stop"
-        elif len(r.generated) >= r.max_tokens or len(r.prompt_ids) + len(r.generated) >= self.max_len:
+        elif limit:
             r.finish = "length"
         # While running, hold back a tail that could be the start of a stop string.
         hold = 0 if r.finish else max((len(s) - 1 for s in r.stop), default=0)
@@ -251,6 +255,18 @@ class Engine:
         if r.finish is not None:
             self.requests_done += 1
             r.emit(("done", (r.finish, len(r.generated))))
+
+    def _detokenize(self, r: GenRequest, ids: list[int], final: bool) -> str:
+        """The request's text after ``ids``, decoding only the newest tokens, with the previous
+        ones as context (so a leading space or a multi-token character comes out right), instead
+        of the whole output on every step. A character still incomplete (U+FFFD) waits for the
+        next token, unless this is the last."""
+        prefix = self.tokenizer.decode(ids[r.prefix_offset : r.read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(ids[r.prefix_offset :], skip_special_tokens=True)
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            r.text += full[len(prefix) :]
+            r.prefix_offset, r.read_offset = r.read_offset, len(ids)
+        return r.text
 
     # -- figures for /metrics ----------------------------------------------------------
     def metrics(self) -> dict[str, float]:
