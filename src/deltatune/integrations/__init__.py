@@ -14,6 +14,9 @@ whose instance check also accepts deltatune models:
   when they load their trainers);
 - it is switched on by creating a deltatune model (``get_peft_model``,
   ``PeftModel.from_pretrained``), never by ``import deltatune``; :func:`disable` undoes it;
+- ``peft.get_peft_model_state_dict`` / ``set_peft_model_state_dict`` (which accelerate and TRL
+  call) hand deltatune models to deltatune's functions of those names
+  (:mod:`deltatune.integrations.functions`);
 - it checks the ``peft`` version against the range it was tested with and does nothing (with a
   warning) outside it.
 
@@ -30,6 +33,8 @@ import sys
 import warnings
 from types import ModuleType
 from typing import Any
+
+from deltatune.integrations.functions import patch_functions, unpatch_functions
 
 __all__ = ["SUPPORTED_PEFT", "disable", "enable", "is_enabled"]
 
@@ -103,6 +108,7 @@ def _patch(peft: ModuleType) -> bool:
         for mod_name, module in list(sys.modules.items()):
             if mod_name.startswith(_CONSUMER_PREFIXES) and getattr(module, name, None) is original:
                 setattr(module, name, stand_in)
+    patch_functions(peft, _CONSUMER_PREFIXES)  # get/set_peft_model_state_dict (integrations.functions)
     return True
 
 
@@ -110,6 +116,7 @@ def _unpatch() -> None:
     peft = sys.modules.get("peft")
     if peft is None:
         return
+    unpatch_functions(peft)
     for name in _PATCHED_NAMES:
         stand_in = getattr(peft, name, None)
         if type(stand_in) is not _AcceptsDeltatune:
