@@ -20,10 +20,11 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from deltatune.config import PeftConfig, method_for
+from deltatune.integrations import configs as _configs
 from deltatune.integrations import functions as _bridge
 from deltatune.io import load_tensors
 from deltatune.methods.base import AdapterLayer, ModulesToSaveWrapper, Tuner
-from deltatune.model import PeftModel
+from deltatune.model import PeftModel, get_peft_model
 from deltatune.peft_compat import TunerModel, adapter_dir, check_kwargs, remap_keys, tensors_from_state_dict
 from deltatune.untrusted import check_tensors
 from deltatune.wrapping import count_parameters
@@ -355,3 +356,4 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
 
 _bridge.register("get_peft_model_state_dict", get_peft_model_state_dict)
 _bridge.register("set_peft_model_state_dict", set_peft_model_state_dict)
+_configs.register_get_peft_model(get_peft_model)

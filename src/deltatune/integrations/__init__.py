@@ -12,11 +12,14 @@ whose instance check also accepts deltatune models:
 - it replaces that one name in ``peft`` and in the modules of transformers, accelerate and TRL
   that imported it, and only once ``peft`` is imported (by the user, or by transformers / TRL
   when they load their trainers);
-- it is switched on by creating a deltatune model (``get_peft_model``,
-  ``PeftModel.from_pretrained``), never by ``import deltatune``; :func:`disable` undoes it;
+- it is switched on by creating a deltatune config or model (``LoraConfig(...)``,
+  ``get_peft_model``, ``PeftModel.from_pretrained``), never by ``import deltatune``;
+  :func:`disable` undoes it;
 - ``peft.get_peft_model_state_dict`` / ``set_peft_model_state_dict`` (which accelerate and TRL
   call) hand deltatune models to deltatune's functions of those names
   (:mod:`deltatune.integrations.functions`);
+- ``peft.PeftConfig`` / ``peft.get_peft_model`` as TRL's trainers see them accept a deltatune
+  config and build a deltatune model from it (:mod:`deltatune.integrations.configs`);
 - it checks the ``peft`` version against the range it was tested with and does nothing (with a
   warning) outside it.
 
@@ -34,6 +37,7 @@ import warnings
 from types import ModuleType
 from typing import Any
 
+from deltatune.integrations.configs import patch_configs, unpatch_configs
 from deltatune.integrations.functions import patch_functions, unpatch_functions
 
 __all__ = ["SUPPORTED_PEFT", "disable", "enable", "is_enabled"]
@@ -109,6 +113,9 @@ def _patch(peft: ModuleType) -> bool:
             if mod_name.startswith(_CONSUMER_PREFIXES) and getattr(module, name, None) is original:
                 setattr(module, name, stand_in)
     patch_functions(peft, _CONSUMER_PREFIXES)  # get/set_peft_model_state_dict (integrations.functions)
+    patch_configs(
+        peft, _CONSUMER_PREFIXES
+    )  # SFTTrainer(peft_config=<deltatune config>) (integrations.configs)
     return True
 
 
@@ -117,6 +124,7 @@ def _unpatch() -> None:
     if peft is None:
         return
     unpatch_functions(peft)
+    unpatch_configs(peft)
     for name in _PATCHED_NAMES:
         stand_in = getattr(peft, name, None)
         if type(stand_in) is not _AcceptsDeltatune:
@@ -169,9 +177,11 @@ def _remove_hook() -> None:
 def enable() -> None:
     """Let transformers, accelerate and TRL see deltatune models as PEFT models (idempotent).
 
-    Called by deltatune when a model is wrapped; call it yourself only to switch it back on
-    after :func:`disable`.
+    Called by deltatune when a config is made or a model wrapped; call it yourself only to
+    switch it back on after :func:`disable`.
     """
+    if _state["enabled"] and is_enabled():
+        return  # patched already: modules imported since got the stand-ins from peft's namespace
     _state["enabled"] = True
     peft = sys.modules.get("peft")
     if peft is not None:
