@@ -138,15 +138,24 @@ def _unpatch() -> None:
 
 
 class _AfterPeftImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Applies the patch as soon as ``peft`` finishes importing, then removes itself."""
+    """Applies the patch as soon as ``peft`` finishes importing, then removes itself.
+
+    It stays in place until ``peft`` is actually executed: a mere lookup
+    (``importlib.util.find_spec("peft")``, as transformers' and TRL's ``is_peft_available()`` do)
+    gets a spec but loads nothing, and the import that follows must still be seen."""
+
+    _busy = False
 
     def find_spec(
         self, fullname: str, path: Any, target: Any = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "peft":
+        if fullname != "peft" or self._busy:
             return None
-        _remove_hook()
-        spec = importlib.util.find_spec("peft")
+        self._busy = True  # the lookup below asks the finders again, this one included
+        try:
+            spec = importlib.util.find_spec("peft")
+        finally:
+            self._busy = False
         if spec is None or spec.loader is None:
             return None
         loader = spec.loader
@@ -156,6 +165,7 @@ class _AfterPeftImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
                 return loader.create_module(spec)
 
             def exec_module(self, module: ModuleType) -> None:
+                _remove_hook()
                 loader.exec_module(module)
                 if _state["enabled"]:
                     _patch(module)
