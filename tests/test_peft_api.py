@@ -417,3 +417,20 @@ def test_prepare_model_for_kbit_training_is_exported() -> None:
     assert {"prepare_model_for_kbit_training", "AutoPeftModelForCausalLM", "get_model_status"} <= set(
         dt.__all__
     )
+
+
+def test_peft_names_as_trainers_see_them_take_deltatune_configs() -> None:
+    """While the bridge is on: peft.PeftConfig's check accepts deltatune configs, peft.get_peft_model
+    builds a deltatune model from one (what TRL's peft_config= calls), and PEFT's
+    inject_adapter_in_model (transformers' add_adapter) refuses one clearly; PEFT configs as before."""
+    config = dt.LoraConfig(**LORA, task_type="CAUSAL_LM")
+    assert isinstance(config, peft.PeftConfig) and isinstance(peft.LoraConfig(), peft.PeftConfig)
+    assert not isinstance(config, peft.config.PeftConfig)  # PEFT's own modules keep PEFT's class
+    assert type(peft.get_peft_model(tiny_llama(), config)) is dt.PeftModelForCausalLM
+    assert type(peft.get_peft_model(tiny_llama(), peft.LoraConfig(**LORA))).__module__.startswith("peft.")
+    with pytest.raises(TypeError, match="deltatune.get_peft_model"):
+        peft.inject_adapter_in_model(config, tiny_llama())
+    assert (
+        type(peft.inject_adapter_in_model(peft.LoraConfig(**LORA), tiny_llama())).__name__
+        == "LlamaForCausalLM"
+    )

@@ -7,7 +7,9 @@ the names ``PeftConfig`` and ``get_peft_model`` in ``peft``'s top-level namespac
 modules of TRL (and transformers / accelerate) are stand-ins:
 
 - ``PeftConfig``: a subclass of PEFT's whose instance check also accepts deltatune configs;
-- ``get_peft_model``: deltatune's ``get_peft_model`` for a deltatune config, PEFT's otherwise.
+- ``get_peft_model``: deltatune's ``get_peft_model`` for a deltatune config, PEFT's otherwise;
+- ``inject_adapter_in_model`` (which transformers' ``model.add_adapter()`` calls): a clear error
+  for a deltatune config, which PEFT's layers cannot take; PEFT's function otherwise.
 
 PEFT's own modules keep their names (``peft.config.PeftConfig``, ``peft.mapping_func``), so PEFT's
 internals never see a deltatune config. deltatune's ``get_peft_model`` registers here
@@ -69,6 +71,28 @@ def _get_peft_model_stand_in(original: Callable[..., Any]) -> Callable[..., Any]
     return get_peft_model
 
 
+def _inject_stand_in(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def inject_adapter_in_model(peft_config: Any, *args: Any, **kwargs: Any) -> Any:
+        if is_deltatune_config(peft_config):
+            raise TypeError(
+                f"A deltatune {type(peft_config).__name__} was given to PEFT's inject_adapter_in_model (transformers' "
+                "model.add_adapter() / load_adapter() call it), which builds PEFT's own layers. Wrap the model with "
+                "deltatune instead: deltatune.get_peft_model(model, config), or deltatune.inject_adapter_in_model("
+                "config, model) for adapter layers without a wrapper."
+            )
+        return original(peft_config, *args, **kwargs)
+
+    setattr(inject_adapter_in_model, _MARK, original)
+    return inject_adapter_in_model
+
+
+_FUNCTION_STAND_INS = {
+    "get_peft_model": _get_peft_model_stand_in,
+    "inject_adapter_in_model": _inject_stand_in,
+}
+
+
 def _replace(original: Any, stand_in: Any, name: str, consumers: tuple[str, ...]) -> None:
     for mod_name, module in list(sys.modules.items()):
         if (mod_name == "peft" or mod_name.startswith(consumers)) and getattr(module, name, None) is original:
@@ -86,23 +110,25 @@ def patch_configs(peft: Any, consumers: tuple[str, ...]) -> None:
         else:
             original, stand_in = current, _config_stand_in(current)
         _replace(original, stand_in, "PeftConfig", consumers)
-    function: Any = getattr(peft, "get_peft_model", None)
-    if function is not None:
-        original = getattr(function, _MARK, function)
-        stand_in = function if original is not function else _get_peft_model_stand_in(function)
-        _replace(original, stand_in, "get_peft_model", consumers)
+    for name, make in _FUNCTION_STAND_INS.items():
+        function: Any = getattr(peft, name, None)
+        if function is not None:
+            original = getattr(function, _MARK, function)
+            stand_in = function if original is not function else make(function)
+            _replace(original, stand_in, name, consumers)
 
 
 def unpatch_configs(peft: Any) -> None:
-    """Put PEFT's ``PeftConfig`` and ``get_peft_model`` back wherever a stand-in is."""
+    """Put PEFT's ``PeftConfig`` and functions back wherever a stand-in is."""
     current: Any = getattr(peft, "PeftConfig", None)
     if type(current) is _AcceptsDeltatuneConfigs:
         for module in list(sys.modules.values()):
             if getattr(module, "PeftConfig", None) is current:
                 setattr(module, "PeftConfig", getattr(current, "_original"))  # noqa: B009, B010
-    function: Any = getattr(peft, "get_peft_model", None)
-    original = getattr(function, _MARK, None)
-    if original is not None:
-        for module in list(sys.modules.values()):
-            if getattr(module, "get_peft_model", None) is function:
-                setattr(module, "get_peft_model", original)  # noqa: B010
+    for name in _FUNCTION_STAND_INS:
+        function: Any = getattr(peft, name, None)
+        original = getattr(function, _MARK, None)
+        if original is not None:
+            for module in list(sys.modules.values()):
+                if getattr(module, name, None) is function:
+                    setattr(module, name, original)
