@@ -6,6 +6,7 @@ by bitsandbytes (``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -37,8 +38,15 @@ def test_qlora_recipe_trains_saves_the_adapter_and_reloads_in_peft(
 
     model = _prepared(bnb_saved(4), dt)
     assert type(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
-    # the same parameter report as PEFT's over the same 4-bit base (4-bit weights at their logical count)
-    assert model.get_nb_trainable_parameters() == _prepared(bnb_saved(4), peft).get_nb_trainable_parameters()
+    # the same parameter report and status as PEFT's over the same 4-bit base (4-bit weights at their logical count)
+    reference = _prepared(bnb_saved(4), peft)
+    assert model.get_nb_trainable_parameters() == reference.get_nb_trainable_parameters()
+    ours, theirs = (
+        dataclasses.asdict(lib.get_model_status(m)) for lib, m in ((dt, model), (peft, reference))
+    )
+    assert {k: v for k, v in ours.items() if k != "adapter_model_type"} == {
+        k: v for k, v in theirs.items() if k != "adapter_model_type"
+    }
     rows = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in IDS]
     args = TrainingArguments(
         output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=8, learning_rate=3e-2,

@@ -241,11 +241,11 @@ def _layer_root(model: nn.Module) -> nn.Module:
 
 
 def _quantization_backend(layer: nn.Module) -> str | None:
+    """``"deltatune nf4"`` over deltatune's 4-bit layers; ``None`` otherwise, bitsandbytes layers
+    included (PEFT reports ``None`` for those too)."""
     base = getattr(layer, "base_layer", None)
-    kind = type(base).__name__ if base is not None else ""
-    if kind == "Linear4bit":
-        return "bnb 4bit" if type(base).__module__.startswith("bitsandbytes") else "deltatune nf4"
-    return "bnb 8bit" if kind == "Linear8bitLt" else None
+    quantized = type(base).__name__ == "Linear4bit" and type(base).__module__.startswith("deltatune.")
+    return "deltatune nf4" if quantized else None
 
 
 def _module_type(module: nn.Module) -> str:
