@@ -185,6 +185,8 @@ def test_auto_peft_model_refuses_the_wrong_task_and_a_missing_base(
         dt.AutoPeftModel.from_pretrained(folder)
     with pytest.raises(OSError, match="from_pretrained"):
         dt.AutoPeftModelForCausalLM()
+    with pytest.raises(FileNotFoundError, match="snapshot_download"):
+        dt.AutoPeftModelForCausalLM.from_pretrained("some-user/some-adapter")
     model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(**LORA, task_type="CAUSAL_LM"))
     model.save_pretrained(tmp_path / "nobase")  # built from a config: no base path to record
     with pytest.raises(ValueError, match="names no base model"):

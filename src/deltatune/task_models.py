@@ -122,6 +122,11 @@ class AutoPeftModel:
             )
         subfolder = kwargs.pop("subfolder", None)
         folder = adapter_dir(pretrained_model_name_or_path, subfolder)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"{os.fspath(folder)!r} is not a folder. deltatune loads adapters from local folders: download a "
+                "Hub adapter first (huggingface_hub.snapshot_download(repo_id)) and pass the folder it returns."
+            )
         # adapter_config.json is untrusted input: read through deltatune.untrusted (size, types, values)
         peft_config = config if config is not None else read_config(folder)
         base_class, peft_class = cls._classes(peft_config)
