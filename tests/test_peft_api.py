@@ -436,3 +436,30 @@ def test_peft_names_as_trainers_see_them_take_deltatune_configs() -> None:
         type(peft.inject_adapter_in_model(peft.LoraConfig(**LORA), tiny_llama())).__name__
         == "LlamaForCausalLM"
     )
+
+
+def test_auto_peft_model_grows_the_vocabulary_to_the_saved_tokenizer(tmp_path: Path) -> None:
+    """An adapter trained after adding tokens (tokenizer saved beside it, embeddings as
+    modules_to_save): the base's embeddings are resized to the tokenizer first, as PEFT does."""
+    from tokenizers import AddedToken
+    from transformers import LlamaForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    tokenizer = _word_tokenizer()
+    tokenizer.add_tokens([AddedToken(f"new{i}") for i in range(4)])
+    assert len(tokenizer) == 100
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    base.resize_token_embeddings(len(tokenizer))
+    config = dt.LoraConfig(**LORA, task_type="CAUSAL_LM", modules_to_save=["embed_tokens", "lm_head"])
+    model = dt.get_peft_model(base, config)
+    _nonzero(model)
+    model.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    ours = dt.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[5, 9, 97, 99, 12]])
+    with torch.no_grad():
+        got = ours(input_ids=ids).logits
+        assert got.shape[-1] == 100
+        assert torch.allclose(got, theirs(input_ids=ids).logits, atol=1e-5)
+        assert torch.allclose(got, model(input_ids=ids).logits, atol=1e-5)
