@@ -463,3 +463,32 @@ def test_auto_peft_model_grows_the_vocabulary_to_the_saved_tokenizer(tmp_path: P
         assert got.shape[-1] == 100
         assert torch.allclose(got, theirs(input_ids=ids).logits, atol=1e-5)
         assert torch.allclose(got, model(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("method", "settings"),
+    [
+        ("IA3Config", {}),
+        ("PromptTuningConfig", {"num_virtual_tokens": 4}),
+        ("PrefixTuningConfig", {"num_virtual_tokens": 4}),
+    ],
+)
+def test_state_dict_functions_match_peft_for_other_methods(method: str, settings: dict[str, Any]) -> None:
+    kw = {**settings, "task_type": "CAUSAL_LM"}
+    ours = dt.get_peft_model(tiny_llama(), getattr(dt, method)(**kw))
+    theirs = peft.get_peft_model(tiny_llama(), getattr(peft, method)(**kw))
+    with torch.no_grad():  # values of their own, so that loading them shows
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    values = peft.get_peft_model_state_dict(theirs)
+    mine = dt.get_peft_model_state_dict(ours)
+    assert list(mine) == list(values) and all(mine[k].shape == values[k].shape for k in mine)
+    result = dt.set_peft_model_state_dict(ours, values)
+    want = peft.set_peft_model_state_dict(theirs, values)
+    # PEFT's result for prompt methods lists "prompt_embeddings" as unexpected although it loads it, and
+    # "word_embeddings.weight", its wrapper's alias of the base embeddings, which deltatune's lacks
+    assert result.unexpected_keys == [] and set(result.missing_keys) <= set(want.missing_keys)
+    assert set(want.missing_keys) - set(result.missing_keys) <= {"word_embeddings.weight"}
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, atol=1e-5)
