@@ -147,8 +147,9 @@ def set_peft_model_state_dict(
 ) -> _IncompatibleKeys:
     """Load tensors keyed as :func:`get_peft_model_state_dict` returns them (as in the adapter file)
     into adapter ``adapter_name``, which must exist. Returns ``load_state_dict``'s result as PEFT's
-    function does: ``missing_keys`` are the model's keys that were not loaded (the base model's),
-    ``unexpected_keys`` is empty. Unlike PEFT, a state dict that does not fit (a key no adapter
+    function does: ``missing_keys`` are the model's keys that no file tensor maps to (the base
+    model's; for prompt and prefix tuning, as in PEFT, also the prompt encoder's, which the file's
+    ``prompt_embeddings`` fill), ``unexpected_keys`` is empty. Unlike PEFT, a state dict that does not fit (a key no adapter
     tensor has, a tensor missing, a wrong shape) is refused with an error naming it, and nothing is
     loaded. ``low_cpu_mem_usage`` changes nothing (meta-device adapters are filled either way)."""
     check_kwargs("set_peft_model_state_dict", {"ignore_mismatched_sizes": ignore_mismatched_sizes})
