@@ -125,6 +125,7 @@ def test_bridge_set_up_before_peft_is_imported_survives_a_lookup_of_peft() -> No
     script = (
         "import importlib.util, sys\n"
         "import deltatune\n"
+        "assert deltatune.integrations._state == {'enabled': False, 'hook': None}  # import alone: nothing\n"
         "deltatune.LoraConfig(r=4)\n"
         "assert 'peft' not in sys.modules\n"
         "assert importlib.util.find_spec('peft') is not None\n"
