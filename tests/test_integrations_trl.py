@@ -108,6 +108,24 @@ def test_dpo_trainer_takes_a_deltatune_config(tmp_path: Path) -> None:
     assert logs[0]["rewards/chosen"] == 0.0 and logs[-1]["rewards/chosen"] != 0.0
 
 
+def test_kto_trainer_takes_a_deltatune_config(tmp_path: Path) -> None:
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": [_words(i, 5) for i in range(8)],
+            "completion": [_words(i + 1, 4) for i in range(8)],
+            "label": [i % 2 == 0 for i in range(8)],
+        }
+    )
+    trainer = trl.KTOTrainer(
+        model=tiny_llama(), args=trl.KTOConfig(**_common(tmp_path)), train_dataset=data,
+        processing_class=_tokenizer(), peft_config=deltatune.LoraConfig(**LORA),
+    )  # fmt: skip
+    assert isinstance(trainer.model, deltatune.PeftModel) and trainer.ref_model is None
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "rewards/chosen" in h]
+    assert logs[0]["rewards/chosen"] == 0.0 and logs[-1]["rewards/chosen"] != 0.0  # reference: adapter off
+
+
 def test_without_the_bridge_trl_refuses_a_deltatune_config() -> None:
     data = datasets.Dataset.from_dict({"text": [_words(i, 10) for i in range(4)]})
     config = deltatune.LoraConfig(**LORA)
