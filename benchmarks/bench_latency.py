@@ -13,13 +13,15 @@ Adding a method: write ``def build_x(base) -> nn.Module`` returning a ready, eva
 and register it with ``@method("row name")``; nothing else changes. (Prompt / prefix tuning
 rows can be added that way, e.g. by another file calling ``method(...)`` before ``main()``.)
 
-Run: python benchmarks/bench_latency.py [--rounds N] [--threads K]
+Run: python benchmarks/bench_latency.py [--rounds N] [--threads K] [--json PATH]
+(``--json`` also writes the ratios, which docs/scripts/figures.py draws as the latency chart.)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -122,6 +124,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None, help="also write the ratios to this JSON file")
     args = parser.parse_args()
     # One thread by default: on a shared machine, multi-threaded ops wait at barriers for
     # preempted threads, which would measure the machine's load rather than the method.
@@ -150,6 +153,23 @@ def main() -> None:
         rows,
         tuple(header),
     )
+    if args.json:
+        write_json(args, results)
+
+
+def write_json(args: argparse.Namespace, results: dict[tuple[int, int], dict[str, float]]) -> None:
+    """The ratios to the base model per shape, and how they were measured."""
+    data = {
+        "setup": f"Llama-shaped h512 x 4 layers, fp32 CPU, {args.threads} thread(s), "
+        f"best of {args.rounds} interleaved rounds",
+        "ratio_to_base": {
+            f"{batch}x{seq}": {name: round(times[name] / times["base"], 4) for name in METHODS}
+            for (batch, seq), times in results.items()
+        },
+    }
+    with open(args.json, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
 
 
 if __name__ == "__main__":
