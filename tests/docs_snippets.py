@@ -69,7 +69,15 @@ def blocks_of(path: Path, root: Path) -> list[Block]:
         indent = len(match.group("indent"))
         body = "\n".join(line[indent:] for line in match.group("body").splitlines())
         line = text.count("\n", 0, match.start()) + 1
-        found.append(Block(str(path.relative_to(root)), line, lang, title_match.group("title") if title_match else "", body))
+        found.append(
+            Block(
+                str(path.relative_to(root)),
+                line,
+                lang,
+                title_match.group("title") if title_match else "",
+                body,
+            )
+        )
     return found
 
 
@@ -128,7 +136,9 @@ def plan(blocks: list[Block]) -> PageRun:
         if nxt is not None and nxt.lang == "text" and nxt.title == "Output":
             expected = nxt.body
         if block.lang == "python":
-            run.steps.append({"kind": "python", "code": block.body, "where": block.where(), "expected": expected})
+            run.steps.append(
+                {"kind": "python", "code": block.body, "where": block.where(), "expected": expected}
+            )
         else:
             for command in bash_commands(block.body):
                 run.steps.append({"kind": "bash", "code": command, "where": block.where(), "expected": None})
@@ -158,7 +168,9 @@ def run_page(steps: list[dict[str, object]], workdir: Path, timeout: float = 600
     failures = []
     for step, result in zip(steps, results, strict=False):
         if not result["ok"]:
-            failures.append(f"{step['where']}: `{str(step['code'])[:200]}` failed:\n{result['error'][-3000:]}")
+            failures.append(
+                f"{step['where']}: `{str(step['code'])[:200]}` failed:\n{result['error'][-3000:]}"
+            )
         elif step["expected"] is not None and not output_matches(str(step["expected"]), result["stdout"]):
             failures.append(
                 f"{step['where']}: the output shown is not what runs:\n--- shown\n{step['expected']}\n"
@@ -184,9 +196,13 @@ def _drive(spec: Path) -> None:
                 results.append({"ok": False, "stdout": out.getvalue(), "error": traceback.format_exc()})
                 break
         else:
-            done = subprocess.run(step["code"], shell=True, capture_output=True, text=True, executable="/bin/bash")
+            done = subprocess.run(
+                step["code"], shell=True, capture_output=True, text=True, executable="/bin/bash"
+            )
             ok = done.returncode == 0
-            results.append({"ok": ok, "stdout": done.stdout, "error": f"exit {done.returncode}\n{done.stderr}"})
+            results.append(
+                {"ok": ok, "stdout": done.stdout, "error": f"exit {done.returncode}\n{done.stderr}"}
+            )
             if not ok:
                 break
     (spec.parent / ".snippet_results.json").write_text(json.dumps(results))

@@ -49,6 +49,24 @@ def import_compare(run_dir: str) -> None:
     (DATA / "loss_curves.json").write_text(json.dumps(curves, indent=1) + "\n")
 
 
+def latency_markdown(data: dict[str, Any]) -> str:
+    """The latency ratios as the Markdown table the checklist page shows."""
+    shapes = list(data["ratio_to_base"])
+    head = ["method"] + [f"{s} / base" for s in shapes]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(shapes)) + "|"]
+    for method in data["ratio_to_base"][shapes[0]]:
+        cells = [f"{data['ratio_to_base'][s][method]:.3f}" for s in shapes]
+        lines.append("| " + " | ".join([method, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def compare_markdown(rows: list[dict[str, Any]]) -> str:
+    """The comparison as ``deltatune compare`` prints it."""
+    from deltatune.train.compare import table
+
+    return table(rows)
+
+
 def latency_chart(data: dict[str, Any]) -> Path:
     shapes = list(data["ratio_to_base"])
     methods = [m for m in data["ratio_to_base"][shapes[0]] if m != "base"]
@@ -96,16 +114,27 @@ def loss_chart(curves: dict[str, list[list[float]]]) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--from-compare", default=None, help="a deltatune compare --output-dir to import first")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--from-compare", default=None, help="a deltatune compare --output-dir to import first"
+    )
+    parser.add_argument("--markdown", action="store_true", help="also print the tables the pages show")
     args = parser.parse_args()
     if args.from_compare:
         import_compare(args.from_compare)
     IMG.mkdir(exist_ok=True)
     if (DATA / "latency.json").exists():
-        print(latency_chart(json.loads((DATA / "latency.json").read_text())))
+        latency = json.loads((DATA / "latency.json").read_text())
+        print(latency_chart(latency))
+        if args.markdown:
+            print(latency_markdown(latency))
     if (DATA / "compare.json").exists():
-        print(compare_chart(json.loads((DATA / "compare.json").read_text())))
+        rows = json.loads((DATA / "compare.json").read_text())
+        print(compare_chart(rows))
+        if args.markdown:
+            print(compare_markdown(rows))
     if (DATA / "loss_curves.json").exists():
         print(loss_chart(json.loads((DATA / "loss_curves.json").read_text())))
 

@@ -79,9 +79,13 @@ def draw_box(ax: Axes, x: float, y: float, box: Box) -> tuple[float, float]:
     return left, right
 
 
-def arrow(ax: Axes, start: tuple[float, float], end: tuple[float, float], style: str = "-|>", **kw: object) -> None:
+def arrow(
+    ax: Axes, start: tuple[float, float], end: tuple[float, float], style: str = "-|>", **kw: object
+) -> None:
     ax.add_patch(
-        FancyArrowPatch(start, end, arrowstyle=style, mutation_scale=9, color=kw.pop("color", "#333333"), **kw)  # type: ignore[arg-type]
+        FancyArrowPatch(
+            start, end, arrowstyle=style, mutation_scale=9, color=kw.pop("color", "#333333"), **kw
+        )  # type: ignore[arg-type]
     )
 
 
@@ -149,7 +153,9 @@ def op(label: str, width: float = 1.5) -> Box:
     return Box(label, "op", width=width)
 
 
-def decoder(proj: dict[str, Box], embed: list[Box] | None = None, attn: Box | None = None) -> dict[str, object]:
+def decoder(
+    proj: dict[str, Box], embed: list[Box] | None = None, attn: Box | None = None
+) -> dict[str, object]:
     """A Llama decoder block with the given boxes for its seven projections."""
     p = proj
     rows = [
@@ -168,8 +174,18 @@ def decoder(proj: dict[str, Box], embed: list[Box] | None = None, attn: Box | No
     return {"rows": rows, "residuals": ((1, 5), (6, 10))}
 
 
-def projections(kind: str = "frozen", extra: str = "", hatch: str = "", only: tuple[str, ...] = ()) -> dict[str, Box]:
-    names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+def projections(
+    kind: str = "frozen", extra: str = "", hatch: str = "", only: tuple[str, ...] = ()
+) -> dict[str, Box]:
+    names = {
+        "q": "q_proj",
+        "k": "k_proj",
+        "v": "v_proj",
+        "o": "o_proj",
+        "gate": "gate_proj",
+        "up": "up_proj",
+        "down": "down_proj",
+    }
     return {
         key: Box(f"{name}  W", kind, extra if (not only or key in only) else "", width=1.25, hatch=hatch)
         for key, name in names.items()
@@ -232,7 +248,10 @@ def full() -> Path:
 
 def prompt() -> Path:
     rows = [
-        [Box("soft prompt P (n×d)", "trained", width=2.0), Box("token embeddings (L×d)", "frozen", width=2.2)],
+        [
+            Box("soft prompt P (n×d)", "trained", width=2.0),
+            Box("token embeddings (L×d)", "frozen", width=2.2),
+        ],
         [op("concatenate: n + L positions", width=2.6)],
         [Box("decoder block 1 (frozen)", width=2.6)],
         [Box("…", width=2.6)],
@@ -252,7 +271,13 @@ def prefix() -> Path:
     panel = decoder(proj, attn=op("attention over [P_K ; K], [P_V ; V]", width=3.2))
     rows = panel["rows"]
     assert isinstance(rows, list)
-    rows.insert(3, [Box("prefix keys P_K (n)", "trained", width=1.7), Box("prefix values P_V (n)", "trained", width=1.7)])
+    rows.insert(
+        3,
+        [
+            Box("prefix keys P_K (n)", "trained", width=1.7),
+            Box("prefix values P_V (n)", "trained", width=1.7),
+        ],
+    )
     panel["residuals"] = ((1, 6), (7, 11))
     return figure(
         "diagram-prefix-tuning",
@@ -283,7 +308,11 @@ def bottleneck() -> Path:
     return figure(
         "diagram-bottleneck",
         [
-            {"rows": houlsby, "residuals": ((1, 3), (4, 6)), "title": "Houlsby (deltatune, Houlsby et al. 2019)"},
+            {
+                "rows": houlsby,
+                "residuals": ((1, 3), (4, 6)),
+                "title": "Houlsby (deltatune, Houlsby et al. 2019)",
+            },
             {"rows": mission, "residuals": ((1, 2), (4, 5)), "title": "as often drawn: after Add & Norm"},
         ],
         "Left: the adapter acts on the sub-layer's output before the residual add and LayerNorm (what deltatune and "

@@ -73,15 +73,21 @@ def compute() -> dict[str, dict[str, int]]:
         "llama3_8b_lora_r32": counts(llama3_8b, LoraConfig(r=32, **lora)),
         "llama3_8b_dora_r16": counts(llama3_8b, LoraConfig(r=16, use_dora=True, **lora)),
         "llama3_8b_ia3": counts(llama3_8b, IA3Config(task_type="CAUSAL_LM")),
-        "llama3_8b_prompt_20": counts(llama3_8b, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)),
-        "llama3_8b_prefix_10": counts(llama3_8b, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10)),
+        "llama3_8b_prompt_20": counts(
+            llama3_8b, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)
+        ),
+        "llama3_8b_prefix_10": counts(
+            llama3_8b, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10)
+        ),
         "bert_base_base": {"trainable": 0, "all": base_params(bert_base)},
         "bert_base_lora_r8_qv": counts(bert_base, LoraConfig(r=8, target_modules=["query", "value"])),
         "bert_base_ia3": counts(bert_base, IA3Config()),
         "bert_base_prompt_20": counts(bert_base, PromptTuningConfig(num_virtual_tokens=20)),
         "bert_base_prefix_10": counts(bert_base, PrefixTuningConfig(num_virtual_tokens=10)),
         "bert_base_houlsby_m64": counts(bert_base, BottleneckConfig(placement="houlsby", bottleneck_size=64)),
-        "bert_base_pfeiffer_m64": counts(bert_base, BottleneckConfig(placement="pfeiffer", bottleneck_size=64)),
+        "bert_base_pfeiffer_m64": counts(
+            bert_base, BottleneckConfig(placement="pfeiffer", bottleneck_size=64)
+        ),
     }
 
 
