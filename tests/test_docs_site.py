@@ -141,3 +141,14 @@ def test_a_failing_cli_line_fails(tmp_path: Path) -> None:
     assert steps[-1]["code"] == "deltatune no-such-command"
     failures = run_page(steps, workdir)
     assert failures and "no-such-command" in failures[0]
+
+
+def test_the_diagrams_come_from_the_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sys.path.insert(0, str(ROOT / "docs" / "scripts"))
+    import method_diagrams
+
+    monkeypatch.setattr(method_diagrams, "IMG", tmp_path)
+    drawn = {draw().name for draw in method_diagrams.ALL}
+    on_disk = {p.name for p in (ROOT / "docs" / "img").glob("diagram-*.png")}
+    assert drawn == on_disk
+    assert all((tmp_path / name).stat().st_size > 10_000 for name in drawn)

@@ -137,7 +137,7 @@ def figure(name: str, panels: list[dict[str, object]], caption: str, width: floa
             Patch(facecolor=COLOURS["frozen"], edgecolor="#333333", label="frozen"),
             Patch(facecolor=COLOURS["trained"], edgecolor="#333333", label="trained"),
         ],
-        loc="lower right",
+        loc="upper right",
         fontsize=8,
         frameon=False,
     )
@@ -250,7 +250,7 @@ def prompt() -> Path:
     rows = [
         [
             Box("soft prompt P (n×d)", "trained", width=2.0),
-            Box("token embeddings (L×d)", "frozen", width=2.2),
+            Box("token embeddings (L×d)", "frozen", width=2.5),
         ],
         [op("concatenate: n + L positions", width=2.6)],
         [Box("decoder block 1 (frozen)", width=2.6)],
@@ -323,9 +323,9 @@ def bottleneck() -> Path:
 def adapter_module() -> Path:
     rows = [
         [Box("h (d)", "io", width=1.2)],
-        [Box("down-project  W_down (d→m)", "trained", width=2.6)],
+        [Box("down-project  W_down (d→m)", "trained", width=3.2)],
         [op("ReLU", width=1.2)],
-        [Box("up-project  W_up (m→d)", "trained", width=2.6)],
+        [Box("up-project  W_up (m→d)", "trained", width=3.2)],
         [op("+", width=0.5)],
         [Box("h + f(h)", "io", width=1.2)],
     ]
@@ -334,7 +334,7 @@ def adapter_module() -> Path:
         [{"rows": rows, "residuals": ((1, 4),), "title": "The adapter module f"}],
         "2·d·m + m + d parameters. With the skip, W_up at zero (the default init) makes the block the identity, so training starts from "
         "the pretrained model.",
-        width=5.5,
+        width=7.0,
     )
 
 
