@@ -13,7 +13,7 @@ Adding a method: write ``def build_x(base) -> nn.Module`` returning a ready, eva
 and register it with ``@method("row name")``; nothing else changes. (Prompt / prefix tuning
 rows can be added that way, e.g. by another file calling ``method(...)`` before ``main()``.)
 
-Run: python benchmarks/bench_latency.py [--rounds N] [--threads K] [--json PATH]
+Run: python benchmarks/bench_latency.py [--rounds N] [--threads K] [--shapes 1x128,16x256] [--json PATH]
 (``--json`` also writes the ratios, which docs/scripts/figures.py draws as the latency chart.)
 """
 
@@ -125,25 +125,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the ratios to this JSON file")
+    parser.add_argument(
+        "--shapes", default=",".join(f"{b}x{s}" for b, s in SHAPES), help="batch x tokens, comma-separated"
+    )
     args = parser.parse_args()
+    shapes = [(int(b), int(s)) for b, s in (x.split("x") for x in args.shapes.split(","))]
     # One thread by default: on a shared machine, multi-threaded ops wait at barriers for
     # preempted threads, which would measure the machine's load rather than the method.
     torch.set_num_threads(args.threads)
     base = build_llama().eval()
     models = {name: build(copy.deepcopy(base)) for name, build in METHODS.items()}
     results: dict[tuple[int, int], dict[str, float]] = {}
-    for batch, seq in SHAPES:
+    for batch, seq in shapes:
         ids = torch.randint(0, 4096, (batch, seq), generator=torch.Generator().manual_seed(0))
         results[(batch, seq)] = interleaved_minima(
             {name: forward_fn(m, ids) for name, m in models.items()}, rounds=args.rounds
         )
     header = ["method"]
-    for batch, seq in SHAPES:
+    for batch, seq in shapes:
         header += [f"{batch}x{seq} / base", f"{batch}x{seq} / LoRA merged"]
     rows = []
     for name in METHODS:
         row = [name]
-        for shape in SHAPES:
+        for shape in shapes:
             r = results[shape]
             row += [f"{r[name] / r['base']:.3f}", f"{r[name] / r['LoRA merged (deltatune)']:.3f}"]
         rows.append(tuple(row))
