@@ -4,10 +4,10 @@ The measurements themselves come from runs that take minutes; their results are 
 JSON files so the pages and the charts read the same numbers:
 
 - ``docs/data/latency.json``: ``python benchmarks/bench_latency.py --json docs/data/latency.json``
-- ``docs/data/compare.json`` and ``docs/data/loss_curves.json``: a ``deltatune compare`` run,
-  imported with ``python docs/scripts/figures.py --from-compare <its --output-dir>``
-  (the table rows as ``deltatune compare`` wrote them, and each method's training loss from
-  its ``metrics.jsonl``).
+- ``docs/data/loss_curves.json``: ``python docs/scripts/loss_curves.py`` (every method, a short
+  run each), or a ``deltatune compare`` run imported with
+  ``python docs/scripts/figures.py --from-compare <its --output-dir>`` (which also keeps the
+  table rows as ``docs/data/compare.json``).
 
 Run: ``python docs/scripts/figures.py [--from-compare DIR]`` writes docs/img/latency.png,
 docs/img/compare.png and docs/img/loss-curves.png from whichever data files exist.
@@ -33,7 +33,7 @@ IMG = DOCS / "img"
 def import_compare(run_dir: str) -> None:
     """Copy a compare run's table and each method's training-loss curve into docs/data/."""
     rows = json.loads(Path(run_dir, "compare.json").read_text())
-    curves: dict[str, list[list[float]]] = {}
+    curves: dict[str, dict[str, Any]] = {}
     for row in rows:
         metrics = Path(run_dir, row["method"], "metrics.jsonl")
         if not metrics.exists():
@@ -43,10 +43,11 @@ def import_compare(run_dir: str) -> None:
             record = json.loads(line)
             if "loss" in record and "step" in record:
                 points.append([record["step"], round(float(record["loss"]), 5)])
-        curves[row["method"]] = points
+        curves[row["method"]] = {"loss": points, "accuracy_after": row.get("accuracy")}
     DATA.mkdir(exist_ok=True)
     (DATA / "compare.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (DATA / "loss_curves.json").write_text(json.dumps(curves, indent=1) + "\n")
+    steps = max((r.get("steps", 0) for r in rows), default=0)
+    (DATA / "loss_curves.json").write_text(json.dumps({"steps": steps, "methods": curves}, indent=1) + "\n")
 
 
 def latency_markdown(data: dict[str, Any]) -> str:
@@ -97,14 +98,18 @@ def compare_chart(rows: list[dict[str, Any]]) -> Path:
     return out
 
 
-def loss_chart(curves: dict[str, list[list[float]]]) -> Path:
+def loss_chart(data: dict[str, Any]) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (method, points) in enumerate(curves.items()):
+    for i, (method, result) in enumerate(data["methods"].items()):
+        points = result["loss"]
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], label=method, color=f"C{i}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
-    ax.set_title("Training loss per method (deltatune compare, same data, steps and seed)", fontsize=9)
+    ax.set_title(
+        f"Training loss per method: all-MiniLM-L6-v2, embedded fortunes data, {data['steps']} steps, seed 42",
+        fontsize=9,
+    )
     ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
     out = IMG / "loss-curves.png"

@@ -25,7 +25,9 @@ METHODS = ["lora", "dora", "qlora", "loftq", "ia3", "bottleneck", "prompt", "pre
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--methods", default=",".join(METHODS))
     args = parser.parse_args()
