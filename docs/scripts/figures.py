@@ -81,8 +81,10 @@ def latency_chart(data: dict[str, Any]) -> Path:
     ax.invert_yaxis()
     ax.axvline(1.0, color="#333333", linewidth=0.8)
     ax.set_xlabel("forward time / base model's (lower is better)")
-    ax.set_title(f"Inference latency ({data['setup']})", fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
+    top = max(data["ratio_to_base"][s][m] for s in shapes for m in methods)
+    ax.set_xlim(0.9, top + 0.05)
+    ax.set_title(f"Inference latency per method\n{data['setup']}", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right", framealpha=1.0)
     fig.tight_layout()
     out = IMG / "latency.png"
     fig.savefig(out, dpi=100, metadata={"Software": None})
