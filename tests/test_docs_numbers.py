@@ -108,3 +108,12 @@ def test_checklist_compare_table_is_the_recorded_run() -> None:
     table = recorded[start : recorded.index("\n\n", start)]
     assert table.count("\n") >= 9  # header, rule, 8 methods
     assert table in (DOCS / "checklist.md").read_text()
+
+
+def test_checklist_quotes_the_loss_curve_run() -> None:
+    data = json.loads((DATA / "loss_curves.json").read_text())
+    text = page("checklist.md")
+    assert data["steps"] == 30 and "--steps 30" in text
+    for method, result in data["methods"].items():
+        assert result["loss"], method
+        assert f"{100 * result['accuracy_after']:.1f} %" in text, method
