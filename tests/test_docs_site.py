@@ -5,6 +5,7 @@ one on purpose in a temporary copy of docs/ and mkdocs.yml)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -152,3 +153,13 @@ def test_the_diagrams_come_from_the_script(tmp_path: Path, monkeypatch: pytest.M
     on_disk = {p.name for p in (ROOT / "docs" / "img").glob("diagram-*.png")}
     assert drawn == on_disk
     assert all((tmp_path / name).stat().st_size > 10_000 for name in drawn)
+
+
+def test_the_api_reference_lists_every_public_name() -> None:
+    import deltatune
+
+    listed = set(
+        re.findall(r"^\s+- (\w+)$", (ROOT / "docs" / "api" / "deltatune.md").read_text(), flags=re.M)
+    )
+    missing = sorted(set(deltatune.__all__) - listed - {"__version__"})
+    assert not missing, f"add these to docs/api/deltatune.md: {missing}"
