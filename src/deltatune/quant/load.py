@@ -270,9 +270,12 @@ def load_quantized(
             or shards listed in ``model.safetensors.index.json``.
         model_class: the class to build, e.g. ``AutoModelForSequenceClassification`` or
             ``LlamaForCausalLM`` (default ``AutoModelForCausalLM``).
-        compute_dtype, block_size, double_quant: see :class:`~deltatune.quant.Linear4bit`.
-        target_modules, skip_modules: which ``nn.Linear`` layers to quantise, as in
+        compute_dtype: see :class:`~deltatune.quant.Linear4bit`.
+        block_size: see :class:`~deltatune.quant.Linear4bit`.
+        double_quant: see :class:`~deltatune.quant.Linear4bit`.
+        target_modules: which ``nn.Linear`` layers to quantise, as in
             :func:`~deltatune.quant.quantize_model` (default: all but the output heads).
+        skip_modules: layers to leave dense, as in :func:`~deltatune.quant.quantize_model`.
         dtype: the dtype of the dense parameters (embeddings, norms, heads) and of the
             weights the codes stand for, as ``from_pretrained``'s ``dtype``; ``"auto"``
             takes the config's (else the files') dtype.
