@@ -13,15 +13,20 @@ Adding a method: write ``def build_x(base) -> nn.Module`` returning a ready, eva
 and register it with ``@method("row name")``; nothing else changes. (Prompt / prefix tuning
 rows can be added that way, e.g. by another file calling ``method(...)`` before ``main()``.)
 
-Run: python benchmarks/bench_latency.py [--rounds N] [--threads K]
+Run: python benchmarks/bench_latency.py [--rounds N] [--threads K] [--shapes 1x128,16x256] [--clock cpu] [--json PATH]
+(``--clock cpu``, with one thread: each forward's CPU time instead of wall-clock time, which
+other processes on a crowded machine inflate at random.)
+(``--json`` also writes the ratios, which docs/scripts/figures.py draws as the latency chart.)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -122,34 +127,62 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None, help="also write the ratios to this JSON file")
+    parser.add_argument(
+        "--shapes", default=",".join(f"{b}x{s}" for b, s in SHAPES), help="batch x tokens, comma-separated"
+    )
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="cpu: thread CPU time (1 thread)"
+    )
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu measures the calling thread: use it with --threads 1")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    shapes = [(int(b), int(s)) for b, s in (x.split("x") for x in args.shapes.split(","))]
     # One thread by default: on a shared machine, multi-threaded ops wait at barriers for
     # preempted threads, which would measure the machine's load rather than the method.
     torch.set_num_threads(args.threads)
     base = build_llama().eval()
     models = {name: build(copy.deepcopy(base)) for name, build in METHODS.items()}
     results: dict[tuple[int, int], dict[str, float]] = {}
-    for batch, seq in SHAPES:
+    for batch, seq in shapes:
         ids = torch.randint(0, 4096, (batch, seq), generator=torch.Generator().manual_seed(0))
         results[(batch, seq)] = interleaved_minima(
-            {name: forward_fn(m, ids) for name, m in models.items()}, rounds=args.rounds
+            {name: forward_fn(m, ids) for name, m in models.items()}, rounds=args.rounds, clock=clock
         )
     header = ["method"]
-    for batch, seq in SHAPES:
+    for batch, seq in shapes:
         header += [f"{batch}x{seq} / base", f"{batch}x{seq} / LoRA merged"]
     rows = []
     for name in METHODS:
         row = [name]
-        for shape in SHAPES:
+        for shape in shapes:
             r = results[shape]
             row += [f"{r[name] / r['base']:.3f}", f"{r[name] / r['LoRA merged (deltatune)']:.3f}"]
         rows.append(tuple(row))
     print_table(
         f"Inference latency ratios (lower is better), Llama-shaped h512 x 4 layers, fp32 CPU, "
-        f"{args.threads} thread(s), best of {args.rounds} interleaved rounds",
+        f"{args.threads} thread(s), best of {args.rounds} interleaved rounds, {args.clock} clock",
         rows,
         tuple(header),
     )
+    if args.json:
+        write_json(args, results)
+
+
+def write_json(args: argparse.Namespace, results: dict[tuple[int, int], dict[str, float]]) -> None:
+    """The ratios to the base model per shape, and how they were measured."""
+    data = {
+        "setup": f"Llama-shaped h512 x 4 layers, fp32 CPU, {args.threads} thread(s), "
+        f"best of {args.rounds} interleaved rounds, {args.clock} clock",
+        "ratio_to_base": {
+            f"{batch}x{seq}": {name: round(times[name] / times["base"], 4) for name in METHODS}
+            for (batch, seq), times in results.items()
+        },
+    }
+    with open(args.json, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ parameters) is built once into ``--cache`` (default ``$DELTATUNE_HOME/bench`` or
    in fp32, the step under ``torch.autocast("cpu", torch.bfloat16)``, bitsandbytes
    computing in bf16.
 
-Ratios deltatune / PEFT+bitsandbytes and QLoRA / dense LoRA are printed; lower is better.
+Ratios deltatune / PEFT+bitsandbytes and QLoRA / dense LoRA are printed; lower is better, by
+wall clock and by the process's CPU time (on a machine shared with other jobs, the CPU time of
+a one-thread run, ``--threads 1``, is the figure that survives their load).
 """
 
 from __future__ import annotations
@@ -241,12 +243,14 @@ def child_steps(
         for fn in steps.values():  # warm-up (AdamW state, allocator)
             fn()
         samples: dict[str, list[float]] = {s: [] for s in setups}
+        cpu: dict[str, list[float]] = {s: [] for s in setups}
         for _ in range(rounds):
             for s, fn in steps.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 samples[s].append(time.perf_counter() - t0)
-        print(json.dumps({"size": f"{batch}x{length}", "samples": samples}), flush=True)
+                cpu[s].append(time.process_time() - c0)
+        print(json.dumps({"size": f"{batch}x{length}", "samples": samples, "cpu": cpu}), flush=True)
 
 
 # -- the parent --------------------------------------------------------------------------------------
@@ -340,27 +344,30 @@ def main() -> None:
             results = run_child(
                 [*common, "--sizes", args.sizes, "--rounds", str(args.rounds), "--child", "steps", dtype_name]
             )
-            rows = []
-            for r in results:
-                med = {s: statistics.median(v) for s, v in r["samples"].items()}
-                q, b, d = (
-                    med["deltatune QLoRA"],
-                    med["PEFT + bitsandbytes"],
-                    med["deltatune LoRA (dense base)"],
+            for kind, what in (("samples", "wall clock"), ("cpu", "process CPU time")):
+                rows = []
+                for r in results:
+                    med = {s: statistics.median(v) for s, v in r[kind].items()}
+                    q, b, d = (
+                        med["deltatune QLoRA"],
+                        med["PEFT + bitsandbytes"],
+                        med["deltatune LoRA (dense base)"],
+                    )
+                    rows.append(
+                        (r["size"], f"{q:.2f}", f"{b:.2f}", f"{d:.2f}", f"{q / b:.2f}", f"{q / d:.2f}")
+                    )
+                table(
+                    f"Training step, {dtype_name}, {what} (median of {args.rounds} interleaved rounds, seconds)",
+                    (
+                        "batch x tokens",
+                        "deltatune QLoRA",
+                        "PEFT+bnb QLoRA",
+                        "deltatune dense LoRA",
+                        "QLoRA / bnb",
+                        "QLoRA / dense",
+                    ),
+                    rows,
                 )
-                rows.append((r["size"], f"{q:.2f}", f"{b:.2f}", f"{d:.2f}", f"{q / b:.2f}", f"{q / d:.2f}"))
-            table(
-                f"Training step, {dtype_name} (median of {args.rounds} interleaved rounds, seconds)",
-                (
-                    "batch x tokens",
-                    "deltatune QLoRA",
-                    "PEFT+bnb QLoRA",
-                    "deltatune dense LoRA",
-                    "QLoRA / bnb",
-                    "QLoRA / dense",
-                ),
-                rows,
-            )
 
 
 def _header(path: str) -> dict[str, Any]:

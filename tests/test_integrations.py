@@ -116,6 +116,30 @@ def test_peft_class_check_accepts_deltatune_models() -> None:
     assert isinstance(model, peft.PeftModel)
 
 
+def test_bridge_set_up_before_peft_is_imported_survives_a_lookup_of_peft() -> None:
+    """A deltatune config made before ``peft`` is imported, then ``is_peft_available()``-style lookups
+    (``importlib.util.find_spec``), then the import: the import is still patched."""
+    import subprocess
+    import sys
+
+    script = (
+        "import importlib.util, sys\n"
+        "import deltatune\n"
+        "assert deltatune.integrations._state == {'enabled': False, 'hook': None}  # import alone: nothing\n"
+        "deltatune.LoraConfig(r=4)\n"
+        "assert 'peft' not in sys.modules\n"
+        "assert importlib.util.find_spec('peft') is not None\n"
+        "from trl import SFTTrainer\n"
+        "import peft, trl.trainer.sft_trainer as sft\n"
+        "assert deltatune.integrations.is_enabled()\n"
+        "assert isinstance(deltatune.LoraConfig(r=4), sft.PeftConfig)\n"
+        "print('ok')\n"
+    )
+    pytest.importorskip("trl")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 # -- Trainer: save_model, checkpoints, resume ---------------------------------------------------
 def _reload_logits(folder: Path, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     ours = PeftModel.from_pretrained(tiny_lm(), str(folder)).eval()

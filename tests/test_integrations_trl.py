@@ -1,6 +1,7 @@
 """TRL's trainers with deltatune models: SFTTrainer saves the adapter folder (it reloads in
 deltatune and in PEFT with the trained outputs); DPOTrainer takes the disabled adapter as its
-reference model instead of loading a second base model."""
+reference model instead of loading a second base model; both take a deltatune config as
+``peft_config=``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+import deltatune
 from deltatune import LoraConfig, PeftModel, get_peft_model, integrations
 from helpers import tiny_llama
 
@@ -65,15 +67,87 @@ def test_sft_trainer_trains_and_saves_the_adapter(tmp_path: Path) -> None:
         torch.testing.assert_close(theirs(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_sft_trainer_refuses_a_deltatune_config_so_wrap_first() -> None:
-    # TRL builds PEFT models itself from peft_config and checks its class: the documented way is
-    # to wrap the model with deltatune first and pass the wrapped model.
+def test_sft_trainer_builds_a_deltatune_model_from_a_deltatune_config(tmp_path: Path) -> None:
+    """``SFTTrainer(model=<plain model>, peft_config=deltatune.LoraConfig(...))``: TRL calls
+    get_peft_model, which the bridge hands to deltatune; the result mirrors peft_config=peft.LoraConfig."""
+    data = datasets.Dataset.from_dict({"text": [_words(i, 10) for i in range(16)]})
+    trainers = []
+    for lib in (deltatune, peft):
+        trainers.append(
+            trl.SFTTrainer(
+                model=tiny_llama(),
+                args=trl.SFTConfig(**_common(tmp_path / lib.__name__)),
+                train_dataset=data,
+                processing_class=_tokenizer(),
+                peft_config=lib.LoraConfig(**LORA),
+            )  # fmt: skip
+        )
+    ours, theirs = (t.model for t in trainers)
+    assert type(ours) is deltatune.PeftModelForCausalLM and type(theirs).__name__ == "PeftModelForCausalLM"
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert list(deltatune.get_peft_model_state_dict(ours)) == list(peft.get_peft_model_state_dict(theirs))
+    trainers[0].train()
+    trainers[0].save_model(str(tmp_path / "out"))
+    ids = torch.randint(2, 90, (2, 9), generator=torch.Generator().manual_seed(0))
+    reloaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        expected = ours.eval()(input_ids=ids).logits
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+        with ours.disable_adapter():
+            assert not torch.allclose(ours(input_ids=ids).logits, expected, atol=1e-4)  # it trained
+
+
+def test_dpo_trainer_takes_a_deltatune_config(tmp_path: Path) -> None:
+    trainer = trl.DPOTrainer(
+        model=tiny_llama(), args=trl.DPOConfig(**_common(tmp_path)), train_dataset=_pairs(),
+        processing_class=_tokenizer(), peft_config=deltatune.LoraConfig(**LORA),
+    )  # fmt: skip
+    assert isinstance(trainer.model, deltatune.PeftModel) and trainer.ref_model is None
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "rewards/margins" in h]
+    assert logs[0]["rewards/chosen"] == 0.0 and logs[-1]["rewards/chosen"] != 0.0
+
+
+def test_kto_trainer_takes_a_deltatune_config(tmp_path: Path) -> None:
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": [_words(i, 5) for i in range(8)],
+            "completion": [_words(i + 1, 4) for i in range(8)],
+            "label": [i % 2 == 0 for i in range(8)],
+        }
+    )
+    trainer = trl.KTOTrainer(
+        model=tiny_llama(), args=trl.KTOConfig(**_common(tmp_path)), train_dataset=data,
+        processing_class=_tokenizer(), peft_config=deltatune.LoraConfig(**LORA),
+    )  # fmt: skip
+    assert isinstance(trainer.model, deltatune.PeftModel) and trainer.ref_model is None
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "rewards/chosen" in h]
+    assert logs[0]["rewards/chosen"] == 0.0 and logs[-1]["rewards/chosen"] != 0.0  # reference: adapter off
+
+
+def test_without_the_bridge_trl_refuses_a_deltatune_config() -> None:
     data = datasets.Dataset.from_dict({"text": [_words(i, 10) for i in range(4)]})
-    with pytest.raises(TypeError, match="peft.PeftConfig"):
-        trl.SFTTrainer(
-            model=tiny_llama(), args=trl.SFTConfig(**_common(Path("/tmp/unused-sft"))), train_dataset=data,
-            processing_class=_tokenizer(), peft_config=LoraConfig(**LORA),
-        )  # fmt: skip
+    config = deltatune.LoraConfig(**LORA)
+    integrations.disable()
+    try:
+        with pytest.raises(TypeError, match="peft.PeftConfig"):
+            trl.SFTTrainer(
+                model=tiny_llama(), args=trl.SFTConfig(**_common(Path("/tmp/unused-sft"))), train_dataset=data,
+                processing_class=_tokenizer(), peft_config=config,
+            )  # fmt: skip
+    finally:
+        integrations.enable()
+
+
+def _pairs() -> Any:
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": [_words(i, 5) for i in range(8)],
+            "chosen": [_words(i + 1, 4) for i in range(8)],
+            "rejected": [_words(i + 2, 4) for i in range(8)],
+        }
+    )
 
 
 def test_dpo_trainer_uses_the_disabled_adapter_as_reference(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ def plain(q: Linear4bit, x: torch.Tensor) -> torch.Tensor:
 def small_chunks(monkeypatch):
     # 3 rows of 128 per chunk: 96 rows take 32 chunks; 100 rows leave a short last chunk.
     monkeypatch.setattr(nf4_matmul, "CHUNK_VALUES", 3 * 128)
+    monkeypatch.setattr(nf4_matmul, "WHOLE_VALUES", 0)  # every weight by chunks
 
 
 @pytest.mark.parametrize("out_features", [96, 100])
@@ -134,3 +135,44 @@ def test_qlora_gradients_equal_peft_bitsandbytes(tmp_path, use_dora):
     for name, p in mine_lora.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
         torch.testing.assert_close(p.grad, theirs_lora[name].grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_weight_step_equals_bitsandbytes_bit_for_bit(bias, dtype):
+    """A weight under WHOLE_VALUES is one GEMM forward and backward, summed as bitsandbytes
+    sums them: output and input gradient are identical, not just close (bf16 under autocast)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 384, bias=bias).to(dtype).requires_grad_(False)
+    ours = Linear4bit.from_linear(linear)
+    theirs = bnb.nn.Linear4bit(256, 384, bias=bias, compute_dtype=dtype, quant_type="nf4")
+    weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    theirs.weight = weight.to("cpu")
+    if bias:
+        theirs.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    theirs.train()
+    assert torch.equal(ours.weight_packed, theirs.weight.data.view(-1))
+    x = torch.randn(2, 7, 256)
+    gy = torch.randn(2, 7, 384)
+    results = []
+    for module in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = module(xi)
+        y.float().backward(gy)
+        results.append((y.float(), xi.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_dequantisation_buffers_are_reused_between_calls():
+    q = layer(out_features=128, bias=False)
+    x = torch.randn(4, 128, requires_grad=True)
+    q(x).sum().backward()
+    buffers = {k: v.data_ptr() for k, v in nf4_matmul._WORKSPACE.buffers.items()}
+    q(x).sum().backward()
+    assert buffers and {k: v.data_ptr() for k, v in nf4_matmul._WORKSPACE.buffers.items()} == buffers
+    nf4_matmul.release_workspace()
+    assert not nf4_matmul._WORKSPACE.buffers

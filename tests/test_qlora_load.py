@@ -134,8 +134,8 @@ def test_cli_qlora_method_loads_through_load_quantized(tmp_path):
 
     folder = save(tiny_llama(task="seq_cls", num_labels=2), str(tmp_path))
     load_base = get_method("qlora").load_base
-    assert load_base is not None and get_method("lora").load_base is None
-    model = load_base(AutoModelForSequenceClassification, folder, num_labels=2)
+    assert load_base is not None
+    model = load_base(AutoModelForSequenceClassification, folder, "SEQ_CLS", {}, num_labels=2)
     assert isinstance(model.model.layers[0].mlp.down_proj, Linear4bit)
     assert_same_model(reference(folder, cls=AutoModelForSequenceClassification), model)
 

@@ -7,7 +7,7 @@ import torch
 
 from deltatune import LoraConfig, PeftModel, get_peft_model
 from deltatune.methods.lora import fast
-from deltatune.methods.lora.bank import SlotTable
+from deltatune.methods.lora.bank import SEGMENT_TOKENS, SlotTable
 from deltatune.serve import AdapterBank
 from helpers import randomize_lora, tiny_llama
 
@@ -61,7 +61,7 @@ def alone(model: PeftModel, ids: torch.Tensor, rows: list[str]) -> torch.Tensor:
         ["b"] * 5,
     ],
 )
-@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("tokens", [1, 7, SEGMENT_TOKENS])  # per-token bags; per-row bmm
 def test_bank_rows_equal_each_adapter_alone(rows: list[str], tokens: int) -> None:
     model = served_model()
     ids = torch.randint(1, 96, (len(rows), tokens), generator=torch.Generator().manual_seed(1))
@@ -180,7 +180,7 @@ def test_dora_slots_equal_each_adapter_alone(bias: bool) -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert (expected[0] - base_out[0]).abs().max() > 1e-2
     bank.remove("dora")  # its rescale is gone with it: the slot is plain zero again
-    assert bank.table.dora_slots == set()
+    assert bank.table.rescale_slots == set()
 
 
 def test_bank_refuses_grad_mode() -> None:
@@ -191,13 +191,13 @@ def test_bank_refuses_grad_mode() -> None:
         pass
 
 
-def test_segments_bound_padding() -> None:
+def test_plan_is_built_once_per_forward() -> None:
     table = SlotTable(4)
     table.slots.update({"x": 1, "y": 2})
     groups = [("x", torch.arange(0, 9)), ("y", torch.tensor([9]))]
     plan = table.plan(groups)
     assert plan is not None
-    assert plan.seg_rows == 5 and plan.slots.tolist() == [1, 1, 2]  # not 2 segments of 9 rows
+    assert plan.slots.tolist() == [1] * 9 + [2] and plan.rows.tolist() == list(range(10))
     assert plan is table.plan(groups)  # built once per forward, reused by every layer
     assert table.plan([("zzz", torch.tensor([0]))]) is None  # unknown name: the loop path
 

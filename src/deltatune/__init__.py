@@ -12,12 +12,45 @@ from deltatune.methods.lora import LoraConfig
 from deltatune.methods.prefix import PrefixTuningConfig
 from deltatune.methods.prompt import PromptTuningConfig, PromptTuningInit
 from deltatune.model import PeftModel, get_peft_model
+from deltatune.peft_functions import (
+    TunerLayerStatus,
+    TunerModelStatus,
+    get_layer_status,
+    get_model_status,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    load_peft_weights,
+    set_peft_model_state_dict,
+)
+from deltatune.quant import prepare_model_for_kbit_training
 from deltatune.quant.loftq import LoftQConfig
+from deltatune.task_models import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Advice",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "BottleneckConfig",
     "CliRecipe",
     "IA3Config",
@@ -25,14 +58,29 @@ __all__ = [
     "LoraConfig",
     "PeftConfig",
     "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
     "PeftType",
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "__version__",
     "advise",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "load_peft_weights",
+    "prepare_model_for_kbit_training",
     "register_method",
     "registered_methods",
+    "set_peft_model_state_dict",
 ]

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from deltatune import integrations
 from deltatune.io import CONFIG_NAME, open_snapshot, parse_json_object, shorten
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class PeftConfig:
                 f"task_type={self.task_type!r} is not a task type deltatune knows; "
                 f"use one of {[t.value for t in TaskType]}."
             )
+        integrations.enable()  # TRL's trainers then accept this config as peft_config=
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -41,6 +41,9 @@ from deltatune.wrapping import (
     strip_adapter_modules,
 )
 
+# What get_peft_model / from_pretrained return per task type (deltatune.task_models fills it)
+TASK_MODEL_CLASSES: dict[str, type[PeftModel]] = {}
+
 
 def _tuner(config: PeftConfig) -> Tuner[Any]:
     return method_for(config).tuner
@@ -554,6 +557,7 @@ class PeftModel(PushToHubMixin, nn.Module):
             model_id, subfolder, config=config, is_trainable=is_trainable, allow_pickle=allow_pickle,
             device=torch_device, key_mapping=key_mapping,
         )  # fmt: skip
+        cls = TASK_MODEL_CLASSES.get(str(config.task_type), cls) if cls is PeftModel else cls
         check_unwrapped(model)  # sizes checked on the meta device before any allocation:
         dry_run(None, cls, model, config, adapter_name, state, os.fspath(model_id))
         flags = grad_flags(model)
@@ -584,7 +588,8 @@ def get_peft_model(
     ``revision`` is recorded in the config, as PEFT does.
     """
     warn_autocast(autocast_adapter_dtype)
-    peft_model = PeftModel(model, peft_config, adapter_name)  # refuses an already wrapped base first
+    cls = TASK_MODEL_CLASSES.get(str(peft_config.task_type), PeftModel)
+    peft_model = cls(model, peft_config, adapter_name)  # refuses an already wrapped base first
     if revision is not None:
         peft_config.revision = revision
     return peft_model

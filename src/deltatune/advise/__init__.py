@@ -77,7 +77,8 @@ def advise(
         memory: memory per device ("24GB", "80GiB"; a bare number is GB); or ``gpu``, a name from
             :data:`GPUS`. Default: 24 GB.
         devices: devices available (FSDP shards weights, gradients and optimizer state over them).
-        seq_len, batch_size: tokens per sequence and sequences per micro-batch per device.
+        seq_len: tokens per sequence.
+        batch_size: sequences per micro-batch per device.
         precision: the base weights' dtype in training: bf16, fp16 or fp32.
         no_weights: the weights cannot be changed or downloaded (recommends prompt tuning).
         budget: largest share of trainable parameters ("0.005%").

@@ -12,8 +12,14 @@ whose instance check also accepts deltatune models:
 - it replaces that one name in ``peft`` and in the modules of transformers, accelerate and TRL
   that imported it, and only once ``peft`` is imported (by the user, or by transformers / TRL
   when they load their trainers);
-- it is switched on by creating a deltatune model (``get_peft_model``,
-  ``PeftModel.from_pretrained``), never by ``import deltatune``; :func:`disable` undoes it;
+- it is switched on by creating a deltatune config or model (``LoraConfig(...)``,
+  ``get_peft_model``, ``PeftModel.from_pretrained``), never by ``import deltatune``;
+  :func:`disable` undoes it;
+- ``peft.get_peft_model_state_dict`` / ``set_peft_model_state_dict`` (which accelerate and TRL
+  call) hand deltatune models to deltatune's functions of those names
+  (:mod:`deltatune.integrations.functions`);
+- ``peft.PeftConfig`` / ``peft.get_peft_model`` as TRL's trainers see them accept a deltatune
+  config and build a deltatune model from it (:mod:`deltatune.integrations.configs`);
 - it checks the ``peft`` version against the range it was tested with and does nothing (with a
   warning) outside it.
 
@@ -30,6 +36,9 @@ import sys
 import warnings
 from types import ModuleType
 from typing import Any
+
+from deltatune.integrations.configs import patch_configs, unpatch_configs
+from deltatune.integrations.functions import patch_functions, unpatch_functions
 
 __all__ = ["SUPPORTED_PEFT", "disable", "enable", "is_enabled"]
 
@@ -103,6 +112,10 @@ def _patch(peft: ModuleType) -> bool:
         for mod_name, module in list(sys.modules.items()):
             if mod_name.startswith(_CONSUMER_PREFIXES) and getattr(module, name, None) is original:
                 setattr(module, name, stand_in)
+    patch_functions(peft, _CONSUMER_PREFIXES)  # get/set_peft_model_state_dict (integrations.functions)
+    patch_configs(
+        peft, _CONSUMER_PREFIXES
+    )  # SFTTrainer(peft_config=<deltatune config>) (integrations.configs)
     return True
 
 
@@ -110,6 +123,8 @@ def _unpatch() -> None:
     peft = sys.modules.get("peft")
     if peft is None:
         return
+    unpatch_functions(peft)
+    unpatch_configs(peft)
     for name in _PATCHED_NAMES:
         stand_in = getattr(peft, name, None)
         if type(stand_in) is not _AcceptsDeltatune:
@@ -123,15 +138,24 @@ def _unpatch() -> None:
 
 
 class _AfterPeftImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Applies the patch as soon as ``peft`` finishes importing, then removes itself."""
+    """Applies the patch as soon as ``peft`` finishes importing, then removes itself.
+
+    It stays in place until ``peft`` is actually executed: a mere lookup
+    (``importlib.util.find_spec("peft")``, as transformers' and TRL's ``is_peft_available()`` do)
+    gets a spec but loads nothing, and the import that follows must still be seen."""
+
+    _busy = False
 
     def find_spec(
         self, fullname: str, path: Any, target: Any = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "peft":
+        if fullname != "peft" or self._busy:
             return None
-        _remove_hook()
-        spec = importlib.util.find_spec("peft")
+        self._busy = True  # the lookup below asks the finders again, this one included
+        try:
+            spec = importlib.util.find_spec("peft")
+        finally:
+            self._busy = False
         if spec is None or spec.loader is None:
             return None
         loader = spec.loader
@@ -141,6 +165,7 @@ class _AfterPeftImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
                 return loader.create_module(spec)
 
             def exec_module(self, module: ModuleType) -> None:
+                _remove_hook()
                 loader.exec_module(module)
                 if _state["enabled"]:
                     _patch(module)
@@ -162,9 +187,11 @@ def _remove_hook() -> None:
 def enable() -> None:
     """Let transformers, accelerate and TRL see deltatune models as PEFT models (idempotent).
 
-    Called by deltatune when a model is wrapped; call it yourself only to switch it back on
-    after :func:`disable`.
+    Called by deltatune when a config is made or a model wrapped; call it yourself only to
+    switch it back on after :func:`disable`.
     """
+    if _state["enabled"] and is_enabled():
+        return  # patched already: modules imported since got the stand-ins from peft's namespace
     _state["enabled"] = True
     peft = sys.modules.get("peft")
     if peft is not None:

@@ -1,7 +1,7 @@
 """4-bit quantisation for QLoRA: NF4 tensors, a 4-bit Linear layer, model helpers, LoRA on
 quantised bases with an error-reporting merge, and loading a model folder straight into 4 bits."""
 
-from deltatune.quant.load import load_quantized, safetensors_files
+from deltatune.quant.load import load_quantized, safetensors_files, streams_loftq
 from deltatune.quant.loftq import (
     LoftQConfig,
     LoftQLayerError,
@@ -57,4 +57,5 @@ __all__ = [
     "quantize_nf4",
     "load_quantized",
     "safetensors_files",
+    "streams_loftq",
 ]

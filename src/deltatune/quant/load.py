@@ -24,11 +24,18 @@ adds its size once more. ``tests/test_qlora_load.py`` measures the bound in a su
 
 The codes are bit-identical to those of ``from_pretrained(path, ...)`` +
 ``quantize_model(model, ...)`` with the same arguments, and so are the model's outputs.
+
+LoftQ (``lora_config=`` a 4-bit LoftQ ``LoraConfig``) runs per weight as it is read: Q goes
+into the codes, A and B wait on the layer for the adapter, the full-precision weight is
+dropped. Its bound adds LoftQ's fp32 work on one weight (the weight, its residual and the
+SVD's factors: about 24 bytes per value of the largest targeted weight) and the factors
+(r x (out + in) x 4 bytes per targeted weight); ``tests/test_loftq_load.py`` measures it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import functools
 import json
@@ -41,10 +48,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.config import method_for
+from deltatune.quant.loftq import LoftQConfig, loftq_into_4bit
 from deltatune.quant.nf4 import Linear4bit, _check_block_size, quantize_nf4
 from deltatune.quant.whole_model import DEFAULT_SKIP_MODULES, _in_skip_set, _matches
 
-__all__ = ["load_quantized", "safetensors_files"]
+__all__ = ["load_quantized", "safetensors_files", "streams_loftq"]
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -251,6 +260,7 @@ def load_quantized(
     double_quant: bool = True,
     dtype: torch.dtype | str | None = "auto",
     ignore_mismatched_sizes: bool = False,
+    lora_config: Any = None,
     **from_pretrained_kwargs: Any,
 ) -> nn.Module:
     """Load the model in ``path`` with its linear layers in NF4, never holding it in full precision.
@@ -260,15 +270,24 @@ def load_quantized(
             or shards listed in ``model.safetensors.index.json``.
         model_class: the class to build, e.g. ``AutoModelForSequenceClassification`` or
             ``LlamaForCausalLM`` (default ``AutoModelForCausalLM``).
-        compute_dtype, block_size, double_quant: see :class:`~deltatune.quant.Linear4bit`.
-        target_modules, skip_modules: which ``nn.Linear`` layers to quantise, as in
+        compute_dtype: see :class:`~deltatune.quant.Linear4bit`.
+        block_size: see :class:`~deltatune.quant.Linear4bit`.
+        double_quant: see :class:`~deltatune.quant.Linear4bit`.
+        target_modules: which ``nn.Linear`` layers to quantise, as in
             :func:`~deltatune.quant.quantize_model` (default: all but the output heads).
+        skip_modules: layers to leave dense, as in :func:`~deltatune.quant.quantize_model`.
         dtype: the dtype of the dense parameters (embeddings, norms, heads) and of the
             weights the codes stand for, as ``from_pretrained``'s ``dtype``; ``"auto"``
             takes the config's (else the files') dtype.
         ignore_mismatched_sizes: a tensor whose shape differs from the model's is skipped
             and the parameter initialised fresh (e.g. a classification head with another
             number of labels), as in ``from_pretrained``; otherwise such a tensor is an error.
+        lora_config: a ``LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 4, ...})``
+            for the adapter to be created next: LoftQ runs on each weight that adapter targets
+            as it streams (Q into the codes, A and B kept on the layer until
+            ``get_peft_model(model, lora_config)`` creates the adapter), so LoftQ never needs the
+            full-precision model either. Same codes, A and B as ``loftq_initialize`` with the
+            original weights on ``from_pretrained`` + ``quantize_model``.
         from_pretrained_kwargs: config overrides (``num_labels=3``, ``id2label=...``) and
             ``attn_implementation``, as ``from_pretrained`` takes them.
 
@@ -281,6 +300,12 @@ def load_quantized(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _check_block_size(block_size)
+    if lora_config is not None and not streams_loftq(lora_config):
+        raise ValueError(
+            "load_quantized(lora_config=...) runs LoftQ while loading; the config must have "
+            "init_lora_weights='loftq' and loftq_config with loftq_bits=4 (other bit widths keep Q dense: "
+            f"run them on a from_pretrained model). Got init_lora_weights={getattr(lora_config, 'init_lora_weights', None)!r}."
+        )
     if "torch_dtype" in from_pretrained_kwargs:
         dtype = from_pretrained_kwargs.pop("torch_dtype")
     for name in ("device_map", "quantization_config", "load_in_4bit", "load_in_8bit", "gguf_file"):
@@ -339,6 +364,7 @@ def load_quantized(
         if linear.bias is not None:
             slots[f"{mod_path}.bias"] = (layer, "bias", linear.bias)
 
+    plan = _loftq_plan(model, lora_config, quant) if lora_config is not None else {}
     base_prefix = getattr(model, "base_model_prefix", "") or ""
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -367,7 +393,10 @@ def load_quantized(
                         raise ValueError(
                             f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects {shape}."
                         )
-                    _fill_linear4bit(layer, tensor)
+                    if name in plan:
+                        loftq_into_4bit(layer, _as_loaded(tensor, layer.weight_dtype), *plan[name])
+                    else:
+                        _fill_linear4bit(layer, tensor)
                 else:
                     module, attr, placeholder = slots[name]
                     if tuple(tensor.shape) != tuple(placeholder.shape):
@@ -421,19 +450,45 @@ def load_quantized(
     return model
 
 
+def streams_loftq(config: Any) -> bool:
+    """True when ``config`` asks for LoftQ at 4 bits, which :func:`load_quantized` can run while
+    streaming (``lora_config=``); other bit widths keep Q dense and need the loaded model."""
+    if getattr(config, "init_lora_weights", None) != "loftq":
+        return False
+    return LoftQConfig.coerce(getattr(config, "loftq_config", None) or {}).loftq_bits == 4
+
+
+def _loftq_plan(
+    model: nn.Module, config: Any, quant: dict[str, Linear4bit]
+) -> dict[str, tuple[int, float, int]]:
+    """Weight name -> (rank, scaling, steps) for each quantised weight the adapter will target."""
+    settings = LoftQConfig.coerce(config.loftq_config)
+    paths = method_for(config).tuner.target_paths(model, copy.deepcopy(config))
+    return {
+        f"{p}.weight": (config.rank_for(p), config.scaling_for(p), settings.loftq_iter)
+        for p in paths
+        if f"{p}.weight" in quant
+    }
+
+
+def _as_loaded(weight: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+    """``weight`` as ``from_pretrained`` would hold it in a parameter of dtype ``target``, for the
+    fp32 quantiser. Up-casts (bf16/fp16 -> fp32) are exact, so the stored values serve as they
+    are; narrowing casts round, so they are done first, as from_pretrained does."""
+    if weight.dtype == target or (
+        target == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16)
+    ):
+        return weight
+    return weight.to(target)
+
+
 @torch.no_grad()
 def _fill_linear4bit(layer: Linear4bit, weight: torch.Tensor) -> None:
     """Quantise ``weight`` (out, in) into ``layer``'s buffers, as ``quantize_model`` would after loading
     it into a parameter of dtype ``layer.weight_dtype``."""
-    target = layer.weight_dtype
-    src = weight
-    # Up-casts (bf16/fp16 -> fp32) are exact, and the quantiser works in fp32: quantise the stored
-    # values directly. Narrowing casts round, so do them first, as from_pretrained does.
-    if weight.dtype != target and not (
-        target == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16)
-    ):
-        src = weight.to(target)
-    q = quantize_nf4(src, block_size=layer.block_size, double_quant=layer.double_quant)
+    q = quantize_nf4(
+        _as_loaded(weight, layer.weight_dtype), block_size=layer.block_size, double_quant=layer.double_quant
+    )
     layer.weight_packed = q.packed
     layer.weight_absmax = q.absmax
     layer.weight_absmax_scale = q.absmax_scale

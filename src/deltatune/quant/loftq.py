@@ -56,6 +56,7 @@ __all__ = [
     "LoftQResult",
     "loftq_decompose",
     "loftq_initialize",
+    "loftq_into_4bit",
     "loftq_report",
     "quantize_dequantize",
 ]
@@ -375,6 +376,11 @@ def _init_hook(layer: Linear, adapter_name: str, config: LoraConfig, path: str) 
     settings = LoftQConfig.coerce(config.loftq_config)
     w = _dense_weight_param(layer)
     if w is None:
+        streamed = layer.base_layer.__dict__.pop("loftq_streamed", {})  # see loftq_into_4bit
+        key = (layer.r[adapter_name], layer.scaling[adapter_name], settings.loftq_bits, settings.loftq_iter)
+        if key in streamed:
+            _apply(layer, adapter_name, path, streamed[key])
+            return
         if id(config) not in _WARNED:  # once per config, not once per layer
             _WARNED.add(id(config))
             warnings.warn(
@@ -401,6 +407,24 @@ def _init_hook(layer: Linear, adapter_name: str, config: LoraConfig, path: str) 
 
 
 LORA_INIT_FNS["loftq"] = _init_hook
+
+
+@torch.no_grad()
+def loftq_into_4bit(
+    layer: Linear4bit, weight: torch.Tensor, rank: int, scaling: float, num_iter: int
+) -> None:
+    """LoftQ for one weight W (out, in) of a model being loaded into 4 bits (``load_quantized``).
+
+    ``layer``'s codes become LoftQ's Q, and A, B are kept on it until an adapter with the same
+    rank, scaling and settings is created with ``init_lora_weights="loftq"``: the values
+    ``loftq_initialize`` gives on the quantised model. W itself is not kept."""
+    quantizer = _quantizer(4, layer.block_size, layer.double_quant)
+    result = loftq_decompose(weight, rank, scaling, 4, num_iter, quantizer)
+    q: NF4Tensor = result.storage
+    layer.weight_packed, layer.weight_absmax = q.packed, q.absmax
+    layer.weight_absmax_scale, layer.weight_absmax_offset = q.absmax_scale, q.absmax_offset
+    result.q, result.storage = torch.empty(0), None  # only A, B and the errors are kept
+    layer.__dict__["loftq_streamed"] = {(rank, scaling, 4, num_iter): result}
 
 
 def _load_original(original: Any) -> Mapping[str, torch.Tensor]:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.quant.nf4_matmul import chunked_linear, supports_chunked
+from deltatune.quant.nf4_matmul import chunked_linear, one_thread, supports_chunked
 
 __all__ = [
     "NF4_CODEBOOK",
@@ -270,9 +270,9 @@ def _codes_into(scaled: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) 
     """
     thresholds = _nf4_thresholds(scaled.device)
     torch.gt(scaled, thresholds[0], out=out.view(torch.bool))
-    for t in thresholds[1:]:
+    for t in thresholds[1:]:  # uint8 += uint8 view of the bools: no mixed-dtype (slow) add
         torch.gt(scaled, t, out=scratch)
-        out.add_(scratch)
+        out.add_(scratch.view(torch.uint8))
 
 
 def _pack_into(codes: torch.Tensor, out: torch.Tensor) -> None:
@@ -282,6 +282,7 @@ def _pack_into(codes: torch.Tensor, out: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+@one_thread()  # short element-wise passes: see one_thread
 def quantize_nf4(tensor: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Tensor:
     """Quantise ``tensor`` (any shape, fp32/bf16/fp16) to NF4.
 
@@ -373,6 +374,7 @@ def _dequantize_absmax(codes: torch.Tensor, scale: torch.Tensor, offset: torch.T
     return (levels * scale[:, None]).view(-1)[:b] + offset
 
 
+@one_thread()
 def _dequantize_codes(
     packed: torch.Tensor, absmax: torch.Tensor, n: int, block_size: int, dtype: torch.dtype
 ) -> torch.Tensor:

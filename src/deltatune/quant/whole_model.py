@@ -96,7 +96,9 @@ def quantize_model(
         skip_modules: names to leave dense, added to the output heads that always stay
             dense (``get_output_embeddings()`` and any module named ``lm_head``,
             ``classifier``, ``score`` or ``qa_outputs``, with everything inside them).
-        block_size, double_quant, compute_dtype: see :class:`Linear4bit`.
+        block_size: see :class:`Linear4bit`.
+        double_quant: see :class:`Linear4bit`.
+        compute_dtype: see :class:`Linear4bit`.
 
     Embeddings, norms and other non-linear layers are never touched, nor are the
     adapters' own layers (LoRA A/B, bottleneck projections, ``modules_to_save`` copies,

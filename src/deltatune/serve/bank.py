@@ -8,6 +8,9 @@ to ``capacity`` adapters, and mixed batches run as batched products over it.
     with bank.rows(["sql", "poem"]):             # or adapters that live only in the bank
         model.base_model(input_ids)
 
+An (IA)³ adapter's entries are :class:`Scales` (its vector per layer); it shares the bank, and
+any batch, with LoRA adapters.
+
 Adding writes the factors into a free slot before the name becomes visible, so a forward never
 sees a half-written adapter; replacing writes a new slot and then switches the name over.
 (Concurrent forwards and writes still need one lock around them: see the store.)
@@ -17,11 +20,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from deltatune.methods.base import BASE_ADAPTER, AdapterLayer
+from deltatune.methods.ia3 import IA3Layer
 from deltatune.methods.lora import dora
 from deltatune.methods.lora.bank import LayerBank, SlotTable
 from deltatune.methods.lora.layer import Linear as LoraLinear
@@ -29,6 +34,18 @@ from deltatune.methods.lora.layer import Linear as LoraLinear
 Factors = tuple[torch.Tensor, torch.Tensor, float]  # A (r, in), B (out, r), scaling s
 # DoRA adds f = m / ‖W + s·BA‖_row (out,) and (1 - f)·bias (out,) or None; B is then f·s·B, s = 1.
 DoraFactors = tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class Scales:
+    """An (IA)³ adapter's vector on one layer: it scales the layer's output, l ⊙ (W x + b), or,
+    on a feed-forward layer, its input, W (l ⊙ x) + b."""
+
+    vector: torch.Tensor  # (out,), or (in,) when feedforward
+    feedforward: bool
+
+
+Entry = Factors | DoraFactors | Scales
 
 
 def serving_model(base: nn.Module, target_modules: str | list[str] = "all-linear") -> nn.Module:
@@ -53,6 +70,20 @@ def dora_slot_factors(
         bias = getattr(layer.base_layer, "bias", None)
         c = (1 - f) * bias.to(f.dtype) if isinstance(bias, torch.Tensor) else None
         return a, b * (f * scaling).unsqueeze(1), 1.0, f, c
+
+
+def ia3_scales(model: nn.Module, name: str) -> dict[str, Scales]:
+    """(IA)³ adapter ``name`` of ``model`` (a model with (IA)³ layers) as bank entries by module
+    path, ready for :meth:`AdapterBank.add` on a served model with LoRA layers on those modules."""
+    get_base = getattr(model, "get_base_model", None)
+    root = get_base() if callable(get_base) else model
+    out = {}
+    for path, m in root.named_modules():
+        if isinstance(m, IA3Layer) and name in m.ia3_l:
+            out[path] = Scales(m.vector(name).detach().clone(), m.is_feedforward)
+    if not out:
+        raise ValueError(f"The model has no (IA)³ layers for adapter {name!r}.")
+    return out
 
 
 def _lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
@@ -108,8 +139,9 @@ class AdapterBank:
     def __contains__(self, name: str) -> bool:
         return name in self.table.slots
 
-    def add(self, name: str, factors: Mapping[str, Factors | DoraFactors]) -> int:
-        """Write adapter ``name`` (factors by module path) into a free slot; returns the slot.
+    def add(self, name: str, factors: Mapping[str, Entry]) -> int:
+        """Write adapter ``name`` (factors, or (IA)³ scales, by module path) into a free slot;
+        returns the slot.
 
         A module the adapter lacks stays a zero slot. Replacing an adapter of the same name
         writes a new slot first and then switches the name over."""
@@ -129,25 +161,30 @@ class AdapterBank:
         try:
             for path, layer in self.layers.items():
                 assert layer.bank is not None
-                if path in factors:
-                    a, b, s, *rescale = factors[path]
+                entry = factors.get(path)
+                layer.bank.clear_slot(slot)
+                if isinstance(entry, Scales):
+                    if entry.feedforward:
+                        layer.bank.set_input_scale(slot, entry.vector)
+                    else:
+                        layer.bank.set_rescale(slot, entry.vector, None)
+                elif entry is not None:
+                    a, b, s, *rescale = entry
                     layer.bank.set_slot(slot, a, b, s)
                     f, c = rescale if rescale else (None, None)
                     layer.bank.set_rescale(slot, f, c)
-                else:
-                    layer.bank.clear_slot(slot)
         except Exception:
             for layer in self.layers.values():
                 assert layer.bank is not None
                 layer.bank.clear_slot(slot)
             raise
         old = self.table.slots.get(name)
-        if any(len(f) > 3 for f in factors.values()):
-            self.table.dora_slots.add(slot)
+        if any(isinstance(e, Scales) or len(e) > 3 for e in factors.values()):
+            self.table.rescale_slots.add(slot)
         self.table.slots[name] = slot
         self.table.invalidate()
         if old is not None:
-            self.table.dora_slots.discard(old)
+            self.table.rescale_slots.discard(old)
             self._clear(old)
         return slot
 
@@ -179,7 +216,7 @@ class AdapterBank:
         if slot is None:
             raise KeyError(f"Adapter {name!r} is not in the bank; it holds {self.names}.")
         self.table.invalidate()
-        self.table.dora_slots.discard(slot)
+        self.table.rescale_slots.discard(slot)
         self._clear(slot)
 
     def _clear(self, slot: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve a base model and a folder of LoRA adapters over an OpenAI-compatible HTTP API",
+        help="serve a base model and a folder of adapters (LoRA, DoRA, (IA)³) over an OpenAI-compatible HTTP API",
         description="Serve a causal LM and every adapter folder in --adapters: the request's 'model' names "
         "the adapter (the base's name for none). Mixed-adapter batches run through the adapter bank.",
         formatter_class=fmt,

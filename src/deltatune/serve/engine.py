@@ -1,14 +1,14 @@
 """Continuous batching: one thread runs generation step by step over a KV cache, every running
 request (each with its own adapter) in the same step; requests join and leave between steps.
 
-    waiting queue (bounded) ──admit──▶ prefill (its own adapter) ──▶ running batch
+    waiting queue (bounded) ──admit──▶ prefill (the joining requests as one batch) ──▶ running
     running batch ──one decode step: all rows, each its adapter (the bank)──▶ tokens out
     a row leaves on stop / eos / max_tokens / client gone; a waiting request takes its place
 
-Each request keeps its own per-layer key/value tensors; a decode step left-pads them to the
-longest, masks the padding and gives each row its own position, so rows of any length share
-one forward. Forward steps and bank writes hold the store's lock: no step ever sees a
-half-loaded adapter.
+The running rows' keys and values live in one preallocated cache (``kv.py``): a decode step
+writes each row's new token at its own column and masks the rest, so rows of any length share
+one forward and nothing is re-padded or copied between steps. Forward steps and bank writes hold
+the store's lock: no step ever sees a half-loaded adapter.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from deltatune.methods.base import BASE_ADAPTER
+from deltatune.serve.kv import BatchKV, prefill_inputs
 from deltatune.serve.store import AdapterStore
 
 Event = tuple[str, Any]  # ("text", delta) | ("done", finish_reason) | ("error", (status, message))
@@ -46,8 +47,10 @@ class GenRequest:
     emit: Callable[[Event], None] = lambda event: None
     # -- state, owned by the engine thread --
     generated: list[int] = field(default_factory=list)
-    cache: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    text: str = ""  # the generated text decoded so far
     sent: int = 0  # characters of text already emitted
+    prefix_offset: int = 0  # incremental decoding: tokens before this are settled text
+    read_offset: int = 0  # ... and tokens before this are in ``text``
     cancelled: bool = False
     finish: str | None = None
     generator: torch.Generator | None = None
@@ -83,6 +86,9 @@ class Engine:
         self._ids = itertools.count()
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos: set[int] = {eos} if isinstance(eos, int) else set()
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = pad if isinstance(pad, int) else next(iter(self.eos), 0)
+        self.kv = BatchKV(max_batch, columns=64, max_columns=max_len + 1)
 
     # -- API for the server ------------------------------------------------------------
     def submit(self, req: GenRequest) -> None:
@@ -117,13 +123,13 @@ class Engine:
             try:
                 self._step(new)
             except Exception as exc:  # a bug must not hang every client: fail the batch, keep serving
-                for r in [*new, *self.running]:
-                    r.emit(("error", (500, f"generation failed: {type(exc).__name__}: {exc}")))
-                    self._release(r)
-                self.running = []
+                fresh = {id(r) for r in new}
+                running = [r for r in self.running if id(r) not in fresh]
+                self._fail_all([*new, *running], f"generation failed: {type(exc).__name__}: {exc}")
 
     def _step(self, new: list[GenRequest]) -> None:
-        decoding = [r for r in self.running if r.finish is None and not r.cancelled]
+        decoding = len(self.running)  # running requests are the cache's rows [0, decoding)
+        joined: list[GenRequest] = []
         deferred: list[GenRequest] = []
         for r in new:
             if r.cancelled:
@@ -142,17 +148,22 @@ class Engine:
                 deferred.append(r)
                 continue
             r.generator = torch.Generator().manual_seed(r.seed if r.seed is not None else next(self._ids))
-            self._prefill(r)
-            self.running.append(r)
-            self._after_token(r)
+            joined.append(r)
+        if joined:
+            self._prefill(joined)
+            for r in joined:
+                self._after_token(r)
         if decoding:
             self._decode(decoding)
-            for r in decoding:
+            for r in self.running[:decoding]:
                 self._after_token(r)
-        for r in self.running:
+        for j in reversed(range(len(self.running))):  # leave: the last row takes the freed place
+            r = self.running[j]
             if r.cancelled or r.finish is not None:
                 self._release(r)
-        self.running = [r for r in self.running if r.finish is None and not r.cancelled]
+                self.kv.remove(j)
+                self.running[j] = self.running[-1]
+                self.running.pop()
         if deferred:
             with self._cv:
                 self.waiting.extendleft(reversed(deferred))
@@ -161,46 +172,52 @@ class Engine:
         if r.adapter != BASE_ADAPTER and r.generator is not None:
             self.store.pin([r.adapter], -1)
             r.generator = None
-        r.cache = []
+
+    def _fail_all(self, requests: list[GenRequest], message: str) -> None:
+        for r in requests:
+            r.emit(("error", (500, message)))
+            self._release(r)
+        self.running = []
+        self.kv = BatchKV(self.max_batch, columns=64, max_columns=self.max_len + 1)
 
     @torch.no_grad()
-    def _prefill(self, r: GenRequest) -> None:
+    def _prefill(self, joined: list[GenRequest]) -> None:
+        """The joining requests' prompts as one batch (each row its adapter); their keys and values
+        become new rows of the batch cache."""
         from transformers import DynamicCache
 
-        ids = torch.tensor([r.prompt_ids], dtype=torch.long)
         cache: Any = DynamicCache()
-        with self.store.lock, self.store.bank.rows([r.adapter]):
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        r.cache = [(layer.keys, layer.values) for layer in cache.layers]
-        r.generated.append(self._sample(r, out.logits[0, -1]))
+        prompts = [r.prompt_ids for r in joined]
+        if len(joined) == 1:  # nothing to pad: the plain causal forward
+            inputs: dict[str, torch.Tensor] = {"input_ids": torch.tensor(prompts, dtype=torch.long)}
+        else:
+            inputs = prefill_inputs(prompts, self.pad_id, self._dtype())
+        with self.store.lock, self.store.bank.rows([r.adapter for r in joined]):
+            out = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.kv.append([(layer.keys, layer.values) for layer in cache.layers], [len(p) for p in prompts])
+        self.running.extend(joined)
+        for i, r in enumerate(joined):
+            r.generated.append(self._sample(r, out.logits[i, -1]))
 
     @torch.no_grad()
-    def _decode(self, rows: list[GenRequest]) -> None:
-        from transformers import DynamicCache
-
-        lengths = [r.cache[0][0].shape[2] for r in rows]
-        longest = max(lengths)
-        cache: Any = DynamicCache()
-        for i in range(len(rows[0].cache)):
-            ks = [_left_pad(r.cache[i][0], longest) for r in rows]
-            vs = [_left_pad(r.cache[i][1], longest) for r in rows]
-            cache.update(torch.cat(ks), torch.cat(vs), i)
-        mask = torch.zeros(len(rows), longest + 1, dtype=torch.long)
-        for j, n in enumerate(lengths):
-            mask[j, longest - n :] = 1
-        ids = torch.tensor([[r.generated[-1]] for r in rows], dtype=torch.long)
+    def _decode(self, rows: int) -> None:
+        """One token for each of the running rows [0, rows)."""
+        running = self.running[:rows]
+        lengths = self.kv.lengths[:rows]
+        cache = self.kv.cache(rows)
+        ids = torch.tensor([[r.generated[-1]] for r in running], dtype=torch.long)
         pos = torch.tensor([[n] for n in lengths], dtype=torch.long)
-        with self.store.lock, self.store.bank.rows([r.adapter for r in rows]):
+        mask = self.kv.decode_mask(rows, self._dtype())
+        with self.store.lock, self.store.bank.rows([r.adapter for r in running]):
             out = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
             )
-        for j, r in enumerate(rows):
-            keep = lengths[j] + 1
-            r.cache = [
-                (layer.keys[j : j + 1, :, -keep:], layer.values[j : j + 1, :, -keep:])
-                for layer in cache.layers
-            ]
+        self.kv.advance(rows)
+        for j, r in enumerate(running):
             r.generated.append(self._sample(r, out.logits[j, -1]))
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def _sample(self, r: GenRequest, logits: torch.Tensor) -> int:
         self.tokens_out += 1
@@ -220,13 +237,14 @@ class Engine:
             return
         last = r.generated[-1]
         ids = r.generated[:-1] if last in self.eos else r.generated
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        limit = len(r.generated) >= r.max_tokens or len(r.prompt_ids) + len(r.generated) >= self.max_len
+        text = self._detokenize(r, ids, final=last in self.eos or limit)
         cut = min((i for i in (text.find(s) for s in r.stop if s) if i >= 0), default=-1)
         if cut >= 0:
             text, r.finish = text[:cut], "stop"
         elif last in self.eos:
             r.finish = "stop"
-        elif len(r.generated) >= r.max_tokens or len(r.prompt_ids) + len(r.generated) >= self.max_len:
+        elif limit:
             r.finish = "length"
         # While running, hold back a tail that could be the start of a stop string.
         hold = 0 if r.finish else max((len(s) - 1 for s in r.stop), default=0)
@@ -237,6 +255,18 @@ class Engine:
         if r.finish is not None:
             self.requests_done += 1
             r.emit(("done", (r.finish, len(r.generated))))
+
+    def _detokenize(self, r: GenRequest, ids: list[int], final: bool) -> str:
+        """The request's text after ``ids``, decoding only the newest tokens, with the previous
+        ones as context (so a leading space or a multi-token character comes out right), instead
+        of the whole output on every step. A character still incomplete (U+FFFD) waits for the
+        next token, unless this is the last."""
+        prefix = self.tokenizer.decode(ids[r.prefix_offset : r.read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(ids[r.prefix_offset :], skip_special_tokens=True)
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            r.text += full[len(prefix) :]
+            r.prefix_offset, r.read_offset = r.read_offset, len(ids)
+        return r.text
 
     # -- figures for /metrics ----------------------------------------------------------
     def metrics(self) -> dict[str, float]:
@@ -252,11 +282,3 @@ class Engine:
             "deltatune_adapter_evictions_total": self.store.stats.evictions,
             "deltatune_adapter_bank_bytes": self.store.nbytes,
         }
-
-
-def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
-    """(1, heads, n, dim) → (1, heads, length, dim), zeros in front."""
-    n = t.shape[2]
-    if n == length:
-        return t
-    return torch.cat([t.new_zeros(*t.shape[:2], length - n, t.shape[3]), t], dim=2)

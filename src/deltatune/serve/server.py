@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -47,9 +48,34 @@ def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], defau
     return value
 
 
+class _Mailbox:
+    """Events from the engine thread to the event loop, delivered in batches: a decode step emits
+    one event per running request, and waking the loop (and handing it the interpreter lock)
+    once per batch instead of once per event keeps the loop from slowing every step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue[Event], Event]] = []
+
+    def post(self, queue: asyncio.Queue[Event], ev: Event) -> None:
+        with self._lock:
+            self._pending.append((queue, ev))
+            if len(self._pending) > 1:
+                return  # a flush is already scheduled and will take this one too
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._pending = self._pending, []
+        for queue, ev in items:
+            queue.put_nowait(ev)
+
+
 def create_app(engine: Engine, base_name: str, api_key: str | None = None) -> Any:
     app = FastAPI(title="deltatune serve")
     store = engine.store
+    mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}  # one per serving loop
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -113,12 +139,11 @@ def create_app(engine: Engine, base_name: str, api_key: str | None = None) -> An
 
     async def _run(req: GenRequest) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
+        mailbox = mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = mailboxes[loop] = _Mailbox(loop)
         events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def emit(ev: Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, ev)
-
-        req.emit = emit
+        req.emit = lambda ev: mailbox.post(events, ev)
         try:
             engine.submit(req)
         except QueueFull as exc:

@@ -30,8 +30,9 @@ from torch import nn
 
 from deltatune.config import PeftConfig
 from deltatune.io import CONFIG_NAME, load_tensors
+from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.lora.config import LoraConfig
-from deltatune.serve.bank import AdapterBank, DoraFactors, Factors, dora_slot_factors
+from deltatune.serve.bank import AdapterBank, Entry, Scales, dora_slot_factors
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -120,21 +121,23 @@ class AdapterStore:
         return self.bank.nbytes
 
     # -- loading --------------------------------------------------------------------------
-    def read(self, name: str) -> dict[str, Factors | DoraFactors]:
+    def read(self, name: str) -> dict[str, Entry]:
         """Adapter ``name``'s factors by module path, checked against this base (no bank change)."""
         folder = self.path_of(name)  # a bad name raises here, before any file is looked at
         if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
             raise AdapterNotFound(name)
         return self._read_folder(name, folder)
 
-    def _read_folder(self, name: str, folder: str) -> dict[str, Factors | DoraFactors]:
+    def _read_folder(self, name: str, folder: str) -> dict[str, Entry]:
         try:
             config = PeftConfig.from_pretrained(folder)
             tensors = load_tensors(folder)
         except (OSError, ValueError) as exc:
             raise AdapterRefused(f"Adapter {name!r} cannot be read: {exc}") from exc
-        if not isinstance(config, LoraConfig):
-            raise AdapterRefused(f"Adapter {name!r} is {config.peft_type}; the server serves LoRA adapters.")
+        if not isinstance(config, (LoraConfig, IA3Config)):
+            raise AdapterRefused(
+                f"Adapter {name!r} is {config.peft_type}; the server serves LoRA (DoRA, rsLoRA) and (IA)³ adapters."
+            )
         theirs = config.base_model_name_or_path
         if (
             self.base_name
@@ -144,7 +147,9 @@ class AdapterStore:
             raise AdapterRefused(
                 f"Adapter {name!r} was trained for base {theirs!r}, but this server runs {self.base_name!r}."
             )
-        factors: dict[str, Factors | DoraFactors] = {}
+        if isinstance(config, IA3Config):
+            return self._ia3_entries(name, tensors)
+        factors: dict[str, Entry] = {}
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             m = re.fullmatch(
@@ -190,6 +195,29 @@ class AdapterStore:
             else:
                 factors[path] = (a, b, config.scaling_for(path))
         return factors
+
+    def _ia3_entries(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Entry]:
+        """An (IA)³ adapter's vectors: (out, 1) scales a layer's output, (1, in) its input."""
+        entries: dict[str, Entry] = {}
+        for key, value in tensors.items():
+            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.ia3_l(?:\.[^.]+)?", key)
+            layer = None if m is None else self.bank.layers.get(m.group(1))
+            if m is None or layer is None:
+                raise AdapterRefused(
+                    f"Adapter {name!r} holds tensor {key!r}, which this server cannot serve: only (IA)³ "
+                    f"vectors of modules the base (base {self.base_name!r}) has a served layer on."
+                )
+            if value.shape == (layer.out_features, 1):
+                entries[m.group(1)] = Scales(value.flatten(), feedforward=False)
+            elif value.shape == (1, layer.in_features):
+                entries[m.group(1)] = Scales(value.flatten(), feedforward=True)
+            else:
+                raise AdapterRefused(
+                    f"Adapter {name!r}: {key!r} has shape {tuple(value.shape)} but this base's layer is "
+                    f"{layer.in_features} -> {layer.out_features} (base {self.base_name!r}); the adapter "
+                    "was trained for another base."
+                )
+        return entries
 
     def ensure(self, names: list[str]) -> None:
         """Make every adapter of ``names`` resident in the bank (loading, evicting the least

@@ -70,8 +70,10 @@ def wrap(model: nn.Module, device: torch.device, fsdp: bool = False) -> nn.Modul
         # the transformer layers) becomes one shard unit, then the root. Parameters turn into
         # DTensors sharded on dim 0 across processes: the frozen base and the adapter alike, so
         # AdamW's state for the adapter is sharded too. Unlike FSDP1 it also runs on CPU (gloo).
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        if isinstance(model, FSDPModule):  # sharded already (the evaluation before training did it)
+            return model
         for module in list(model.modules()):
             if isinstance(module, nn.ModuleList):
                 for block in module:

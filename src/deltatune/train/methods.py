@@ -19,7 +19,7 @@ from torch import nn
 
 from deltatune.config import CliRecipe, MethodSpec, PeftConfig, cli_recipes
 from deltatune.model import get_peft_model
-from deltatune.quant import load_quantized, prepare_model_for_kbit_training, quantize_model
+from deltatune.quant import load_quantized, prepare_model_for_kbit_training, quantize_model, streams_loftq
 
 # Config fields the trainer sets itself: never through --method-arg.
 _NOT_METHOD_ARGS = {"task_type", "peft_type", "base_model_name_or_path", "inference_mode", "revision"}
@@ -33,8 +33,8 @@ class MethodEntry:
     default_lr: float
     config_cls: type[PeftConfig] | None = None  # the config whose fields --method-arg may set
     extra_args: tuple[str, ...] = ()  # --method-arg keys the build function reads itself
-    # How the base model is read from its folder: (model class, path, **from_pretrained kwargs);
-    # None: ``model_class.from_pretrained``.
+    # How the base model is read from its folder: (model class, path, task type, the run's
+    # method options, **from_pretrained kwargs); None: ``model_class.from_pretrained``.
     load_base: Callable[..., nn.Module] | None = None
 
     def valid_args(self) -> list[str]:
@@ -73,20 +73,28 @@ def build_config(spec: MethodSpec, recipe: CliRecipe, task_type: str, opts: dict
     return spec.config_cls(task_type=task_type, **kw)
 
 
-def load_quantized_base(model_class: Any, path: str, **kwargs: Any) -> nn.Module:
-    """Stream the folder straight into NF4: the full-precision model never exists in memory
-    (the build's ``quantize_model`` then finds nothing left to quantise)."""
-    return load_quantized(path, model_class=model_class, **kwargs)
-
-
 def _recipe_entry(spec: MethodSpec, recipe: CliRecipe) -> MethodEntry:
+    def in_4bit(config: PeftConfig) -> bool:  # 4-bit LoftQ trains on an NF4 base, like QLoRA
+        return recipe.quantize_base or streams_loftq(config)
+
+    def load_base(model_class: Any, path: str, task_type: str, opts: dict[str, Any], **kw: Any) -> nn.Module:
+        """QLoRA and 4-bit LoftQ stream the folder straight into NF4 (LoftQ's factors computed on
+        the way): the full-precision model never exists in memory, and the build's
+        ``quantize_model`` finds nothing left to quantise."""
+        config = build_config(spec, recipe, task_type, opts)
+        if not in_4bit(config):
+            return model_class.from_pretrained(path, **kw)  # type: ignore[no-any-return]
+        loftq = config if streams_loftq(config) else None
+        return load_quantized(path, model_class=model_class, lora_config=loftq, **kw)
+
     def build(model: nn.Module, task_type: str, opts: dict[str, Any]) -> nn.Module:
-        if recipe.quantize_base:
+        config = build_config(spec, recipe, task_type, opts)
+        if in_4bit(config):
             quantize_model(model)
             prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=bool(opts.get("gradient_checkpointing", False))
             )
-        return get_peft_model(model, build_config(spec, recipe, task_type, opts))
+        return get_peft_model(model, config)
 
     return MethodEntry(
         recipe.name,
@@ -95,7 +103,7 @@ def _recipe_entry(spec: MethodSpec, recipe: CliRecipe) -> MethodEntry:
         recipe.default_lr,
         spec.config_cls,
         recipe.extra_args,
-        load_base=load_quantized_base if recipe.quantize_base else None,
+        load_base,
     )
 
 

@@ -161,7 +161,11 @@ def load_model(
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         load_base = get_method(opts.method).load_base
-        model: Any = load_base(cls, path, **kw) if load_base is not None else cls.from_pretrained(path, **kw)
+        model: Any = (
+            load_base(cls, path, _AUTO[opts.task][1], method_options(opts), **kw)
+            if load_base is not None
+            else cls.from_pretrained(path, **kw)
+        )
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.config.name_or_path = path

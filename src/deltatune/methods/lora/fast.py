@@ -154,12 +154,13 @@ def mixed_batch(
     With an adapter bank attached (``layer.bank``, see ``bank.py``) holding every adapter named,
     the bank's batched products replace the loop below (inference only: the bank holds copies).
     """
-    result = layer.base_layer(x, *args, **kwargs)
     bank = layer.bank
     if bank is not None and not torch.is_grad_enabled():
         plan = bank.table.plan(row_groups)
         if plan is not None:
+            result = layer.base_layer(bank.scale_input(x, plan), *args, **kwargs)
             return bank.add_delta(result, x, plan)
+    result = layer.base_layer(x, *args, **kwargs)
     base_out = result
     for name, rows in row_groups:
         if name not in layer.lora_A:
