@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,35 +72,65 @@ def bnb_saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], nn.Mo
     return load
 
 
-# -- the real generative model (SmolLM2-135M-Instruct), converted once per test session -----------
+# -- the real generative model (SmolLM2-135M-Instruct), converted once per test run ---------------
 @pytest.fixture(scope="session", autouse=True)
 def deltatune_home(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Tests never touch the user's cache: DELTATUNE_HOME is a temporary folder for the session
-    (subprocesses inherit it)."""
-    home = str(tmp_path_factory.mktemp("deltatune-home"))
-    os.environ["DELTATUNE_HOME"] = home
-    return home
+    """Tests never touch the user's cache: DELTATUNE_HOME is a temporary folder for the run
+    (subprocesses inherit it). Under pytest-xdist the workers share it (their base temporary
+    folders have this run's folder as parent), so the SmolLM2 conversion is done once per run."""
+    base = tmp_path_factory.getbasetemp()
+    home = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "deltatune-home"
+    home.mkdir(exist_ok=True)
+    os.environ["DELTATUNE_HOME"] = str(home)
+    return str(home)
 
 
 @pytest.fixture(scope="session")
 def smollm2(deltatune_home: str) -> dict[str, object]:
     """The converted SmolLM2 cache folder, plus the logits of the model read straight from the
-    GGUF file during that conversion (for the reload test): ``{"path", "ids", "logits"}``."""
+    GGUF file during that conversion (for the reload test): ``{"path", "ids", "logits"}``. The
+    worker that converts saves those logits beside the cache for the other workers."""
     pytest.importorskip("gguf")
     from deltatune import model_cache
 
     seen: dict[str, object] = {"ids": torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 28120, 905]])}
-    original = model_cache.dequantise
+    logits_file = Path(deltatune_home) / "smollm2-gguf-logits.pt"
+    with open(Path(deltatune_home) / ".smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one conversion; the other workers wait for it
+        if logits_file.exists():
+            seen["path"] = model_cache.default_lm_path(progress=False)
+            seen["logits"] = torch.load(logits_file)
+            return seen
+        original = model_cache.dequantise
 
-    def recording(path):  # type: ignore[no-untyped-def]
-        model, tokenizer = original(path)
-        with torch.no_grad():
-            seen["logits"] = model(seen["ids"]).logits
-        return model, tokenizer
+        def recording(path):  # type: ignore[no-untyped-def]
+            model, tokenizer = original(path)
+            with torch.no_grad():
+                seen["logits"] = model(seen["ids"]).logits
+            return model, tokenizer
 
-    model_cache.dequantise = recording
-    try:
-        seen["path"] = model_cache.default_lm_path(progress=False)
-    finally:
-        model_cache.dequantise = original
+        model_cache.dequantise = recording
+        try:
+            seen["path"] = model_cache.default_lm_path(progress=False)
+        finally:
+            model_cache.dequantise = original
+        torch.save(seen["logits"], logits_file)
     return seen
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long tests (marked slow) first, in file order: pytest-xdist then hands them out before the
+    short ones, so no long test starts last and keeps one worker busy after the other is done.
+
+    A test file with a ``start_in_background()`` function (a slow one-time set-up, e.g. an oracle
+    venv) has it called once when any of its tests is selected, so the set-up runs beside other
+    tests instead of holding a worker when its first test needs it."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if config.getoption("collectonly"):
+        return
+    modules = {id(m): m for m in (getattr(item, "module", None) for item in items) if m is not None}
+    for module in modules.values():
+        start = getattr(module, "start_in_background", None)
+        if callable(start):
+            start()

@@ -3,7 +3,9 @@ hub download), their inputs, and checks used by several test files. Fixtures liv
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,6 +80,48 @@ def tiny_t5(seed: int = 0) -> nn.Module:
         pad_token_id=0,
     )
     return T5ForConditionalGeneration(cfg).eval()
+
+
+def tiny_wide(kind: str = "llama", seed: int = 0) -> nn.Module:
+    """A 2-layer ``kind`` model of width 64 and a 128-token vocabulary (rows as long as the 64-weight
+    blocks of NF4 and bitsandbytes): llama, mistral, qwen2, gpt2 (LM heads), bert, roberta
+    (encoders), t5 (seq2seq); eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    decoder = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
+    encoder = dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=128
+    )
+    build: dict[str, Callable[[], nn.Module]] = {
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**decoder)),
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**decoder)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**decoder)),
+        "gpt2": lambda: tf.GPT2LMHeadModel(
+            tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, bos_token_id=0, eos_token_id=0)
+        ),
+        "bert": lambda: tf.BertModel(tf.BertConfig(**encoder)),
+        "roberta": lambda: tf.RobertaModel(tf.RobertaConfig(**encoder, pad_token_id=1)),
+        "t5": lambda: tf.T5ForConditionalGeneration(
+            tf.T5Config(
+                d_model=64,
+                d_ff=128,
+                num_layers=2,
+                num_heads=4,
+                d_kv=16,
+                vocab_size=128,
+                decoder_start_token_id=0,
+            )
+        ),
+    }
+    return build[kind]().eval()
 
 
 class MLP(nn.Module):
@@ -189,6 +233,47 @@ def peft_classifier_adapter(path: str) -> nn.Module:
 def token_ids(batch: int = 3, length: int = 7, seed: int = 1, vocab: int = 96) -> torch.Tensor:
     """A fixed batch of token ids (1 .. vocab - 1) for the tiny models."""
     return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def once_per_run(name: str, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """``build(folder)``: computed by one pytest-xdist worker per run, loaded by the others.
+
+    The result (tensors, numbers, strings) is saved in ``$DELTATUNE_HOME``, which the workers of a
+    run share (see conftest's ``deltatune_home``); ``folder`` is there too, for files it writes.
+    """
+    import fcntl
+
+    home = Path(os.environ["DELTATUNE_HOME"])
+    with open(home / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other workers wait for the one building it
+        saved = home / f"{name}.pt"
+        if saved.exists():
+            return dict(torch.load(saved))
+        folder = home / name
+        folder.mkdir(exist_ok=True)
+        result = build(folder)
+        torch.save(result, saved)
+        return result
+
+
+def trainable_report(model: Any) -> str:
+    """The line ``model.print_trainable_parameters()`` prints."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        model.print_trainable_parameters()
+    return buf.getvalue().strip()
+
+
+# The tiny models of each task type, for the virtual-token methods (prompt / prefix tuning).
+VIRTUAL_TOKEN_TASKS: dict[str, tuple[Callable[..., nn.Module], str]] = {
+    "llama": (tiny_llama, "CAUSAL_LM"),
+    "gpt2": (tiny_gpt2, "CAUSAL_LM"),
+    "bert": (tiny_bert, "SEQ_CLS"),
+    "t5": (tiny_t5, "SEQ_2_SEQ_LM"),
+}
 
 
 def llama3_8b_meta() -> nn.Module:

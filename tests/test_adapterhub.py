@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,9 +90,25 @@ def _oracle_python() -> str:
     return str(python)
 
 
+def start_in_background() -> None:
+    """Build the oracle's venv and artefacts in a thread while other tests run (conftest calls this
+    when tests of this file are selected); the ``reference`` fixture then finds them built, or
+    builds them itself (and reports a failure) if this did not."""
+
+    def build() -> None:
+        with contextlib.suppress(BaseException):  # pytest.skip / a failure: the fixture tells
+            _build_reference()
+
+    threading.Thread(target=build, name="adapterhub-oracle", daemon=True).start()
+
+
 @pytest.fixture(scope="session")
 def reference() -> Path:
     """The oracle's artefacts: <case>/{base,adapter,io.pt,params.txt}."""
+    return _build_reference()
+
+
+def _build_reference() -> Path:
     key = hashlib.sha256(SCRIPT.read_bytes() + REQUIREMENTS.read_bytes()).hexdigest()[:16]
     out = CACHE / "artefacts" / key
     with _locked(CACHE / ".lock"):

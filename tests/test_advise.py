@@ -240,10 +240,13 @@ def _measure(config: dict[str, Any], task: str, batch: int, seqs: list[int]) -> 
 def test_estimate_within_20_percent_of_measured_peak(
     model: str, task: str, batch: int, seqs: list[int]
 ) -> None:
-    """LoRA, QLoRA and full fine-tuning, two sequence lengths: estimate / measured peak in 0.8-1.2."""
+    """LoRA, QLoRA and full fine-tuning, two sequence lengths: estimate / measured peak in 0.8-1.2.
+
+    SmolLM2-135M's shape with 10 of its 30 layers: its width, heads and 49,152-token vocabulary, with
+    the depth the estimate scales its 1- and 2-layer counts to, at a third of the training time."""
     from deltatune import advise
 
-    config = _minilm_config() if model == "minilm" else dict(SMOLLM2_135M)
+    config = _minilm_config() if model == "minilm" else dict(SMOLLM2_135M, num_hidden_layers=10)
     measured = _measure(config, task, batch, seqs)
     failures = []
     for seq_index, seq in enumerate(seqs):

@@ -33,10 +33,13 @@ from deltatune.train.checkpoint import LoopState, save_checkpoint
 
 # Builds two generations of an adapter (lora_alpha 4 / weights 1.0, lora_alpha 64 / weights 2.0;
 # "default" in the folder and "other" in a sub-folder) and serves commands on stdin:
-#   "save <folder> <seconds>"   fork a child that saves the two generations in turn, kill -9 it
-#                               after <seconds>, print "killed"
-#   "swap <folder> <seconds>"   the same with replace_folder(keep_others=False) of a 3-file folder
+#   "save <folder> <seconds> <k>"  fork a child that saves the two generations in turn, kill -9 it
+#                               <seconds> after its k-th whole save, print "killed" (counting
+#                               whole saves keeps the kills mid-save however loaded the machine)
+#   "swap <folder> <seconds> <k>"  the same with replace_folder(keep_others=False) of a 3-file folder
 #   "loop <folder> <n> <gen>"   save generation <gen> n times (no kill), print "done"
+#   "writers <folder> <n>"      two children save generation 0 / 1 up to n times each, until the
+#                               file <folder>.stop exists, print "started", then their exit codes
 _HELPER = textwrap.dedent(
     """
     import os, signal, sys, time
@@ -75,7 +78,7 @@ _HELPER = textwrap.dedent(
                 gens[int(line.split()[3])].save_pretrained(folder)
             print("done", flush=True)
             continue
-        if cmd == "writers":  # two children save generation 0 / 1 <arg> times each, at the same time
+        if cmd == "writers":  # two children save generation 0 / 1, at the same time
             pids = []
             for g in (0, 1):
                 pid = os.fork()
@@ -83,6 +86,8 @@ _HELPER = textwrap.dedent(
                     code = 0
                     try:
                         for _ in range(int(arg)):
+                            if os.path.exists(folder + ".stop"):
+                                break
                             gens[g].save_pretrained(folder)
                     except BaseException as exc:
                         print(f"writer {g}: {exc!r}", file=sys.stderr, flush=True)
@@ -94,8 +99,10 @@ _HELPER = textwrap.dedent(
             codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
             print("exit", *codes, flush=True)
             continue
+        r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
+            os.close(r)
             i = 0
             while True:
                 if cmd == "save":
@@ -103,9 +110,14 @@ _HELPER = textwrap.dedent(
                 else:
                     swap(folder, i)
                 i += 1
+                os.write(w, b".")  # one whole save done
+        os.close(w)
+        for _ in range(int(line.split()[3])):
+            os.read(r, 1)
         time.sleep(float(arg))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        os.close(r)
         print("killed", flush=True)
     """
 )
@@ -172,7 +184,7 @@ def test_kill_9_during_saves_leaves_old_or_new(helper, tmp_path):
     rng = random.Random(17)
     outcomes, interrupted = [], 0
     for _ in range(25):
-        assert helper(f"save {folder} {rng.uniform(0.02, 0.4):.3f}") == "killed"
+        assert helper(f"save {folder} {rng.uniform(0.0, 0.4):.3f} {rng.choice([1, 2])}") == "killed"
         interrupted += bool(_leftovers(folder))
         outcomes.append(_generation(folder))  # whole, and loadable
         assert (folder / "notes.txt").read_text() == "the user's own file"
@@ -191,9 +203,7 @@ def test_kill_9_during_whole_folder_replace(helper, tmp_path):
     rng = random.Random(18)
     seen = set()
     for _ in range(15):
-        assert helper(f"swap {folder} {rng.uniform(0.02, 0.3):.3f}") == "killed"
-        if not folder.exists():
-            continue  # killed before the first swap ever finished: there was no old folder either
+        assert helper(f"swap {folder} {rng.uniform(0.0, 0.3):.3f} {rng.choice([1, 2])}") == "killed"
         contents = {p.name: p.read_text() for p in folder.iterdir()}
         assert sorted(contents) == ["a.bin", "b.bin", "config.json"]
         assert len(set(contents.values())) == 1 and len(next(iter(contents.values()))) == 100_000
@@ -209,11 +219,13 @@ def test_readers_see_whole_adapters_while_two_processes_save(helper, tmp_path):
     """Two processes save different adapters to one folder while this one loads it in a loop."""
     folder = tmp_path / "adapter"
     assert helper(f"loop {folder} 1 0") == "done"
-    assert helper(f"writers {folder} 25") == "started"
+    assert helper(f"writers {folder} 1000") == "started"
     seen: list[int] = []
     done = [tmp_path / f"writer-{g}-done" for g in (0, 1)]
     while not all(d.exists() for d in done):
         seen.append(_generation(folder, files=False))  # never a mix, never FileNotFoundError
+        if len(seen) >= 5 and set(seen) == {0, 1}:
+            (tmp_path / "adapter.stop").touch()  # enough seen: the writers stop
     assert helper.stdout.readline().split() == ["exit", "0", "0"]  # no writer failed
     assert len(seen) >= 5 and set(seen) == {0, 1} and _leftovers(folder) == []
 

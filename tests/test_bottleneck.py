@@ -10,69 +10,12 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    RobertaConfig,
-    RobertaModel,
-    T5Config,
     T5ForConditionalGeneration,
 )
 
 from deltatune import BottleneckConfig, PeftModel, get_peft_model
 from deltatune.methods.bottleneck import BottleneckLayer
-from helpers import assert_rows_match_alone
-
-DEC = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-)
-
-
-def tiny(kind: str) -> nn.Module:
-    torch.manual_seed(0)
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(**DEC)).eval()
-    if kind == "mistral":
-        return MistralForCausalLM(MistralConfig(**DEC)).eval()
-    if kind == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**DEC)).eval()
-    if kind == "gpt2":
-        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, bos_token_id=0, eos_token_id=0)
-        return GPT2LMHeadModel(cfg).eval()
-    if kind == "bert":
-        return BertModel(
-            BertConfig(
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=128,
-                vocab_size=128,
-            )
-        ).eval()
-    if kind == "roberta":
-        cfg = RobertaConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            vocab_size=128,
-            pad_token_id=1,
-        )
-        return RobertaModel(cfg).eval()
-    cfg = T5Config(
-        d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=128, decoder_start_token_id=0
-    )
-    return T5ForConditionalGeneration(cfg).eval()
+from helpers import assert_rows_match_alone, tiny_wide
 
 
 def ids(batch: int = 2, seq: int = 7) -> torch.Tensor:
@@ -106,8 +49,8 @@ def sites(model: PeftModel) -> list[str]:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer", "parallel"])
 def test_fresh_adapter_leaves_outputs_unchanged(kind: str, placement: str) -> None:
-    ref = run(tiny(kind), ids())
-    model = get_peft_model(tiny(kind), BottleneckConfig(bottleneck_size=8, placement=placement))
+    ref = run(tiny_wide(kind), ids())
+    model = get_peft_model(tiny_wide(kind), BottleneckConfig(bottleneck_size=8, placement=placement))
     torch.testing.assert_close(run(model, ids()), ref, rtol=0, atol=0)
     blocks = 2 if kind != "t5" else 4  # T5: encoder and decoder blocks
     per_block = 2 if placement == "houlsby" else 1
@@ -118,7 +61,7 @@ def test_fresh_adapter_leaves_outputs_unchanged(kind: str, placement: str) -> No
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_houlsby_sites_are_the_sublayers(kind: str) -> None:
-    model = get_peft_model(tiny(kind), BottleneckConfig(bottleneck_size=8))
+    model = get_peft_model(tiny_wide(kind), BottleneckConfig(bottleneck_size=8))
     attn, ffn = SITES[kind]
     found = sites(model)
     assert any(p.endswith("." + attn) for p in found) and any(p.endswith("." + ffn) for p in found)
@@ -129,7 +72,8 @@ def test_houlsby_sites_are_the_sublayers(kind: str) -> None:
 
 def test_sequential_formula_on_one_sublayer() -> None:
     model = get_peft_model(
-        tiny("llama"), BottleneckConfig(bottleneck_size=8, init="normal", scaling=0.5, non_linearity="relu")
+        tiny_wide("llama"),
+        BottleneckConfig(bottleneck_size=8, init="normal", scaling=0.5, non_linearity="relu"),
     )
     layer = model.get_base_model().get_submodule("model.layers.0.mlp")
     block = layer.bottleneck["default"]
@@ -143,7 +87,7 @@ def test_sequential_formula_on_one_sublayer() -> None:
 def test_pfeiffer_formula_on_llama_reads_the_residual_stream() -> None:
     """Pre-LN: the adapter reads h + r (r: the input of post_attention_layernorm), adds to h."""
     model = get_peft_model(
-        tiny("llama"), BottleneckConfig(bottleneck_size=8, init="normal", placement="pfeiffer")
+        tiny_wide("llama"), BottleneckConfig(bottleneck_size=8, init="normal", placement="pfeiffer")
     )
     layer = model.get_base_model().get_submodule("model.layers.0.mlp")
     norm = model.get_base_model().get_submodule("model.layers.0.post_attention_layernorm")
@@ -158,7 +102,7 @@ def test_pfeiffer_formula_on_llama_reads_the_residual_stream() -> None:
 def test_pfeiffer_formula_on_bert() -> None:
     """Post-LN, as AdapterHub's SeqBnConfig: LN(h + f(LN(h + r)) + r), h after the dense layer."""
     model = get_peft_model(
-        tiny("bert"), BottleneckConfig(bottleneck_size=8, init="normal", placement="pfeiffer")
+        tiny_wide("bert"), BottleneckConfig(bottleneck_size=8, init="normal", placement="pfeiffer")
     )
     layer = model.get_base_model().get_submodule("encoder.layer.1.output")
     base, block = layer.base_layer, layer.bottleneck["default"]
@@ -172,7 +116,7 @@ def test_pfeiffer_formula_on_bert() -> None:
 def test_parallel_formula_on_llama_ffn() -> None:
     """The parallel adapter reads the residual stream r (the FFN's LayerNorm input), as AdapterHub."""
     model = get_peft_model(
-        tiny("llama"), BottleneckConfig(bottleneck_size=8, init="normal", placement="parallel")
+        tiny_wide("llama"), BottleneckConfig(bottleneck_size=8, init="normal", placement="parallel")
     )
     layer = model.get_base_model().get_submodule("model.layers.1.mlp")
     norm = model.get_base_model().get_submodule("model.layers.1.post_attention_layernorm")
@@ -202,13 +146,13 @@ def test_houlsby_parameter_count_d768_m64_12_layers() -> None:
 
 
 def test_reduction_factor() -> None:
-    model = get_peft_model(tiny("llama"), BottleneckConfig(reduction_factor=16))
+    model = get_peft_model(tiny_wide("llama"), BottleneckConfig(reduction_factor=16))
     assert (
         model.get_base_model().get_submodule("model.layers.0.mlp").bottleneck["default"].down.out_features
         == 4
     )
     # Each preset's default, as AdapterHub's: 16 for houlsby and pfeiffer, 2 for parallel.
-    parallel = get_peft_model(tiny("llama"), BottleneckConfig(placement="par_bn"))
+    parallel = get_peft_model(tiny_wide("llama"), BottleneckConfig(placement="par_bn"))
     assert (
         parallel.get_base_model().get_submodule("model.layers.0.mlp").bottleneck["default"].down.out_features
         == 32
@@ -244,7 +188,7 @@ def test_presets_fill_the_unset_fields(placement: str, expected: dict) -> None:
 def test_layer_norm_is_the_older_name_of_ln_before(tmp_path) -> None:
     cfg = BottleneckConfig(bottleneck_size=8, layer_norm=True)
     assert cfg.ln_before and cfg.layer_norm is None
-    model = get_peft_model(tiny("llama"), cfg)
+    model = get_peft_model(tiny_wide("llama"), cfg)
     block = model.get_base_model().get_submodule("model.layers.0.mlp").bottleneck["default"]
     assert isinstance(block.layer_norm, nn.LayerNorm)
     model.save_pretrained(tmp_path)
@@ -253,12 +197,12 @@ def test_layer_norm_is_the_older_name_of_ln_before(tmp_path) -> None:
 
 def test_learned_and_channel_scaling_and_leave_out() -> None:
     model = get_peft_model(
-        tiny("llama"), BottleneckConfig(bottleneck_size=8, scaling="channel", leave_out=[0])
+        tiny_wide("llama"), BottleneckConfig(bottleneck_size=8, scaling="channel", leave_out=[0])
     )
     assert sites(model) == ["model.layers.1.self_attn", "model.layers.1.mlp"]
     block = model.get_base_model().get_submodule("model.layers.1.mlp").bottleneck["default"]
     assert block.scale.shape == (64,) and block.scale.requires_grad
-    learned = get_peft_model(tiny("llama"), BottleneckConfig(bottleneck_size=8, scaling="learned"))
+    learned = get_peft_model(tiny_wide("llama"), BottleneckConfig(bottleneck_size=8, scaling="learned"))
     assert learned.get_base_model().get_submodule("model.layers.0.mlp").bottleneck["default"].scale.shape == (
         1,
     )
@@ -266,11 +210,11 @@ def test_learned_and_channel_scaling_and_leave_out() -> None:
 
 def test_original_ln_after_false_is_refused_on_pre_ln_models() -> None:
     with pytest.raises(ValueError, match="original_ln_after=False.*adds the residual itself"):
-        get_peft_model(tiny("llama"), BottleneckConfig(bottleneck_size=8, original_ln_after=False))
+        get_peft_model(tiny_wide("llama"), BottleneckConfig(bottleneck_size=8, original_ln_after=False))
 
 
 def test_merge_is_a_clear_error() -> None:
-    model = get_peft_model(tiny("llama"), BottleneckConfig(bottleneck_size=8))
+    model = get_peft_model(tiny_wide("llama"), BottleneckConfig(bottleneck_size=8))
     with pytest.raises(ValueError, match="cannot be merged.*sequential non-linear.*unload\\(\\)"):
         model.merge_and_unload()
     with pytest.raises(ValueError, match="cannot be merged"):
@@ -281,7 +225,7 @@ def test_merge_is_a_clear_error() -> None:
 def test_mixed_batch_of_different_presets_on_bert() -> None:
     """Each row goes through its own adapter's whole placement, original_ln_after=False included."""
     model = get_peft_model(
-        tiny("bert"), BottleneckConfig(bottleneck_size=8, init="normal", placement="pfeiffer")
+        tiny_wide("bert"), BottleneckConfig(bottleneck_size=8, init="normal", placement="pfeiffer")
     )
     model.add_adapter("h", BottleneckConfig(bottleneck_size=4, init="normal", placement="houlsby"))
     model.add_adapter(
@@ -354,7 +298,7 @@ def test_bad_inputs() -> None:
 
 
 def test_layers_to_transform() -> None:
-    model = get_peft_model(tiny("llama"), BottleneckConfig(bottleneck_size=8, layers_to_transform=[1]))
+    model = get_peft_model(tiny_wide("llama"), BottleneckConfig(bottleneck_size=8, layers_to_transform=[1]))
     assert sites(model) == ["model.layers.1.self_attn", "model.layers.1.mlp"]
 
 
@@ -362,7 +306,7 @@ def test_unload_removes_the_residual_hook_also_after_a_deep_copy() -> None:
     import copy
 
     model = get_peft_model(
-        tiny("llama"), BottleneckConfig(bottleneck_size=8, init="normal", placement="pfeiffer")
+        tiny_wide("llama"), BottleneckConfig(bottleneck_size=8, init="normal", placement="pfeiffer")
     )
     twin = copy.deepcopy(model)
     x = ids()
@@ -370,7 +314,7 @@ def test_unload_removes_the_residual_hook_also_after_a_deep_copy() -> None:
     torch.testing.assert_close(run(twin, x), before, rtol=0, atol=0)
     plain = twin.unload()
     assert not any(m._forward_pre_hooks for m in plain.modules())
-    torch.testing.assert_close(run(plain, x), run(tiny("llama"), x), rtol=0, atol=0)
+    torch.testing.assert_close(run(plain, x), run(tiny_wide("llama"), x), rtol=0, atol=0)
     torch.testing.assert_close(run(model, x), before, rtol=0, atol=0)  # the original still has its hooks
 
 
@@ -383,7 +327,7 @@ def test_a_file_from_an_older_deltatune_keeps_its_meaning(kind: str, placement: 
     from safetensors.torch import load_file, save_file
 
     model = get_peft_model(
-        tiny(kind),
+        tiny_wide(kind),
         BottleneckConfig(
             bottleneck_size=8, init="normal", placement=placement, original_ln_before=False, ln_before=True
         ),
@@ -399,6 +343,6 @@ def test_a_file_from_an_older_deltatune_keeps_its_meaning(kind: str, placement: 
     if kind == "bert":
         state = {k.replace(".output.bottleneck.", ".output.dense.bottleneck."): v for k, v in state.items()}
     save_file(state, tmp_path / "adapter_model.safetensors")
-    loaded = PeftModel.from_pretrained(tiny(kind), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_wide(kind), tmp_path)
     assert loaded.peft_config["default"].original_ln_before is False
     torch.testing.assert_close(run(loaded, ids()), out, rtol=0, atol=1e-6)

@@ -97,7 +97,14 @@ def test_chat_with_piped_stdin_streams_the_answer(smollm2: dict[str, Any]) -> No
 
 @real_model
 @pytest.mark.slow
-def test_chat_and_generate_with_an_adapter_folder(smollm2: dict[str, Any], tmp_path: Path) -> None:
+def test_chat_and_generate_with_an_adapter_folder(
+    smollm2: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In this process (the piped subprocess is tested above): no second interpreter start-up and
+    model load per command."""
     from transformers import AutoModelForCausalLM
 
     from deltatune import LoraConfig, TaskType, get_peft_model
@@ -106,12 +113,14 @@ def test_chat_and_generate_with_an_adapter_folder(smollm2: dict[str, Any], tmp_p
     base.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"  # as the style job records it
     config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["q_proj", "v_proj"])
     get_peft_model(base, config).save_pretrained(str(tmp_path / "adapter"))  # B = 0: same answers as the base
-    proc = _cli("chat", str(tmp_path / "adapter"), "--max-new-tokens", "16", stdin=QUESTION + "\n")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "The capital of France is Paris.\n"
-    gen = _cli("generate", "--prompt", "The capital of France is", "--max-new-tokens", "3")
-    assert gen.returncode == 0, gen.stderr
-    assert "Paris" in gen.stdout
+    from deltatune.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(QUESTION + "\n"))
+    assert main(["chat", str(tmp_path / "adapter"), "--max-new-tokens", "16"]) == 0
+    assert capsys.readouterr().out == "The capital of France is Paris.\n"
+    assert main(["generate", "--prompt", "The capital of France is", "--max-new-tokens", "3"]) == 0
+    assert "Paris" in capsys.readouterr().out
 
 
 def test_chat_refuses_bad_options() -> None:

@@ -9,7 +9,9 @@ import json
 import pytest
 import torch
 
-from deltatune.cli import main
+from deltatune.cli import inspect_adapter, main
+from deltatune.cli_options import CliError
+from helpers import tiny_llama
 from train_utils import save_tiny_cls_model, tokenizer, toy_cls_records
 
 
@@ -129,11 +131,12 @@ def test_a_folder_that_is_neither_adapter_nor_model(tmp_path, capsys):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"[1, 2]", "expected a JSON object of config fields, found list"),
-        (b"null", "found NoneType"),
-        (b"[" * 100_000 + b"]" * 100_000, "RecursionError"),
-        (b'{"peft_type": "LORA", "r": \xff}', "UnicodeDecodeError"),
-        (b'{"peft_type": ', "JSONDecodeError"),
+        (b"[1, 2]", "holds a JSON list, not an object"),
+        (b"null", "holds a JSON NoneType, not an object"),
+        (b"[" * 100_000 + b"]" * 100_000, "is nested too deeply to be an adapter config"),
+        (b'{"a": ' * 40 + b"1" + b"}" * 40, "is nested more than 32 levels deep"),
+        (b'{"peft_type": "LORA", "r": \xff}', "is not UTF-8 text (byte 27"),
+        (b'{"peft_type": ', "is not valid JSON"),
     ],
 )
 def test_inspect_names_a_bad_config_file(tmp_path, capsys, content, message):
@@ -141,6 +144,40 @@ def test_inspect_names_a_bad_config_file(tmp_path, capsys, content, message):
     assert main(["inspect", str(tmp_path)]) == 2
     line = _error(capsys, "inspect")
     assert str(tmp_path / "adapter_config.json") in line and message in line, line
+
+
+def test_inspect_reads_the_config_within_the_adapter_reader_bounds(tmp_path, capsys, monkeypatch):
+    import deltatune.io
+
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text('{"peft_type": "LORA", "r": 4}')
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").symlink_to(outside)
+    assert main(["inspect", str(folder)]) == 2
+    assert "is a symbolic link to" in _error(capsys, "inspect")
+    # A link inside the folder is a file of the folder.
+    (folder / "adapter_config.json").unlink()
+    (folder / "real.json").write_text('{"peft_type": "LORA", "r": 4}')
+    (folder / "adapter_config.json").symlink_to("real.json")
+    assert inspect_adapter(str(folder))["config"]["r"] == 4
+    # Over the size bound: refused before it is read.
+    monkeypatch.setattr(deltatune.io, "MAX_CONFIG_BYTES", 64)
+    (folder / "real.json").write_text('{"peft_type": "LORA", "target_modules": "' + "x" * 100 + '"}')
+    with pytest.raises(CliError, match="adapter_config.json is 143 bytes, over the 64 bytes deltatune reads"):
+        inspect_adapter(str(folder))
+
+
+def test_inspect_shows_a_config_the_loader_refuses(tmp_path):
+    from deltatune import PeftModel
+
+    config = {"peft_type": "LORA", "r": 10**12, "lora_alpha": float("nan"), "target_modules": ["q_proj"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    info = inspect_adapter(str(tmp_path))
+    assert info["method"] == "LORA" and info["config"]["r"] == 10**12 and info["parameters"] == 0
+    assert info["config"]["lora_alpha"] != info["config"]["lora_alpha"]  # NaN, shown as it is
+    with pytest.raises(ValueError, match="NaN or Infinity"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
 @pytest.mark.parametrize("cmd", ["eval", "merge", "generate"])

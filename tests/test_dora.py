@@ -5,28 +5,11 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from deltatune import LoraConfig, get_peft_model
-from helpers import assert_rows_match_alone
+from helpers import assert_rows_match_alone, tiny_wide
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
-
-
-def tiny(kind: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if kind == "llama":
-        cfg = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-        )
-        return LlamaForCausalLM(cfg).eval()
-    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
 
 
 def ids(batch: int = 2, seq: int = 7) -> torch.Tensor:
@@ -54,7 +37,7 @@ def logits(model: torch.nn.Module, x: torch.Tensor, **kw: object) -> torch.Tenso
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_fresh_dora_changes_nothing_and_magnitude_is_row_norm(kind: str) -> None:
-    base = tiny(kind)
+    base = tiny_wide(kind)
     ref = logits(base, ids())
     model = get_peft_model(base, LoraConfig(r=4, target_modules=TARGETS[kind], use_dora=True))
     torch.testing.assert_close(logits(model, ids()), ref, rtol=0, atol=1e-5)
@@ -69,7 +52,7 @@ def test_fresh_dora_changes_nothing_and_magnitude_is_row_norm(kind: str) -> None
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_forward_matches_formula(kind: str) -> None:
     """y = m / ‖W + sBA‖_row ⊙ (W + sBA) x + b, checked on one layer against a dense computation."""
-    model = get_peft_model(tiny(kind), dora_config(kind))
+    model = get_peft_model(tiny_wide(kind), dora_config(kind))
     perturb_magnitudes(model)
     layer = model.get_base_model().get_submodule(
         "model.layers.1.self_attn.q_proj" if kind == "llama" else "transformer.h.1.attn.c_attn"
@@ -91,9 +74,9 @@ def test_forward_matches_formula(kind: str) -> None:
 def test_gradients_match_peft_norm_detached() -> None:
     """Same loss gradient as PEFT, which treats ‖W + sBA‖ as a constant (DoRA §4.3)."""
     cfg = dict(r=4, lora_alpha=8, target_modules=TARGETS["llama"], use_dora=True, init_lora_weights=False)
-    ours = get_peft_model(tiny("llama"), LoraConfig(**cfg))  # type: ignore[arg-type]
+    ours = get_peft_model(tiny_wide("llama"), LoraConfig(**cfg))  # type: ignore[arg-type]
     perturb_magnitudes(ours)
-    theirs = peft.get_peft_model(tiny("llama"), peft.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(tiny_wide("llama"), peft.LoraConfig(**cfg))
     peft.set_peft_model_state_dict(theirs, ours.get_adapter_state_dict())
     x = ids()
     for m in (ours, theirs):
@@ -114,7 +97,7 @@ def test_gradients_match_peft_norm_detached() -> None:
 
 
 def test_only_adapter_parameters_train() -> None:
-    model = get_peft_model(tiny("llama"), dora_config("llama"))
+    model = get_peft_model(tiny_wide("llama"), dora_config("llama"))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all(".lora_A." in n or ".lora_B." in n or ".lora_magnitude_vector." in n for n in names)
     trainable, _ = model.get_nb_trainable_parameters()
@@ -124,7 +107,7 @@ def test_only_adapter_parameters_train() -> None:
 
 
 def test_mixed_batch_rows_match_single_adapter_runs() -> None:
-    model = get_peft_model(tiny("llama"), dora_config("llama"))
+    model = get_peft_model(tiny_wide("llama"), dora_config("llama"))
     perturb_magnitudes(model, seed=5)
     model.add_adapter("other", dora_config("llama"))
     perturb_magnitudes(model, seed=6)
@@ -136,19 +119,21 @@ def test_mixed_batch_rows_match_single_adapter_runs() -> None:
 
 def test_eval_cache_follows_weight_changes() -> None:
     """Eval outputs follow a change of m, A or B at once: equal to a fresh model's with the new values."""
-    model = get_peft_model(tiny("llama"), dora_config("llama"))
+    model = get_peft_model(tiny_wide("llama"), dora_config("llama"))
     before = logits(model, ids())
     assert torch.equal(logits(model, ids()), before)  # cached path gives the same numbers
     perturb_magnitudes(model)
     after = logits(model, ids())
     assert not torch.allclose(after, before)
-    fresh = get_peft_model(tiny("llama"), dora_config("llama")).eval()  # nothing computed or cached yet
+    fresh = get_peft_model(tiny_wide("llama"), dora_config("llama")).eval()  # nothing computed or cached yet
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(logits(fresh, ids()), after, rtol=0, atol=0)
 
 
 def test_training_step_changes_output_and_uses_detached_norm() -> None:
-    model = get_peft_model(tiny("llama"), LoraConfig(r=4, target_modules=TARGETS["llama"], use_dora=True))
+    model = get_peft_model(
+        tiny_wide("llama"), LoraConfig(r=4, target_modules=TARGETS["llama"], use_dora=True)
+    )
     before = logits(model, ids())
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.train()
@@ -162,7 +147,7 @@ def test_training_step_changes_output_and_uses_detached_norm() -> None:
 
 
 def test_dora_on_embedding_is_a_clear_error() -> None:
-    base = tiny("llama")
+    base = tiny_wide("llama")
     before = [n for n, _ in base.named_modules()]
     with pytest.raises(ValueError, match="DoRA works on nn.Linear and GPT-2 Conv1D.*Embedding"):
         get_peft_model(base, LoraConfig(target_modules=["q_proj", "embed_tokens"], use_dora=True))

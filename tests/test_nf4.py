@@ -27,6 +27,7 @@ from deltatune.quant import (
     quantize_model,
     quantize_nf4,
 )
+from helpers import tiny_wide
 
 HALF_MAX_GAP = max(b - a for a, b in zip(NF4_CODEBOOK, NF4_CODEBOOK[1:])) / 2  # 0.1385
 
@@ -305,22 +306,8 @@ def test_linear4bit_dtype_cast_keeps_statistics(linear):
 # -- whole models --------------------------------------------------------------------------------
 
 
-def _tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def test_quantize_model_replaces_linears_only():
-    model = _tiny_llama()
+    model = tiny_wide()
     reference = copy.deepcopy(model)
     n_params = sum(p.numel() for p in model.parameters())
     quantize_model(model)
@@ -347,11 +334,11 @@ def test_quantize_model_replaces_linears_only():
 
 
 def test_quantize_model_targets_and_skips():
-    model = quantize_model(_tiny_llama(), target_modules=["q_proj", "v_proj"], skip_modules=["layers.1"])
+    model = quantize_model(tiny_wide(), target_modules=["q_proj", "v_proj"], skip_modules=["layers.1"])
     quantised = sorted(n for n, m in model.named_modules() if isinstance(m, Linear4bit))
     assert quantised == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
     with pytest.raises(ValueError, match="matched no nn.Linear"):
-        quantize_model(_tiny_llama(), target_modules=["query"])
+        quantize_model(tiny_wide(), target_modules=["query"])
 
 
 def test_quantize_model_keeps_classifier_heads():
@@ -364,7 +351,7 @@ def test_quantize_model_keeps_classifier_heads():
 
 
 def test_prepare_model_for_kbit_training():
-    model = quantize_model(_tiny_llama().to(torch.bfloat16))
+    model = quantize_model(tiny_wide().to(torch.bfloat16))
     prepare_model_for_kbit_training(model)
     assert not any(p.requires_grad for p in model.parameters())
     assert model.model.norm.weight.dtype == torch.float32

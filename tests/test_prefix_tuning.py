@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 from typing import Any
 
 import pytest
@@ -13,14 +11,13 @@ from torch import nn
 from deltatune import PeftModel, PrefixTuningConfig, get_peft_model
 from helpers import (
     MLP,
+    VIRTUAL_TOKEN_TASKS,
     llama3_8b_meta,
     no_eos,
     randomize_prompt,
-    tiny_bert,
-    tiny_gpt2,
     tiny_llama,
-    tiny_t5,
     token_ids,
+    trainable_report,
 )
 
 
@@ -29,12 +26,7 @@ def ids(batch: int = 2, length: int = 6, seed: int = 1) -> torch.Tensor:
 
 
 N = 3
-TASKS = {
-    "llama": (tiny_llama, "CAUSAL_LM"),
-    "gpt2": (tiny_gpt2, "CAUSAL_LM"),
-    "bert": (tiny_bert, "SEQ_CLS"),
-    "t5": (tiny_t5, "SEQ_2_SEQ_LM"),
-}
+TASKS = VIRTUAL_TOKEN_TASKS
 
 
 def wrap(name: str, seed: int = 5, n: int = N, **kw: Any) -> PeftModel:
@@ -44,17 +36,13 @@ def wrap(name: str, seed: int = 5, n: int = N, **kw: Any) -> PeftModel:
     return model
 
 
-def report(model: Any) -> str:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        model.print_trainable_parameters()
-    return buf.getvalue().strip()
-
-
 # -- parameters ---------------------------------------------------------------------------
 def test_llama3_8b_parameter_report_uses_kv_heads() -> None:
     model = get_peft_model(llama3_8b_meta(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10))
-    assert report(model) == "trainable params: 655,360 || all params: 8,030,916,608 || trainable%: 0.0082"
+    assert (
+        trainable_report(model)
+        == "trainable params: 655,360 || all params: 8,030,916,608 || trainable%: 0.0082"
+    )
     cfg = model.peft_config["default"]
     assert (cfg.token_dim, cfg.num_attention_heads, cfg.num_layers) == (1024, 8, 32)  # 128 × 8 KV heads
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,14 +10,14 @@ from torch import nn
 
 from deltatune import PeftModel, PromptTuningConfig, get_peft_model
 from helpers import (
+    VIRTUAL_TOKEN_TASKS,
     llama3_8b_meta,
     no_eos,
     randomize_prompt,
     tiny_bert,
-    tiny_gpt2,
     tiny_llama,
-    tiny_t5,
     token_ids,
+    trainable_report,
 )
 
 
@@ -29,12 +26,7 @@ def ids(batch: int = 2, length: int = 6, seed: int = 1) -> torch.Tensor:
 
 
 N = 4
-TASKS: dict[str, tuple[Callable[..., nn.Module], str]] = {
-    "llama": (tiny_llama, "CAUSAL_LM"),
-    "gpt2": (tiny_gpt2, "CAUSAL_LM"),
-    "bert": (tiny_bert, "SEQ_CLS"),
-    "t5": (tiny_t5, "SEQ_2_SEQ_LM"),
-}
+TASKS = VIRTUAL_TOKEN_TASKS
 
 
 def wrap(name: str, seed: int = 5, n: int = N, **kw: Any) -> PeftModel:
@@ -47,11 +39,8 @@ def wrap(name: str, seed: int = 5, n: int = N, **kw: Any) -> PeftModel:
 # -- parameters ---------------------------------------------------------------------------
 def test_llama3_8b_parameter_report() -> None:
     model = get_peft_model(llama3_8b_meta(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20))
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        model.print_trainable_parameters()
     assert (
-        buf.getvalue().strip()
+        trainable_report(model)
         == "trainable params: 81,920 || all params: 8,030,343,168 || trainable%: 0.0010"
     )
 

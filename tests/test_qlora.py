@@ -21,11 +21,6 @@ from helpers import dense_twin, randomize_lora, state_changed_by_one_step, tiny_
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
-# A known bug, kept visible: merge_quantized runs its eval-mode reference forward first; on CPU that
-# makes bitsandbytes repack the 4-bit codes and round their absmax to bf16, and the merged dense
-# weights inherit the rounding (the merged model's logits are off by ~0.04 on the tiny Llama).
-BNB4_MERGE_BUG = "merging a bitsandbytes 4-bit base uses weights whose absmax bitsandbytes rounded to bf16"
-
 
 def ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
     return torch.randint(1, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
@@ -265,9 +260,7 @@ def test_dora_on_bitsandbytes_4bit_matches_dense_dequantised_reference(bnb_saved
         )
 
 
-@pytest.mark.parametrize(
-    "bits", [pytest.param(4, marks=pytest.mark.xfail(strict=True, reason=BNB4_MERGE_BUG)), 8]
-)
+@pytest.mark.parametrize("bits", [4, 8])
 def test_merge_quantized_on_bitsandbytes(bnb_saved, bits):
     """The merged dense model computes what the adapter computes on the dequantised base."""
     model = adapted(bnb_saved(bits))

@@ -394,18 +394,30 @@ def test_config_that_is_not_a_json_object_is_a_clear_error(text: str, tmp_path: 
         config_from_dict([1, 2])  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a bug: load_adapter() on a model in eval mode leaves the new adapter's dropout in training "
-    "mode, so its outputs are random (PEFT's load_adapter gives the same outputs every time)",
-)
 def test_an_adapter_loaded_for_inference_gives_the_same_outputs_every_time(tmp_path: Path) -> None:
     model, inputs = trained("llama", lora_dropout=0.5)
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
-    torch.testing.assert_close(
-        out(loaded, inputs), out(loaded, inputs), rtol=0, atol=0
-    )  # from_pretrained: fine
-    loaded.load_adapter(tmp_path, adapter_name="again")
-    loaded.set_adapter("again")
     torch.testing.assert_close(out(loaded, inputs), out(loaded, inputs), rtol=0, atol=0)
+    for name, trainable in [("again", False), ("trainable", True)]:  # into a model in eval mode
+        loaded.load_adapter(tmp_path, adapter_name=name, is_trainable=trainable)
+        loaded.set_adapter(name)
+        torch.testing.assert_close(out(loaded, inputs), out(loaded, inputs), rtol=0, atol=0)
+        assert not any(m.training for m in loaded.modules() if isinstance(m, torch.nn.Dropout))
+    loaded.train()  # training mode: the dropout of a loaded adapter is on
+    assert not torch.equal(out(loaded, inputs), out(loaded, inputs))
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_load_adapter_sets_train_or_eval_mode_as_peft(tmp_path: Path, is_trainable: bool) -> None:
+    """PEFT's load_adapter puts the whole model in eval mode unless the adapter is loaded to train."""
+    import peft
+
+    model, _ = trained("llama", lora_dropout=0.5)
+    model.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True).train()
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path), is_trainable=True).train()
+    ours.load_adapter(tmp_path, adapter_name="other", is_trainable=is_trainable)
+    theirs.load_adapter(str(tmp_path), adapter_name="other", is_trainable=is_trainable)
+    assert ours.training == theirs.training == is_trainable
+    assert ours.get_base_model().training == theirs.get_base_model().training == is_trainable

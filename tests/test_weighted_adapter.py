@@ -5,26 +5,10 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from deltatune import LoraConfig, PeftModel, get_peft_model
 from deltatune.methods.lora import LoraLayer
-
-
-def tiny(kind: str = "llama") -> torch.nn.Module:
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, bos_token_id=0, eos_token_id=0)
-        return GPT2LMHeadModel(cfg).eval()
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return LlamaForCausalLM(cfg).eval()
+from helpers import tiny_wide
 
 
 def ids() -> torch.Tensor:
@@ -39,7 +23,7 @@ def two_adapters(kind: str = "llama", embed: bool = False) -> PeftModel:
         t1 = t1 + ["embed_tokens"]
         t2 = t2 + ["embed_tokens"]
     model = get_peft_model(
-        tiny(kind), LoraConfig(r=4, lora_alpha=16, target_modules=t1, init_lora_weights=False)
+        tiny_wide(kind), LoraConfig(r=4, lora_alpha=16, target_modules=t1, init_lora_weights=False)
     )
     model.add_adapter(
         "b", LoraConfig(r=2, lora_alpha=3, use_rslora=True, target_modules=t2, init_lora_weights=False)
@@ -84,7 +68,7 @@ def test_cat_forward_equals_merging_the_weighted_sum() -> None:
     model.set_adapter("mix")
     out = model(input_ids=ids()).logits.detach()
     total = weighted_sum(model, {"default": 0.5, "b": 2.0})
-    plain = tiny()
+    plain = tiny_wide()
     with torch.no_grad():
         for path, d in total.items():
             plain.get_submodule(path).weight.add_(d)
@@ -120,7 +104,7 @@ def test_linear_needs_equal_ranks_and_is_exact_for_shared_a() -> None:
     with pytest.raises(ValueError, match="equal ranks.*'cat'.*'svd'"):
         model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "mix", combination_type="linear")
     model = get_peft_model(
-        tiny(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+        tiny_wide(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
     )
     model.add_adapter("b", LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj"], init_lora_weights=False))
     with torch.no_grad():  # share A: then B-combination is exact
@@ -140,9 +124,9 @@ def test_combined_adapter_round_trips_and_loads_in_peft(tmp_path) -> None:
     model.set_adapter("mix")
     expected = model(input_ids=ids()).logits.detach()
     model.save_pretrained(tmp_path, selected_adapters=["mix"])
-    ours = PeftModel.from_pretrained(tiny(), tmp_path / "mix")
+    ours = PeftModel.from_pretrained(tiny_wide(), tmp_path / "mix")
     torch.testing.assert_close(ours(input_ids=ids()).logits, expected, rtol=1e-5, atol=1e-5)
-    theirs = peft.PeftModel.from_pretrained(tiny(), tmp_path / "mix").eval()
+    theirs = peft.PeftModel.from_pretrained(tiny_wide(), tmp_path / "mix").eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=ids()).logits, expected, rtol=1e-5, atol=1e-5)
 
@@ -157,7 +141,7 @@ def test_bad_requests() -> None:
         model.add_weighted_adapter(["default", "b"], [1.0], "x")
     with pytest.raises(ValueError, match="Unknown adapters \\['c'\\]"):
         model.add_weighted_adapter(["default", "c"], [1.0, 1.0], "x")
-    dora = get_peft_model(tiny(), LoraConfig(target_modules=["q_proj"], use_dora=True))
+    dora = get_peft_model(tiny_wide(), LoraConfig(target_modules=["q_proj"], use_dora=True))
     dora.add_adapter("b", LoraConfig(target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match="DoRA adapters"):
         dora.add_weighted_adapter(["default", "b"], [1.0, 1.0], "x", combination_type="cat")
@@ -170,7 +154,9 @@ def test_svd_factors_and_clamp_equal_peft(clamp: float | None) -> None:
 
     def build(lib: object) -> torch.nn.Module:
         config = lib.LoraConfig  # type: ignore[attr-defined]
-        model = lib.get_peft_model(tiny(), config(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))  # type: ignore[attr-defined]
+        model = lib.get_peft_model(
+            tiny_wide(), config(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        )  # type: ignore[attr-defined]
         model.add_adapter("b", config(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"]))
         g = torch.Generator().manual_seed(5)
         with torch.no_grad():

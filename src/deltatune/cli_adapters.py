@@ -232,6 +232,7 @@ def inspect_adapter(path: str) -> dict[str, Any]:
 
     from deltatune.config import CONFIG_NAME
     from deltatune.formats import describe_foreign_folder
+    from deltatune.io import open_snapshot, parse_json_object
 
     foreign = describe_foreign_folder(path)  # e.g. an AdapterHub folder
     if foreign is not None:
@@ -239,19 +240,20 @@ def inspect_adapter(path: str) -> dict[str, Any]:
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise CliError(f"No {CONFIG_NAME} in {path!r}: not an adapter folder.")
+    # Bounded like every adapter read (a regular file inside the folder, at most MAX_CONFIG_BYTES,
+    # MAX_DEPTH levels of UTF-8 JSON), but shown even when the loader would refuse its values.
     try:
-        with open(cfg_path, encoding="utf-8") as fh:
-            config = json.load(fh)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CliError(
-            f"{cfg_path}: not a readable adapter config ({type(exc).__name__}: {str(exc)[:200]}). It must be "
-            "a UTF-8 JSON object; save the adapter again or copy it again from its source."
-        ) from exc
-    if not isinstance(config, dict):
-        raise CliError(
-            f"{cfg_path}: expected a JSON object of config fields, found {type(config).__name__}; this is not "
-            "an adapter config."
+        text = open_snapshot(path, weights=False).config_text
+        if text is None:
+            raise ValueError(f"{cfg_path} vanished while it was read; run the command again.")
+        config = parse_json_object(text, cfg_path, finite=False)
+    except ValueError as exc:
+        fix = (
+            ""
+            if "again" in str(exc) or "instead" in str(exc)
+            else " Save the adapter again, or restore the file."
         )
+        raise CliError(f"{exc}{fix}") from exc
     weights = os.path.join(path, "adapter_model.safetensors")
     tensors: dict[str, list[int]] = {}
     if os.path.isfile(weights):

@@ -262,9 +262,10 @@ def _depth_and_bad_numbers(value: Any) -> tuple[int, list[str]]:
     return depth, bad
 
 
-def parse_json_object(text: bytes, where: str) -> dict[str, Any]:
+def parse_json_object(text: bytes, where: str, finite: bool = True) -> dict[str, Any]:
     """A JSON object from the bytes of file ``where`` (named in errors): UTF-8, at most
-    :data:`MAX_DEPTH` levels deep, finite numbers only."""
+    :data:`MAX_DEPTH` levels deep, finite numbers only (unless ``finite=False``: NaN and Infinity
+    pass, for showing a file rather than loading it)."""
     try:
         decoded = text.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -286,7 +287,7 @@ def parse_json_object(text: bytes, where: str) -> dict[str, Any]:
     depth, bad = _depth_and_bad_numbers(data)
     if depth > MAX_DEPTH:
         raise ValueError(f"{where} is nested more than {MAX_DEPTH} levels deep: it is not an adapter config.")
-    if bad:
+    if bad and finite:
         raise ValueError(
             f"{where} holds NaN or Infinity at {[shorten(b, 60) for b in bad[:5]]}: a config's numbers must be "
             "finite. Fix the file, or save the adapter again."

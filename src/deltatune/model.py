@@ -503,17 +503,18 @@ class PeftModel(PushToHubMixin, nn.Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             reload_adapter(self, adapter_name, config, state)  # as PEFT: Trainer's resume relies on it
-            return
-        # sizes checked on the meta device before any allocation
-        dry_run(self, None, self.base_model, config, adapter_name, state, os.fspath(model_id))
-        before = {id(m) for m in self._adapter_modules()}
-        with loading_weights():  # the file's values replace any initialisation
-            self.add_adapter(adapter_name, config)
-        try:
-            self._load_state(adapter_name, state)
-        except BaseException:
-            self._discard_adapter(adapter_name, before)  # leave the model as it was before the call
-            raise
+        else:  # sizes checked on the meta device before any allocation
+            dry_run(self, None, self.base_model, config, adapter_name, state, os.fspath(model_id))
+            before = {id(m) for m in self._adapter_modules()}
+            with loading_weights():  # the file's values replace any initialisation
+                self.add_adapter(adapter_name, config)
+            try:
+                self._load_state(adapter_name, state)
+            except BaseException:
+                self._discard_adapter(adapter_name, before)  # leave the model as it was before the call
+                raise
+        if not is_trainable:
+            self.eval()  # as PEFT: an adapter loaded for inference runs with dropout off
 
     def _load_state(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
         config = self.peft_config[adapter_name]

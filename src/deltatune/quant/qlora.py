@@ -29,8 +29,10 @@ bases, and a base swapped later (``quantize_model`` on an adapted model, or
 
 from __future__ import annotations
 
+import copy
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +84,27 @@ def _logical_dtype(module: nn.Module) -> torch.dtype:
     return w.dtype if w.is_floating_point() else torch.float32  # type: ignore[no-any-return]
 
 
+def _dequantize_cpu_packed(w: Any) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight that bitsandbytes' CPU inference path repacked at its first
+    eval-mode forward, which also rounded the absmax to bf16 (up to 2^-8 relative) and stored it
+    transposed, (blocks per row, out). The codes are unpacked by bitsandbytes' inverse on copies
+    (the layer keeps its packed form); the absmax is read back in row-major block order (the
+    inverse leaves it transposed, which scrambles rows of more than one block)."""
+    import bitsandbytes.functional as bnbf
+
+    packed = w.quant_state
+    codes, _ = bnbf._convert_weight_packed_for_cpu_inverse(w.data, copy.copy(packed))
+    state = bnbf.QuantState(
+        absmax=packed.absmax.T.reshape(-1).float(),
+        shape=packed.shape,
+        code=packed.code,
+        blocksize=packed.blocksize,
+        quant_type=packed.quant_type,
+        dtype=packed.original_dtype,
+    )
+    return bnbf.dequantize_4bit(codes, state)
+
+
 def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dense weight (out, in) of a quantised linear layer, in ``dtype`` (default: its logical dtype)."""
     dtype = dtype or _logical_dtype(module)
@@ -94,9 +117,7 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = None) -> to
         w: Any = module.weight
         if getattr(w, "quant_state", None) is not None:  # 4-bit: codes + QuantState
             if getattr(w.quant_state, "packing_format_for_cpu", False):
-                # bitsandbytes' CPU inference path repacks the codes (and rounds the absmax to bf16)
-                # at the first eval forward; undo it as bitsandbytes does itself before saving.
-                w.data, w.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+                return _dequantize_cpu_packed(w).to(dtype)
             return bnbf.dequantize_4bit(w.data, w.quant_state).to(dtype)
         scb = getattr(w, "SCB", None)
         if scb is None:  # after its first forward, a Linear8bitLt keeps the row scales in .state
@@ -302,6 +323,31 @@ def _stats(diff: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]:
     return float(d.max()), float(d.mean()), float(ref.abs().mean())
 
 
+@contextmanager
+def _bnb_4bit_kept(model: nn.Module) -> Iterator[None]:
+    """Leave ``model``'s bitsandbytes 4-bit layers as they were after an eval-mode forward.
+
+    On CPU, bitsandbytes' first eval-mode 4-bit forward repacks a layer's codes and rounds its
+    absmax to bf16 in place, for good: its own inverse brings back the codes, not the fp32 absmax
+    (up to 2^-8 relative error per block of weights). The codes and the quantisation state are put
+    back as they were, so what is dequantised and merged afterwards is the stored weight.
+    """
+    kinds = _bnb_types()
+    kept = []
+    for m in model.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        packed = getattr(state, "packing_format_for_cpu", False)
+        if kinds and isinstance(m, kinds[0]) and state is not None and not packed:
+            kept.append((m.weight, m.weight.data, state, dict(vars(state))))
+    try:
+        yield
+    finally:
+        for weight, data, state, fields in kept:
+            weight.data = data
+            vars(state).clear()
+            vars(state).update(fields)
+
+
 @torch.no_grad()
 def merge_quantized(
     peft_model: Any,
@@ -327,6 +373,11 @@ def merge_quantized(
     dict of model inputs), and the whole model's output on ``probe_inputs``. Without
     probe inputs, each layer gets ``probe_rows`` random N(0, 1) input rows and no
     whole-model figure is given.
+
+    bitsandbytes 4-bit bases: the merged weight is bitsandbytes' own dequantised weight plus the
+    update (the reference forwards leave the layers as stored). A model that already ran an
+    eval-mode forward on a CPU with bf16 support was changed by bitsandbytes then: its absmax
+    rounded to bf16, so each merged weight may be off by up to 2^-8 of its block's absmax.
 
     Returns:
         (the merged base model, a :class:`MergeReport`); ``peft_model`` is consumed, as by
@@ -364,7 +415,8 @@ def merge_quantized(
 
             handles.append(layer.register_forward_hook(hook))
         try:
-            ref_out = _run(peft_model, probe_inputs)
+            with _bnb_4bit_kept(peft_model):
+                ref_out = _run(peft_model, probe_inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -381,7 +433,8 @@ def merge_quantized(
             x = torch.randn(probe_rows, width, generator=gen).to(w_dtype)
             x = x.to(next((t.device for t in layer.parameters()), torch.device("cpu")))
             inputs[path].append(x)
-            outputs[path].append(layer(x).float())
+            with _bnb_4bit_kept(layer):
+                outputs[path].append(layer(x).float())
 
     # 2. Dense copies of the quantised bases, then the method's exact merge into them.
     originals = {path: layer.base_layer for path, layer in layers}
@@ -405,7 +458,8 @@ def merge_quantized(
         report.layers.append(LayerMergeError(path, *_stats(diff, ref), numel=ref.numel()))
     if probe_inputs is not None and ref_out is not None:
         merged.eval()
-        out = _run(merged, probe_inputs)
+        with _bnb_4bit_kept(merged):  # the 4-bit layers left in the merged model stay as they were
+            out = _run(merged, probe_inputs)
         report.output_max_abs, report.output_mean_abs, report.output_ref_mean_abs = _stats(
             out - ref_out, ref_out
         )

@@ -67,6 +67,7 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[adapter_name] = (
             nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         )
+        self.lora_dropout[adapter_name].train(self.base_layer.training)  # added to a model in eval mode: off
         self.activate(adapter_name)
         return r
 
