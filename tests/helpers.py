@@ -385,3 +385,36 @@ def tiny_mixtral(seed: int = 0) -> nn.Module:
             if name.endswith("gate.weight") or p.dim() == 3:
                 p.normal_(0, 0.2)
     return model.eval()
+
+
+def random_bf16_llama_folder(folder: str, **config: Any) -> tuple[int, int]:
+    """Save a Llama of the given shape with random bf16 weights as a transformers model folder
+    (``config.json`` + ``model.safetensors``), never holding more than its tensors once.
+    Returns (bytes of all tensors, values of the largest tensor)."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(max_position_embeddings=128, dtype="bfloat16", **config)
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(cfg)
+    cfg.save_pretrained(folder)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        k: (torch.randn(v.shape, generator=gen) * 0.02).to(torch.bfloat16)
+        for k, v in meta.state_dict().items()
+    }
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    return sum(t.nbytes for t in tensors.values()), max(t.numel() for t in tensors.values())
+
+
+def run_json_script(script: str, *args: str) -> dict[str, Any]:
+    """Run ``python -c script args...`` in a fresh process; the last line it prints is JSON."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, check=True, env=os.environ
+    )
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result

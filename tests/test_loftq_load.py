@@ -3,10 +3,7 @@ NF4 codes, A and B as LoftQ on the full-precision model, without ever holding th
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -24,7 +21,7 @@ from deltatune.quant import (
     quantize_model,
     streams_loftq,
 )
-from helpers import tiny_llama
+from helpers import random_bf16_llama_folder, run_json_script, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -175,42 +172,18 @@ _PEAK_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_peak_memory_of_streamed_loftq_stays_under_the_bound(tmp_path):
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     # Many small layers: the dense model (40 MB in bf16) outgrows one weight's LoftQ work.
-    cfg = LlamaConfig(
+    folder = str(tmp_path)
+    checkpoint, largest = random_bf16_llama_folder(
+        folder,
         hidden_size=512,
         intermediate_size=1024,
         num_hidden_layers=8,
         num_attention_heads=8,
         num_key_value_heads=8,
         vocab_size=1024,
-        max_position_embeddings=128,
-        dtype="bfloat16",
-    )
-    with torch.device("meta"):
-        meta = LlamaForCausalLM(cfg)
-    folder = str(tmp_path)
-    cfg.save_pretrained(folder)
-    gen = torch.Generator().manual_seed(0)
-    tensors = {
-        k: (torch.randn(v.shape, generator=gen) * 0.02).to(torch.bfloat16)
-        for k, v in meta.state_dict().items()
-    }
-    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    checkpoint = sum(t.nbytes for t in tensors.values())
-    largest = max(t.numel() for t in tensors.values())  # values of the largest weight
-    del tensors, meta
-
-    out = subprocess.run(
-        [sys.executable, "-c", _PEAK_SCRIPT, folder],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=os.environ,
-    )
-    m = json.loads(out.stdout.strip().splitlines()[-1])
+    )  # largest: values of the largest weight
+    m = run_json_script(_PEAK_SCRIPT, folder)
     grown = m["peak"] - m["before"]
     # The bound load_quantized's docstring states for LoftQ: the model, LoftQ's fp32 work on the
     # largest weight (W, its residual, the SVD's factors: 6 x 4 bytes per value), 64 MB.

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -15,7 +13,7 @@ import torch
 from torch import nn
 
 from deltatune.quant import Linear4bit, load_quantized, quantize_model
-from helpers import tiny_llama
+from helpers import random_bf16_llama_folder, run_json_script, tiny_llama
 
 
 def save(model: nn.Module, folder: str, shard: str | None = None) -> str:
@@ -213,42 +211,18 @@ _PEAK_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_peak_memory_while_loading_stays_under_the_bound(tmp_path):
     # Linear weights dominate: 100 M parameters, 200 MB in bf16, about 52 MB in NF4.
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
+    folder = str(tmp_path)
+    checkpoint, largest_values = random_bf16_llama_folder(
+        folder,
         hidden_size=1024,
         intermediate_size=4096,
         num_hidden_layers=6,
         num_attention_heads=8,
         num_key_value_heads=8,
         vocab_size=1024,
-        max_position_embeddings=128,
-        dtype="bfloat16",
     )
-    with torch.device("meta"):
-        meta = LlamaForCausalLM(cfg)
-    folder = str(tmp_path)
-    cfg.save_pretrained(folder)
-    gen = torch.Generator().manual_seed(0)
-    tensors = {
-        k: (torch.randn(v.shape, generator=gen) * 0.02).to(torch.bfloat16)
-        for k, v in meta.state_dict().items()
-    }
-    from safetensors.torch import save_file
-
-    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    checkpoint = sum(t.nbytes for t in tensors.values())
-    largest = max(t.nbytes for t in tensors.values())
-    del tensors, meta
-
-    out = subprocess.run(
-        [sys.executable, "-c", _PEAK_SCRIPT, folder],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=os.environ,
-    )
-    m = json.loads(out.stdout.strip().splitlines()[-1])
+    largest = 2 * largest_values  # bytes in bf16
+    m = run_json_script(_PEAK_SCRIPT, folder)
     grown = m["peak"] - m["before"]
     bound = m["model"] + largest + 64 * 2**20  # the bound load_quantized's docstring states
     assert m["model"] < 0.35 * checkpoint  # the loaded model is the 4-bit one
