@@ -114,6 +114,11 @@ def smollm2(deltatune_home: str) -> dict[str, object]:
             seen["path"] = model_cache.default_lm_path(progress=False)
         finally:
             model_cache.dequantise = original
+        if "logits" not in seen:  # another process (a docs snippet, a CLI test) converted it first
+            model, _ = original(model_cache.gguf_path())
+            with torch.no_grad():
+                seen["logits"] = model(seen["ids"]).logits
+            del model
         torch.save(seen["logits"], logits_file)
     return seen
 
