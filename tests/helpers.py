@@ -418,3 +418,40 @@ def run_json_script(script: str, *args: str) -> dict[str, Any]:
     )
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
+
+
+_LOAD_PEAK_SCRIPT = """
+import ctypes, gc, json, sys, torch
+torch.set_num_threads(1)
+import deltatune as dt
+from deltatune.quant import LoftQConfig, load_quantized, memory_footprint
+import transformers.models.llama.modeling_llama  # imports done before the baseline
+
+def rss():
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
+
+SETUP
+# A first load pays the one-time costs (lazy imports, shared libraries mapped, allocator
+# arenas) that a long-lived process has already paid; the measured load is the second one.
+warm = load_quantized(sys.argv[1])
+del warm
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current RSS
+before = rss()["VmRSS"]
+model = LOAD
+after = rss()
+print(json.dumps({"before": before, "peak": after["VmHWM"], "after": after["VmRSS"],
+                  "model": memory_footprint(model)["total_bytes"]}))
+"""
+
+
+def load_peak(folder: str, load: str = "load_quantized(sys.argv[1])", setup: str = "") -> dict[str, Any]:
+    """Resident memory of a second ``load`` of ``folder`` in a fresh process (Linux /proc):
+    ``{"before", "peak", "after"}`` RSS in bytes around it and the loaded ``"model"``'s bytes.
+    ``setup`` runs first (names the load uses; one-time work to pay before the baseline)."""
+    script = _LOAD_PEAK_SCRIPT.replace("SETUP", setup).replace("LOAD", load)
+    return run_json_script(script, folder)

@@ -4,7 +4,6 @@ NF4 codes, A and B as LoftQ on the full-precision model, without ever holding th
 from __future__ import annotations
 
 import os
-import textwrap
 import warnings
 
 import pytest
@@ -21,7 +20,7 @@ from deltatune.quant import (
     quantize_model,
     streams_loftq,
 )
-from helpers import random_bf16_llama_folder, run_json_script, tiny_llama
+from helpers import load_peak, random_bf16_llama_folder, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -137,36 +136,11 @@ def test_cli_loftq_method_streams_and_starts_from_loftq(tmp_path):
     assert isinstance(dense.model.layers[0].mlp.down_proj, nn.Linear)
 
 
-_PEAK_SCRIPT = textwrap.dedent(
-    """
-    import ctypes, gc, json, sys, torch
-    torch.set_num_threads(1)
-    import deltatune as dt
-    from deltatune.quant import LoftQConfig, load_quantized, memory_footprint
-    import transformers.models.llama.modeling_llama  # imports done before the baseline
-
-    def rss():
-        with open("/proc/self/status") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
-
-    config = dt.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"],
-                           init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1))
-    # Pay the one-time costs (imports, the allocator's arenas, LAPACK's setup) before measuring.
-    warm = load_quantized(sys.argv[1])
-    torch.linalg.svd(torch.randn(64, 128), full_matrices=False)
-    del warm
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = rss()["VmRSS"]
-    model = load_quantized(sys.argv[1], lora_config=config)
-    after = rss()
-    print(json.dumps({"before": before, "peak": after["VmHWM"], "after": after["VmRSS"],
-                      "model": memory_footprint(model)["total_bytes"]}))
-    """
-)
+_LOFTQ_SETUP = """
+config = dt.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"],
+                       init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1))
+torch.linalg.svd(torch.randn(64, 128), full_matrices=False)  # LAPACK's one-time set-up
+"""
 
 
 @pytest.mark.slow
@@ -183,7 +157,7 @@ def test_peak_memory_of_streamed_loftq_stays_under_the_bound(tmp_path):
         num_key_value_heads=8,
         vocab_size=1024,
     )  # largest: values of the largest weight
-    m = run_json_script(_PEAK_SCRIPT, folder)
+    m = load_peak(folder, "load_quantized(sys.argv[1], lora_config=config)", _LOFTQ_SETUP)
     grown = m["peak"] - m["before"]
     # The bound load_quantized's docstring states for LoftQ: the model, LoftQ's fp32 work on the
     # largest weight (W, its residual, the SVD's factors: 6 x 4 bytes per value), 64 MB.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 import warnings
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from deltatune.quant import Linear4bit, load_quantized, quantize_model
-from helpers import random_bf16_llama_folder, run_json_script, tiny_llama
+from helpers import load_peak, random_bf16_llama_folder, tiny_llama
 
 
 def save(model: nn.Module, folder: str, shard: str | None = None) -> str:
@@ -177,36 +176,6 @@ def test_wrong_shape_in_the_files_is_an_error(tmp_path):
         load_quantized(folder)
 
 
-_PEAK_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, torch
-    torch.set_num_threads(1)
-    from deltatune.quant import load_quantized, memory_footprint
-    import transformers.models.llama.modeling_llama  # imports done before the baseline
-
-    def rss():
-        with open("/proc/self/status") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
-
-    # A first load pays the one-time costs (lazy imports, shared libraries mapped, allocator
-    # arenas) that a long-lived process has already paid; the measured load is the second one.
-    import ctypes, gc
-    warm = load_quantized(sys.argv[1])
-    del warm
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current RSS
-    before = rss()["VmRSS"]
-    model = load_quantized(sys.argv[1])
-    after = rss()
-    print(json.dumps({"before": before, "peak": after["VmHWM"], "after": after["VmRSS"],
-                      "model": memory_footprint(model)["total_bytes"]}))
-    """
-)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_peak_memory_while_loading_stays_under_the_bound(tmp_path):
@@ -222,7 +191,7 @@ def test_peak_memory_while_loading_stays_under_the_bound(tmp_path):
         vocab_size=1024,
     )
     largest = 2 * largest_values  # bytes in bf16
-    m = run_json_script(_PEAK_SCRIPT, folder)
+    m = load_peak(folder)
     grown = m["peak"] - m["before"]
     bound = m["model"] + largest + 64 * 2**20  # the bound load_quantized's docstring states
     assert m["model"] < 0.35 * checkpoint  # the loaded model is the 4-bit one
