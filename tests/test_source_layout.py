@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "deltatune.stored_weights",
             "deltatune.quant.nf4",
             "deltatune.quant.nf4_matmul",
+            "deltatune.quant.nf4_native",
         ),
     ),
     # What every method builds on: configs and the method registry, module targeting, other

@@ -568,7 +568,7 @@ class Linear4bit(nn.Module):
         bias = None if self.bias is None else self.bias.to(dtype)
         x = x.to(dtype)
         if supports_chunked(x, self.in_features, self.block_size):  # measured fast path, same values
-            out = chunked_linear(x, self.weight, _nf4_pair_table(x.device), bias)
+            out = chunked_linear(x, self.weight, _nf4_pair_table(x.device), nf4_codebook(x.device), bias)
         else:
             out = _NF4LinearFunction.apply(x, self.weight, bias)
         return out.to(out_dtype)

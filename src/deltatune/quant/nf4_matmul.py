@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from deltatune.quant import nf4_native
+
 __all__ = [
     "CHUNK_VALUES",
     "PIECE_VALUES",
@@ -112,34 +114,44 @@ class _Dequantizer:
     ``PIECE_VALUES`` values at a time."""
 
     def __init__(self, weight: tuple[Any, ...], dtype: torch.dtype) -> None:
-        # weight: (packed, absmax, pairs, out_features, in_features, block_size), see chunked_linear
-        packed, absmax, pairs, out_features, in_features, block_size = weight
-        self.packed, self.absmax, self.pairs = packed, absmax, pairs
+        # weight: (packed, absmax, pairs, levels, out_features, in_features, block_size), see chunked_linear
+        packed, absmax, pairs, levels, out_features, in_features, block_size = weight
+        self.packed, self.absmax, self.pairs, self.levels = packed, absmax, pairs, levels
         self.in_features, self.block_size, self.dtype = in_features, block_size, dtype
         whole = out_features * in_features <= WHOLE_VALUES
         self.rows = out_features if whole else max(1, min(out_features, CHUNK_VALUES // in_features))
         self.sub_rows = max(1, min(self.rows, min(CHUNK_VALUES, PIECE_VALUES) // in_features))  # per piece
-        device = packed.device
-        n = self.sub_rows * in_features
-        self.index = _WORKSPACE.get("index", n // 2, torch.int32, device)
-        self.weight = _WORKSPACE.get(f"weight-{dtype}", self.rows * in_features, dtype, device)
-        # fp32 pieces are gathered straight into the weight buffer; others through fp32 levels.
-        self.levels = None if dtype == torch.float32 else _WORKSPACE.get("levels", n, torch.float32, device)
+        self.weight = _WORKSPACE.get(f"weight-{dtype}", self.rows * in_features, dtype, packed.device)
 
     def rows_of(self, r0: int, r1: int) -> torch.Tensor:
         """W[r0:r1] (r1 - r0, in) in ``dtype``; valid until the next call."""
-        with one_thread():
-            for s0 in range(r0, r1, self.sub_rows):
-                self._piece(s0, min(s0 + self.sub_rows, r1), (s0 - r0) * self.in_features)
-        return self.weight[: (r1 - r0) * self.in_features].view(r1 - r0, self.in_features)
+        n = (r1 - r0) * self.in_features
+        half, bpr = self.in_features // 2, self.in_features // self.block_size
+        dst = self.weight[:n]
+        # The compiled kernel (one pass, same values), else tensor operations piece by piece.
+        if not nf4_native.dequantize_into(
+            self.packed[r0 * half : r1 * half],
+            self.absmax[r0 * bpr : r1 * bpr],
+            self.levels,
+            self.block_size,
+            dst,
+        ):
+            with one_thread():
+                for s0 in range(r0, r1, self.sub_rows):
+                    self._piece(s0, min(s0 + self.sub_rows, r1), (s0 - r0) * self.in_features)
+        return dst.view(r1 - r0, self.in_features)
 
     def _piece(self, r0: int, r1: int, offset: int) -> None:
         n = (r1 - r0) * self.in_features
         half, bpr = self.in_features // 2, self.in_features // self.block_size
-        index = self.index[: n // 2]
+        device, piece = self.packed.device, self.sub_rows * self.in_features
+        index = _WORKSPACE.get("index", piece // 2, torch.int32, device)[: n // 2]
         index.copy_(self.packed[r0 * half : r1 * half])  # uint8 -> int32 row indices of the pair table
         dst = self.weight[offset : offset + n]
-        levels = dst if self.levels is None else self.levels[:n]
+        # fp32 pieces are gathered straight into the weight buffer; others through fp32 levels.
+        levels = (
+            dst if self.dtype == torch.float32 else _WORKSPACE.get("levels", piece, torch.float32, device)[:n]
+        )
         # One 8-byte gather per byte: both fp32 levels, in element order.
         torch.index_select(self.pairs, 0, index, out=levels.view(torch.float64))
         # level x absmax in fp32, then (bf16/fp16) rounded once into the weight buffer.
@@ -196,14 +208,15 @@ class _ChunkedNF4Linear(torch.autograd.Function):
 
 
 def chunked_linear(
-    x: torch.Tensor, weight: Any, pairs: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor, weight: Any, pairs: torch.Tensor, levels: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """y = x Wᵀ + b for x (..., in) in its own dtype. ``weight`` is an ``NF4Tensor`` (out, in):
     its ``packed`` codes, fp32 ``block_absmax()`` and ``block_size`` are read; ``pairs`` is the
-    byte -> level-pair table (256,) float64. Differentiable in ``x`` and ``bias``."""
+    byte -> level-pair table (256,) float64 and ``levels`` the 16 NF4 levels (16,) fp32.
+    Differentiable in ``x`` and ``bias``."""
     out_features, in_features = weight.shape
     with one_thread():
         absmax = weight.block_absmax()  # (n_blocks,) fp32
-    state = (weight.packed, absmax, pairs, out_features, in_features, weight.block_size)
+    state = (weight.packed, absmax, pairs, levels, out_features, in_features, weight.block_size)
     out: torch.Tensor = _ChunkedNF4Linear.apply(x, bias, state, out_features)
     return out
