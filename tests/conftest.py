@@ -123,6 +123,17 @@ def smollm2(deltatune_home: str) -> dict[str, object]:
     return seen
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _docs_snippet_server() -> Iterator[None]:
+    """The docs snippet runner's helper process (tests/docs_snippets.py) ends with the session."""
+    yield
+    import sys
+
+    runner = sys.modules.get("docs_snippets")
+    if runner is not None:
+        runner.close_server()
+
+
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Long tests (marked slow) first, in file order: pytest-xdist then hands them out before the
