@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.quant.nf4_matmul import chunked_linear, one_thread, supports_chunked
+from deltatune.quant.nf4_matmul import Tables, chunked_linear, one_thread, supports_chunked
 
 __all__ = [
     "NF4_CODEBOOK",
@@ -98,6 +98,12 @@ def _nf4_pair_table(device: torch.device) -> torch.Tensor:
     code = nf4_codebook(device)
     pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # (256, 2) fp32
     return pairs.contiguous().view(torch.float64).view(256)
+
+
+@cache
+def _tables(device: torch.device) -> Tables:
+    """What the 4-bit layer's fast path dequantises with (``nf4_matmul``)."""
+    return Tables(_nf4_pair_table(device), nf4_codebook(device), dynamic_map(device), ABSMAX_BLOCK_SIZE)
 
 
 @cache
@@ -568,7 +574,7 @@ class Linear4bit(nn.Module):
         bias = None if self.bias is None else self.bias.to(dtype)
         x = x.to(dtype)
         if supports_chunked(x, self.in_features, self.block_size):  # measured fast path, same values
-            out = chunked_linear(x, self.weight, _nf4_pair_table(x.device), nf4_codebook(x.device), bias)
+            out = chunked_linear(x, self.weight, _tables(x.device), bias)
         else:
             out = _NF4LinearFunction.apply(x, self.weight, bias)
         return out.to(out_dtype)
