@@ -345,16 +345,7 @@ def load_quantized(
                 slots[prefix + attr] = (module, attr, b)
     quant: dict[str, Linear4bit] = {}
     for mod_path, linear in targets:
-        layer = Linear4bit(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            block_size=block_size,
-            double_quant=double_quant,
-            compute_dtype=compute_dtype,
-            weight_dtype=linear.weight.dtype,
-            device="meta",
-        )
+        layer = Linear4bit.shaped_like(linear, block_size, double_quant, compute_dtype)
         if linear.bias is not None:
             layer.bias = linear.bias
         parent_name, _, child = mod_path.rpartition(".")
