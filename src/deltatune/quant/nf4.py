@@ -436,11 +436,7 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def shaped_like(
-        cls,
-        linear: nn.Linear,
-        block_size: int = 64,
-        double_quant: bool = True,
-        compute_dtype: torch.dtype | None = None,
+        cls, linear: nn.Linear, block_size: int, double_quant: bool, compute_dtype: torch.dtype | None
     ) -> Linear4bit:
         """An empty layer on the meta device with ``linear``'s shape, bias flag and weight dtype,
         for its codes and statistics to be set afterwards (no throwaway zero buffers)."""
