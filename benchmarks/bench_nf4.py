@@ -4,6 +4,8 @@
 
 For each weight shape (out x in):
   quantise     quantize_nf4(W) vs bnb.functional.quantize_4bit(W, nf4, double quant)
+  dequantise   the 4-bit layer's dequantiser (the compiled kernel of quant/nf4_native.c, or
+               tensor operations without a C compiler) vs bnb.functional.dequantize_4bit
   forward      Linear4bit vs bnb.nn.Linear4bit on a batch of 8 x 128 tokens, training
                mode (dequantise + matmul, the QLoRA path), fp32 and bf16 activations
   fwd+bwd      forward and input-gradient backward, fp32
@@ -25,7 +27,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from deltatune.quant import Linear4bit, quantize_nf4
+from deltatune.quant import Linear4bit, nf4_native, quantize_nf4
+from deltatune.quant.nf4 import _tables
 
 TARGETS = {"quantise": 1.0, "forward fp32": 1.5, "forward bf16": 1.5}
 
@@ -78,6 +81,26 @@ def bench_shape(
     rows.append(("quantise", t["ours"] / t["bnb"]))
 
     ours = Linear4bit.from_linear(linear)
+    q, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    tables = _tables(w.device)
+    for dtype, name in [(torch.float32, "dequantise fp32"), (torch.bfloat16, "dequantise bf16")]:
+        # the 4-bit layer's fast path (the compiled kernel when it is available) vs bnb's kernel
+        buf = torch.empty(w.numel(), dtype=dtype)
+        kernel = nf4_native.kernel() is not None
+        state.dtype = dtype
+        t = best_of(
+            {
+                "ours": lambda buf=buf: (
+                    nf4_native.dequantize_into(
+                        ours.weight, 0, buf, tables.levels, tables.dynamic, tables.group
+                    )
+                    or buf.copy_(ours.weight.dequantize(buf.dtype).view(-1))
+                ),
+                "bnb": lambda: bnbf.dequantize_4bit(q, state),
+            },
+            repeats,
+        )
+        rows.append((f"{name} ({'kernel' if kernel else 'tensor ops'})", t["ours"] / t["bnb"]))
     for dtype, name in [(torch.float32, "forward fp32"), (torch.bfloat16, "forward bf16")]:
         ref = bnb_layer(linear, dtype).train()  # training mode: dequantise + matmul
         x = torch.randn(tokens, in_f, dtype=dtype)

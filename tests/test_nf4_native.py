@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from deltatune.quant import Linear4bit, nf4_native
-from deltatune.quant.nf4 import nf4_codebook, quantize_nf4
+from deltatune.quant.nf4 import _tables, quantize_nf4
 
 needs_cc = pytest.mark.skipif(nf4_native._compiler() is None, reason="no C compiler on this machine")
 BASE = ("-O3", "-std=c11", "-ffp-contract=off", "-shared", "-fPIC")
@@ -43,47 +43,61 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
 
 
+def tables():
+    return _tables(torch.device("cpu"))
+
+
+def use(monkeypatch, fn):
+    """Make ``fn`` the kernel; returns the list of what its calls returned (the SIMD width)."""
+    widths: list[int] = []
+    monkeypatch.setattr(nf4_native, "kernel", lambda: lambda *args: widths.append(fn(*args)))
+    return widths
+
+
 @needs_cc
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("block_size", [32, 64, 128, 4096])
+@pytest.mark.parametrize("block_size", [32, 64, 4096])
+@pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_loop_equals_dequantize_bit_for_bit(tmp_path_factory, variant, block_size, dtype):
+def test_every_loop_equals_dequantize_bit_for_bit(
+    tmp_path_factory, monkeypatch, variant, block_size, double_quant, dtype
+):
     flags, step = VARIANTS[variant]
     if variant == "avx2" and not cpu_has("avx2"):
         pytest.skip("this CPU has no AVX2")
-    path = nf4_native.build(tmp_path_factory.getbasetemp() / "kernels", flags)
-    fn = nf4_native.load(path)
-    q = quantize_nf4(hard_weight(8, 8192), block_size=block_size)
-    absmax = q.block_absmax().contiguous()
-    out = torch.full((q.numel(),), float("nan"), dtype=dtype)
-    got = fn(
-        q.packed.data_ptr(),
-        absmax.data_ptr(),
-        nf4_codebook("cpu").data_ptr(),
-        q.packed.numel(),
-        block_size,
-        int(dtype == torch.bfloat16),
-        out.data_ptr(),
+    widths = use(
+        monkeypatch, nf4_native.load(nf4_native.build(tmp_path_factory.getbasetemp() / "kernels", flags))
     )
+    # 600 rows of 1024: with block 32 that is 19,200 blocks, 75 groups of 8-bit absmax scales.
+    q = quantize_nf4(hard_weight(600, 1024), block_size=block_size, double_quant=double_quant)
+    t = tables()
+    want = q.dequantize(dtype).view(-1)
+    n_blocks = q.numel() // block_size
+    # the whole weight, then ranges of blocks that start and end inside a group of 256 scales
+    for first, count in [(0, n_blocks), (n_blocks // 3 + 1, n_blocks // 2), (n_blocks - 1, 1)]:
+        out = torch.full((count * block_size,), float("nan"), dtype=dtype)
+        assert nf4_native.dequantize_into(q, first, out, t.levels, t.dynamic, t.group)
+        assert torch.equal(bits(out), bits(want[first * block_size : (first + count) * block_size]))
     if step is not None:
-        assert got == step
+        assert set(widths) == {step}
     elif cpu_has("avx512f") and cpu_has("avx512bw"):
-        assert got == 16
-    assert torch.equal(bits(out), bits(q.dequantize(dtype).view(-1)))
+        assert set(widths) == {16}
 
 
 @needs_cc
 def test_dequantize_into_refuses_what_it_does_not_handle():
     q = quantize_nf4(torch.randn(4, 128))
-    absmax, levels = q.block_absmax(), nf4_codebook("cpu")
-    fp16 = torch.empty(512, dtype=torch.float16)
-    assert not nf4_native.dequantize_into(q.packed, absmax, levels, 64, fp16)  # fp16: the caller's path
-    assert not nf4_native.dequantize_into(q.packed, absmax, levels, 64, torch.empty(500))  # wrong size
-    assert not nf4_native.dequantize_into(q.packed, absmax[:-1], levels, 64, torch.empty(512))
-    strided = torch.empty(1024)[::2]
-    assert not nf4_native.dequantize_into(q.packed, absmax, levels, 64, strided)
+    t = tables()
+
+    def into(out: torch.Tensor, first: int = 0) -> bool:
+        return nf4_native.dequantize_into(q, first, out, t.levels, t.dynamic, t.group)
+
+    assert not into(torch.empty(512, dtype=torch.float16))  # fp16: the caller's tensor path
+    assert not into(torch.empty(500))  # not a whole number of blocks
+    assert not into(torch.empty(512), first=1)  # past the last block
+    assert not into(torch.empty(1024)[::2])  # not contiguous
     out = torch.empty(512)
-    assert nf4_native.dequantize_into(q.packed, absmax, levels, 64, out)
+    assert into(out)
     assert torch.equal(out, q.dequantize(torch.float32).view(-1))
 
 

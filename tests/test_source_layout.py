@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "deltatune.assets",
             "deltatune.model_cache",
             "deltatune.stored_weights",
+            "deltatune.quant.absmax8",
             "deltatune.quant.nf4",
             "deltatune.quant.nf4_matmul",
             "deltatune.quant.nf4_native",

@@ -228,11 +228,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 def inspect_adapter(path: str) -> dict[str, Any]:
     """What an adapter folder holds: method, task, base model, targets, tensors, parameters."""
-    from safetensors import safe_open
-
     from deltatune.config import CONFIG_NAME
     from deltatune.formats import describe_foreign_folder
-    from deltatune.io import open_snapshot, parse_json_object
+    from deltatune.io import open_snapshot, parse_json_object, tensor_shapes
 
     foreign = describe_foreign_folder(path)  # e.g. an AdapterHub folder
     if foreign is not None:
@@ -258,9 +256,7 @@ def inspect_adapter(path: str) -> dict[str, Any]:
     tensors: dict[str, list[int]] = {}
     if os.path.isfile(weights):
         try:
-            with safe_open(weights, "pt") as fh:
-                for key in fh.keys():  # noqa: SIM118
-                    tensors[key] = list(fh.get_slice(key).get_shape())
+            tensors = tensor_shapes(weights)
         except Exception as exc:  # safetensors raises SafetensorError or OSError for a damaged file
             raise CliError(
                 f"{weights} is corrupt or truncated and cannot be read ({exc}). Save the adapter again, or "

@@ -57,6 +57,16 @@ def _create_file(directory: str, prefix: str) -> tuple[int, str]:
     raise FileExistsError(f"Could not create a temporary file in {directory!r}.")
 
 
+def tensor_shapes(path: str | os.PathLike[str]) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in a safetensors file, read from its header only.
+
+    A damaged file raises what safetensors raises (``SafetensorError`` or ``OSError``)."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), "pt") as fh:
+        return {key: list(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a torn one."""
     directory = os.path.dirname(os.path.abspath(path))

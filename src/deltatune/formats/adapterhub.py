@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from deltatune.config import PeftConfig, config_from_dict
-from deltatune.io import CONFIG_NAME, load_pickled_tensors, open_snapshot, parse_json_object
+from deltatune.io import CONFIG_NAME, load_pickled_tensors, open_snapshot, parse_json_object, tensor_shapes
 
 SAFETENSORS_NAME = "adapter.safetensors"
 PICKLE_NAME = "pytorch_adapter.bin"
@@ -261,8 +261,6 @@ def read_adapterhub(
 
 def describe_adapterhub(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """What ``deltatune inspect`` shows of an AdapterHub folder, without unpickling anything."""
-    from safetensors import safe_open
-
     data = _read_json(directory)
     assert isinstance(data, dict)
     try:
@@ -276,9 +274,7 @@ def describe_adapterhub(directory: str | os.PathLike[str]) -> dict[str, Any]:
         weights = os.path.join(directory, PICKLE_NAME)
     elif os.path.isfile(weights):
         try:
-            with safe_open(weights, "pt") as fh:
-                for key in fh.keys():  # noqa: SIM118
-                    shapes[key] = list(fh.get_slice(key).get_shape())
+            shapes = tensor_shapes(weights)
         except Exception as exc:  # safetensors raises SafetensorError or OSError for a damaged file
             problem = problem or f"{weights} is corrupt or truncated ({exc})"
     # The input LayerNorm is registered twice (adapter_down.0 and adapter_norm_before): count it once.

@@ -51,7 +51,7 @@ from torch import nn
 from deltatune.config import method_for
 from deltatune.quant.loftq import LoftQConfig, loftq_into_4bit
 from deltatune.quant.nf4 import Linear4bit, _check_block_size, quantize_nf4
-from deltatune.quant.whole_model import DEFAULT_SKIP_MODULES, _in_skip_set, _matches
+from deltatune.quant.whole_model import quantization_targets
 
 __all__ = ["load_quantized", "safetensors_files", "streams_loftq"]
 
@@ -209,40 +209,6 @@ def _build_skeleton(model_class: Any, config: Any, dtype: torch.dtype) -> nn.Mod
         return model_class.from_config(config, dtype=dtype)  # type: ignore[no-any-return]
 
 
-def _targets(
-    model: nn.Module,
-    target_modules: str | Iterable[str] | None,
-    skip_modules: Iterable[str] | None,
-) -> list[tuple[str, nn.Linear]]:
-    """The ``nn.Linear`` layers :func:`quantize_model` would replace, by the same rules."""
-    skip = list(DEFAULT_SKIP_MODULES) + list(skip_modules or [])
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    found: list[tuple[str, nn.Linear]] = []
-
-    def walk(module: nn.Module, path: str) -> None:
-        if isinstance(module, nn.Linear):
-            found.append((path, module))
-            return
-        for name, child in module.named_children():
-            walk(child, f"{path}.{name}" if path else name)
-
-    walk(model, "")
-    targets = [
-        (path, m)
-        for path, m in found
-        if m is not head
-        and not _in_skip_set(path, skip)
-        and (target_modules is None or _matches(path, target_modules))
-    ]
-    if target_modules is not None and not targets:
-        raise ValueError(
-            f"target_modules={target_modules!r} matched no nn.Linear layer outside the skipped heads; "
-            f"linear layers here: {sorted({p.split('.')[-1] for p, _ in found})}."
-        )
-    return targets
-
-
 # -- loading -----------------------------------------------------------------------------------
 
 
@@ -331,7 +297,7 @@ def load_quantized(
     torch_dtype = _resolve_dtype(dtype, config, files)
     model: Any = _build_skeleton(model_class or AutoModelForCausalLM, config, torch_dtype)
 
-    targets = _targets(model, target_modules, skip_modules)
+    targets = quantization_targets(model, target_modules, skip_modules)
     fp32_names = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     # Every tensor the files may hold: state-dict name -> (module, attribute, meta/real placeholder).
     slots: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
@@ -345,16 +311,7 @@ def load_quantized(
                 slots[prefix + attr] = (module, attr, b)
     quant: dict[str, Linear4bit] = {}
     for mod_path, linear in targets:
-        layer = Linear4bit(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            block_size=block_size,
-            double_quant=double_quant,
-            compute_dtype=compute_dtype,
-            weight_dtype=linear.weight.dtype,
-            device="meta",
-        )
+        layer = Linear4bit.shaped_like(linear, block_size, double_quant, compute_dtype)
         if linear.bias is not None:
             layer.bias = linear.bias
         parent_name, _, child = mod_path.rpartition(".")

@@ -11,7 +11,8 @@ indices share a byte, the first element in the high nibble::
 
 With double quantisation the fp32 absmax are stored again in 8 bits: their mean is
 subtracted and the rest is quantised in blocks of 256 with the signed dynamic 8-bit
-map, which brings the statistics from 0.5 to about 0.127 bits per weight.
+map (``deltatune.quant.absmax8``), which brings the statistics from 0.5 to about 0.127
+bits per weight.
 
 The codes, the statistics and the dequantised values are bit-identical to those of
 ``bitsandbytes.functional.quantize_4bit(..., quant_type="nf4")`` and
@@ -34,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.quant.nf4_matmul import chunked_linear, one_thread, supports_chunked
+from deltatune.quant.absmax8 import ABSMAX_BLOCK_SIZE, dequantize_absmax, dynamic_map, quantize_absmax
+from deltatune.quant.nf4_matmul import Tables, chunked_linear, one_thread, supports_chunked
 
 __all__ = [
     "NF4_CODEBOOK",
@@ -46,28 +48,17 @@ __all__ = [
 ]
 
 # The 16 NF4 levels, exactly as bitsandbytes stores them (fp32). Index 7 is 0.0.
+# fmt: off
 NF4_CODEBOOK: tuple[float, ...] = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
+# fmt: on
 
 SUPPORTED_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # those bitsandbytes accepts
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ABSMAX_BLOCK_SIZE = 256  # block size of the second (8-bit) quantisation of the absmax
 
 # Quantise / dequantise this many values at a time: the temporaries of one chunk stay
 # in cache (about 3x faster on CPU than whole-tensor passes). Much smaller chunks mean
@@ -101,33 +92,9 @@ def _nf4_pair_table(device: torch.device) -> torch.Tensor:
 
 
 @cache
-def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """bitsandbytes' signed dynamic 8-bit map (256,) fp32, sorted, in [-0.993, 1].
-
-    Levels are ``±10**e * m`` for exponents e = -6 .. 0, where the mantissas m are the
-    midpoints of an even grid on [0.1, 1] with 2**(e + 6) cells, plus 0 and 1.
-    """
-    values: list[float] = []
-    for i in range(7):
-        grid = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
-        mids = (grid[:-1] + grid[1:]) / 2.0
-        scale = 10.0 ** (i - 6)
-        values += (scale * mids).tolist() + (-scale * mids).tolist()
-    values += [0.0, 1.0]
-    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
-
-
-@cache
-def _dynamic_lut(device: torch.device) -> torch.Tensor:
-    """(65536,) int64: index of the dynamic-map level for each of 65536 even bins of [-1, 1].
-
-    bitsandbytes' CPU kernel quantises 8-bit blocks through this table rather than an
-    exact nearest-level search; reproducing it keeps the double-quantised absmax identical.
-    """
-    code = dynamic_map(device)
-    mids = 0.5 * (code[:-1] + code[1:])
-    centres = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32, device=device)) / 65535.0
-    return torch.searchsorted(mids, centres, side="left")  # number of midpoints below
+def _tables(device: torch.device) -> Tables:
+    """What the 4-bit layer's fast path dequantises with (``nf4_matmul``)."""
+    return Tables(_nf4_pair_table(device), nf4_codebook(device), dynamic_map(device), ABSMAX_BLOCK_SIZE)
 
 
 # -- the quantised tensor ---------------------------------------------------------------
@@ -199,7 +166,7 @@ class NF4Tensor:
         if self.absmax_scale is None:
             return self.absmax
         assert self.absmax_offset is not None
-        return _dequantize_absmax(self.absmax, self.absmax_scale, self.absmax_offset)
+        return dequantize_absmax(self.absmax, self.absmax_scale, self.absmax_offset)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense tensor of ``self.shape`` in ``dtype`` (default: the original dtype).
@@ -345,33 +312,8 @@ def quantize_nf4(tensor: torch.Tensor, block_size: int = 64, double_quant: bool 
         raise ValueError("Cannot quantise a tensor that contains NaN or inf values.")
     if not double_quant:
         return NF4Tensor(packed, absmax, tensor.shape, tensor.dtype, block_size)
-    qabsmax, scale, offset = _quantize_absmax(absmax)
+    qabsmax, scale, offset = quantize_absmax(absmax)
     return NF4Tensor(packed, qabsmax, tensor.shape, tensor.dtype, block_size, scale, offset)
-
-
-def _quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Double quantisation: absmax (b,) fp32 → codes (b,) uint8, scales (ceil(b/256),) fp32, offset ()."""
-    offset = absmax.mean()
-    centred = absmax - offset
-    b = centred.numel()
-    n_blocks = -(-b // ABSMAX_BLOCK_SIZE)
-    padded = F.pad(centred, (0, n_blocks * ABSMAX_BLOCK_SIZE - b)).view(n_blocks, ABSMAX_BLOCK_SIZE)
-    scale = padded.abs().amax(dim=1)  # zero padding never raises an absmax
-    # Same arithmetic as bitsandbytes' CPU kernel: x * (1/absmax), clamp, then one of
-    # 65536 even bins of [-1, 1] (index truncated), then a table of levels.
-    x = (padded * (1.0 / scale)[:, None]).clamp_(-1.0, 1.0)
-    bins = ((x + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int64)
-    codes = _dynamic_lut(absmax.device)[bins.clamp_(0, 65535)].to(torch.uint8)
-    codes[scale == 0] = 0  # an all-equal block: any code decodes to the offset
-    return codes.view(-1)[:b].contiguous(), scale, offset
-
-
-def _dequantize_absmax(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_quantize_absmax`: (b,) fp32 = level[code] * scale[block] + offset."""
-    b = codes.numel()
-    levels = dynamic_map(codes.device)[codes.long()]
-    levels = F.pad(levels, (0, scale.numel() * ABSMAX_BLOCK_SIZE - b)).view(-1, ABSMAX_BLOCK_SIZE)
-    return (levels * scale[:, None]).view(-1)[:b] + offset
 
 
 @one_thread()
@@ -493,6 +435,24 @@ class Linear4bit(nn.Module):
         )
 
     @classmethod
+    def shaped_like(
+        cls, linear: nn.Linear, block_size: int, double_quant: bool, compute_dtype: torch.dtype | None
+    ) -> Linear4bit:
+        """An empty layer on the meta device with ``linear``'s shape, bias flag and weight dtype,
+        for its codes and statistics to be set afterwards (no throwaway zero buffers)."""
+        w = linear.weight
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            block_size=block_size,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+            weight_dtype=w.dtype if w.dtype in SUPPORTED_DTYPES else torch.float32,
+            device="meta",
+        )
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
@@ -506,16 +466,7 @@ class Linear4bit(nn.Module):
         w = linear.weight
         if w.is_meta:
             raise ValueError("Cannot quantise a weight on the meta device; load real weights first.")
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            block_size=block_size,
-            double_quant=double_quant,
-            compute_dtype=compute_dtype,
-            weight_dtype=w.dtype if w.dtype in SUPPORTED_DTYPES else torch.float32,
-            device="meta",  # no throwaway zero buffers; real ones are set below
-        )
+        layer = cls.shaped_like(linear, block_size, double_quant, compute_dtype)
         q = quantize_nf4(w, block_size=block_size, double_quant=double_quant)
         layer.weight_packed = q.packed
         layer.weight_absmax = q.absmax
@@ -568,7 +519,7 @@ class Linear4bit(nn.Module):
         bias = None if self.bias is None else self.bias.to(dtype)
         x = x.to(dtype)
         if supports_chunked(x, self.in_features, self.block_size):  # measured fast path, same values
-            out = chunked_linear(x, self.weight, _nf4_pair_table(x.device), nf4_codebook(x.device), bias)
+            out = chunked_linear(x, self.weight, _tables(x.device), bias)
         else:
             out = _NF4LinearFunction.apply(x, self.weight, bias)
         return out.to(out_dtype)

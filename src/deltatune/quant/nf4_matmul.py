@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ __all__ = [
     "CHUNK_VALUES",
     "PIECE_VALUES",
     "WHOLE_VALUES",
+    "Tables",
     "chunked_linear",
     "one_thread",
     "release_workspace",
@@ -109,34 +110,39 @@ def release_workspace() -> None:
     _WORKSPACE.buffers.clear()
 
 
-class _Dequantizer:
-    """Dequantises one weight, whole or by row chunks (``rows`` per GEMM), into reused buffers,
-    ``PIECE_VALUES`` values at a time."""
+class Tables(NamedTuple):
+    """The constant tables a 4-bit layer dequantises with (built once per device by ``nf4.py``)."""
 
-    def __init__(self, weight: tuple[Any, ...], dtype: torch.dtype) -> None:
-        # weight: (packed, absmax, pairs, levels, out_features, in_features, block_size), see chunked_linear
-        packed, absmax, pairs, levels, out_features, in_features, block_size = weight
-        self.packed, self.absmax, self.pairs, self.levels = packed, absmax, pairs, levels
-        self.in_features, self.block_size, self.dtype = in_features, block_size, dtype
+    pairs: torch.Tensor  # (256,) float64: byte -> its two fp32 levels, high nibble first
+    levels: torch.Tensor  # (16,) fp32: the NF4 levels
+    dynamic: torch.Tensor  # (256,) fp32: the 8-bit map of double-quantised absmax
+    group: int  # absmax values per 8-bit scale
+
+
+class _Dequantizer:
+    """Dequantises one weight, whole or by row chunks (``rows`` per GEMM), into reused buffers:
+    with the compiled kernel (``nf4_native``) in one pass, else ``PIECE_VALUES`` values at a
+    time with tensor operations."""
+
+    def __init__(self, weight: Any, tables: Tables, dtype: torch.dtype) -> None:
+        out_features, in_features = weight.shape
+        self.nf4, self.tables, self.dtype = weight, tables, dtype
+        self.in_features, self.block_size = in_features, weight.block_size
+        self._absmax: torch.Tensor | None = None  # decoded on first use by the tensor path
         whole = out_features * in_features <= WHOLE_VALUES
         self.rows = out_features if whole else max(1, min(out_features, CHUNK_VALUES // in_features))
         self.sub_rows = max(1, min(self.rows, min(CHUNK_VALUES, PIECE_VALUES) // in_features))  # per piece
-        self.weight = _WORKSPACE.get(f"weight-{dtype}", self.rows * in_features, dtype, packed.device)
+        self.weight = _WORKSPACE.get(f"weight-{dtype}", self.rows * in_features, dtype, weight.device)
 
     def rows_of(self, r0: int, r1: int) -> torch.Tensor:
         """W[r0:r1] (r1 - r0, in) in ``dtype``; valid until the next call."""
-        n = (r1 - r0) * self.in_features
-        half, bpr = self.in_features // 2, self.in_features // self.block_size
-        dst = self.weight[:n]
-        # The compiled kernel (one pass, same values), else tensor operations piece by piece.
-        if not nf4_native.dequantize_into(
-            self.packed[r0 * half : r1 * half],
-            self.absmax[r0 * bpr : r1 * bpr],
-            self.levels,
-            self.block_size,
-            dst,
-        ):
+        dst = self.weight[: (r1 - r0) * self.in_features]
+        t = self.tables
+        first_block = r0 * (self.in_features // self.block_size)
+        if not nf4_native.dequantize_into(self.nf4, first_block, dst, t.levels, t.dynamic, t.group):
             with one_thread():
+                if self._absmax is None:
+                    self._absmax = self.nf4.block_absmax()  # (n_blocks,) fp32
                 for s0 in range(r0, r1, self.sub_rows):
                     self._piece(s0, min(s0 + self.sub_rows, r1), (s0 - r0) * self.in_features)
         return dst.view(r1 - r0, self.in_features)
@@ -144,18 +150,19 @@ class _Dequantizer:
     def _piece(self, r0: int, r1: int, offset: int) -> None:
         n = (r1 - r0) * self.in_features
         half, bpr = self.in_features // 2, self.in_features // self.block_size
-        device, piece = self.packed.device, self.sub_rows * self.in_features
+        device, piece = self.nf4.device, self.sub_rows * self.in_features
+        assert self._absmax is not None
         index = _WORKSPACE.get("index", piece // 2, torch.int32, device)[: n // 2]
-        index.copy_(self.packed[r0 * half : r1 * half])  # uint8 -> int32 row indices of the pair table
+        index.copy_(self.nf4.packed[r0 * half : r1 * half])  # uint8 -> int32 row indices of the pair table
         dst = self.weight[offset : offset + n]
         # fp32 pieces are gathered straight into the weight buffer; others through fp32 levels.
         levels = (
             dst if self.dtype == torch.float32 else _WORKSPACE.get("levels", piece, torch.float32, device)[:n]
         )
         # One 8-byte gather per byte: both fp32 levels, in element order.
-        torch.index_select(self.pairs, 0, index, out=levels.view(torch.float64))
+        torch.index_select(self.tables.pairs, 0, index, out=levels.view(torch.float64))
         # level x absmax in fp32, then (bf16/fp16) rounded once into the weight buffer.
-        levels.view(-1, self.block_size).mul_(self.absmax[r0 * bpr : r1 * bpr, None])
+        levels.view(-1, self.block_size).mul_(self._absmax[r0 * bpr : r1 * bpr, None])
         if levels is not dst:
             dst.copy_(levels)
 
@@ -166,14 +173,14 @@ class _ChunkedNF4Linear(torch.autograd.Function):
         ctx: Any,
         x: torch.Tensor,
         bias: torch.Tensor | None,
-        weight: tuple[Any, ...],
+        weight: tuple[Any, Tables],  # (NF4Tensor, tables)
         out_features: int,
     ) -> torch.Tensor:
         # Only references to the stored codes are kept for backward; the chunk buffers are reused.
         ctx.weight, ctx.out_features = weight, out_features
         ctx.has_bias = bias is not None
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
-        deq = _Dequantizer(weight, x.dtype)
+        deq = _Dequantizer(weight[0], weight[1], x.dtype)
         with torch.autocast(x.device.type, enabled=False):  # the caller chose the dtype
             if deq.rows >= out_features:  # one GEMM, the bias added inside it (as F.linear)
                 return F.linear(x, deq.rows_of(0, out_features), bias)
@@ -192,7 +199,7 @@ class _ChunkedNF4Linear(torch.autograd.Function):
         gy2 = gy.reshape(-1, ctx.out_features)  # (T, out)
         gx = gb = None
         if ctx.needs_input_grad[0]:
-            deq = _Dequantizer(ctx.weight, gy.dtype)
+            deq = _Dequantizer(ctx.weight[0], ctx.weight[1], gy.dtype)
             gx = torch.empty(gy2.shape[0], deq.in_features, dtype=gy.dtype, device=gy.device)
             for r0 in range(0, ctx.out_features, deq.rows):
                 r1 = min(r0 + deq.rows, ctx.out_features)
@@ -207,16 +214,9 @@ class _ChunkedNF4Linear(torch.autograd.Function):
         return gx, gb, None, None
 
 
-def chunked_linear(
-    x: torch.Tensor, weight: Any, pairs: torch.Tensor, levels: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
+def chunked_linear(x: torch.Tensor, weight: Any, tables: Tables, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x Wᵀ + b for x (..., in) in its own dtype. ``weight`` is an ``NF4Tensor`` (out, in):
-    its ``packed`` codes, fp32 ``block_absmax()`` and ``block_size`` are read; ``pairs`` is the
-    byte -> level-pair table (256,) float64 and ``levels`` the 16 NF4 levels (16,) fp32.
-    Differentiable in ``x`` and ``bias``."""
-    out_features, in_features = weight.shape
-    with one_thread():
-        absmax = weight.block_absmax()  # (n_blocks,) fp32
-    state = (weight.packed, absmax, pairs, levels, out_features, in_features, weight.block_size)
-    out: torch.Tensor = _ChunkedNF4Linear.apply(x, bias, state, out_features)
+    its ``packed`` codes, block statistics and ``block_size`` are read; ``tables`` are the
+    constant lookup tables. Differentiable in ``x`` and ``bias``."""
+    out: torch.Tensor = _ChunkedNF4Linear.apply(x, bias, (weight, tables), weight.shape[0])
     return out

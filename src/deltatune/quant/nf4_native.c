@@ -3,6 +3,7 @@
  *   out[2i]   = level[packed[i] >> 4]  * absmax[(2i) / block]
  *   out[2i+1] = level[packed[i] & 0xF] * absmax[(2i) / block]
  *
+ * with the absmax decoded from 8 bits block by block when the weight is double-quantised. *
  * The product is one fp32 multiply; bf16 output rounds it to nearest even, as torch's cast
  * does, so the values equal NF4Tensor.dequantize(dtype) bit for bit. Three versions of one
  * loop: AVX-512 and AVX2 (a 16-entry table lookup is one or two permute instructions), and
@@ -100,17 +101,38 @@ static void block_simd(const uint8_t *p, int64_t n_bytes, float s, const float *
 }
 #endif
 
-/* packed: n_bytes codes (a whole number of blocks); absmax: one fp32 scale per block of `block`
- * values; level: the 16 fp32 NF4 levels; bf16: 0 writes fp32, 1 writes bf16. Returns the
- * number of bytes of SIMD width (1 when built without SIMD), for the caller's report. */
-int dt_nf4_dequantize(const uint8_t *packed, const float *absmax, const float *level, int64_t n_bytes,
-                      int64_t block, int bf16, void *out) {
+/* The scale of block k: fp32 absmax[k], or, double-quantised, dyn[qabsmax[k]] * qscale[k / group]
+ * + offset, computed as NF4Tensor.block_absmax computes it (an fp32 multiply, then an fp32 add). */
+typedef struct {
+    const float *absmax;           /* (n_blocks,) fp32, or NULL when double-quantised */
+    const uint8_t *qabsmax;        /* (n_blocks,) 8-bit codes of the absmax */
+    const float *qscale;           /* (ceil(n_blocks / group),) fp32 */
+    const float *dyn;              /* (256,) fp32: the dynamic 8-bit map */
+    float offset;                  /* the mean subtracted before the 8-bit quantisation */
+    int64_t group;                 /* absmax values per qscale (256) */
+} dt_scales;
+
+static inline float block_scale(const dt_scales *sc, int64_t k) {
+    if (sc->absmax) return sc->absmax[k];
+    float t = sc->dyn[sc->qabsmax[k]] * sc->qscale[k / sc->group];
+    return t + sc->offset;
+}
+
+/* Dequantise the blocks first_block .. first_block + n_bytes / (block / 2) - 1: packed points at
+ * the first of their n_bytes codes, out at where their first value goes; block sizes are even.
+ * level: the 16 fp32 NF4 levels; bf16: 0 writes fp32, 1 writes bf16. Returns the SIMD width in
+ * bytes of the loop that ran (1: plain C), so tests can tell which loop they checked. */
+int dt_nf4_dequantize(const uint8_t *packed, int64_t n_bytes, int64_t block, int64_t first_block,
+                      const float *absmax, const uint8_t *qabsmax, const float *qscale, const float *dyn,
+                      float offset, int64_t group, const float *level, int bf16, void *out) {
+    const dt_scales sc = {absmax, qabsmax, qscale, dyn, offset, group};
     const int64_t bytes = block / 2, size = bf16 ? 2 : 4;
     for (int64_t k = 0; k * bytes < n_bytes; k++) {
         const uint8_t *p = packed + k * bytes;
         char *o = (char *)out + 2 * k * bytes * size;
-        if (bytes % STEP == 0) block_simd(p, bytes, absmax[k], level, bf16, o);
-        else block_plain(p, bytes, absmax[k], level, bf16, o);
+        float s = block_scale(&sc, first_block + k);
+        if (bytes % STEP == 0) block_simd(p, bytes, s, level, bf16, o);
+        else block_plain(p, bytes, s, level, bf16, o);
     }
     return STEP;
 }

@@ -37,7 +37,7 @@ import torch
 
 from deltatune.model_cache import cache_home
 
-__all__ = ["SOURCE", "build", "dequantize_into", "kernel"]
+__all__ = ["FLAGS", "SOURCE", "build", "dequantize_into", "kernel", "load"]
 
 SOURCE = Path(__file__).with_name("nf4_native.c")
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-shared", "-fPIC")
@@ -96,7 +96,9 @@ def build(dest_dir: Path, flags: tuple[str, ...] = FLAGS) -> Path:
 def load(path: Path) -> Any:
     """The kernel function of a built library (see :func:`build`)."""
     fn = ctypes.CDLL(str(path)).dt_nf4_dequantize
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    # packed, n_bytes, block, first_block, absmax, qabsmax, qscale, dyn, offset, group, level, bf16, out
+    fn.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_float, i64, ptr, ctypes.c_int, ptr]
     fn.restype = ctypes.c_int
     return fn
 
@@ -113,35 +115,58 @@ def kernel() -> Any | None:
         return None
 
 
+def _cpu_contiguous(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
+
+
 def dequantize_into(
-    packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, block_size: int, out: torch.Tensor
+    weight: Any, first_block: int, out: torch.Tensor, levels: torch.Tensor, dynamic: torch.Tensor, group: int
 ) -> bool:
-    """Write ``levels[code] * absmax[block]`` for the codes in ``packed`` (n/2,) uint8 into
-    ``out`` (n,) fp32 or bf16, n a whole number of blocks; ``absmax`` (n / block_size,) fp32,
-    ``levels`` the 16 NF4 levels (16,) fp32. All on the CPU and contiguous. Returns False
-    (writing nothing) when the kernel is not available or the arguments are outside what it
-    handles; the caller then takes its plain path."""
+    """Write the values of ``weight``'s blocks ``first_block`` .. ``first_block + out.numel() //
+    block_size - 1`` into ``out`` (fp32 or bf16, contiguous): ``levels[code] * absmax[block]``.
+
+    ``weight`` is an ``NF4Tensor`` (its ``packed`` codes, ``block_size`` and block statistics
+    are read; double-quantised absmax are decoded block by block in the kernel, as
+    ``block_absmax()`` decodes them); ``levels`` are the 16 NF4 levels (16,) fp32, ``dynamic``
+    the 8-bit map (256,) fp32 and ``group`` the absmax values per 8-bit scale. Returns False,
+    writing nothing, when the kernel is not available or the arguments are outside what it
+    handles; the caller then takes its tensor-operation path."""
     fn = kernel()
+    block = weight.block_size
+    n_blocks = out.numel() // block if block > 0 else 0
+    double = weight.absmax_scale is not None
     if (
         fn is None
         or out.dtype not in (torch.float32, torch.bfloat16)
-        or any(t.device.type != "cpu" for t in (packed, absmax, levels, out))
-        or packed.dtype != torch.uint8
-        or absmax.dtype != torch.float32
-        or levels.dtype != torch.float32
+        or not _cpu_contiguous(out, out.dtype)
+        or block % 2
+        or n_blocks * block != out.numel()
+        or first_block < 0
+        or first_block + n_blocks > weight.absmax.numel()
+        or (first_block + n_blocks) * (block // 2) > weight.packed.numel()
+        or not _cpu_contiguous(weight.packed, torch.uint8)
+        or not _cpu_contiguous(weight.absmax, torch.uint8 if double else torch.float32)
+        or not _cpu_contiguous(levels, torch.float32)
         or levels.numel() != 16
-        or not all(t.is_contiguous() for t in (packed, absmax, levels, out))
-        or block_size % 2
-        or out.numel() != 2 * packed.numel()
-        or absmax.numel() * block_size != out.numel()
+        or (double and not _cpu_contiguous(weight.absmax_scale, torch.float32))
+        or (double and not _cpu_contiguous(dynamic, torch.float32))
+        or (double and dynamic.numel() != 256)
+        or (double and (first_block + n_blocks - 1) // group >= weight.absmax_scale.numel())
     ):
         return False
+    byte0 = first_block * (block // 2)
     fn(
-        packed.data_ptr(),
-        absmax.data_ptr(),
+        weight.packed.data_ptr() + byte0,
+        n_blocks * (block // 2),
+        block,
+        first_block,
+        None if double else weight.absmax.data_ptr(),
+        weight.absmax.data_ptr() if double else None,
+        weight.absmax_scale.data_ptr() if double else None,
+        dynamic.data_ptr() if double else None,
+        float(weight.absmax_offset) if double else 0.0,
+        group,
         levels.data_ptr(),
-        packed.numel(),
-        block_size,
         int(out.dtype == torch.bfloat16),
         out.data_ptr(),
     )

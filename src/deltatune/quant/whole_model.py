@@ -76,6 +76,34 @@ def _base_linears(model: nn.Module) -> Iterator[tuple[str, str, nn.Linear]]:
         yield from walk(model, "", "")
 
 
+def quantization_targets(
+    model: nn.Module,
+    target_modules: str | Iterable[str] | None = None,
+    skip_modules: Iterable[str] | None = None,
+) -> list[tuple[str, nn.Linear]]:
+    """(module path, layer) of every ``nn.Linear`` that :func:`quantize_model` replaces, by its
+    rules (see there); a ``ValueError`` listing the model's linear layers when
+    ``target_modules`` matches none."""
+    skip = list(DEFAULT_SKIP_MODULES) + list(skip_modules or [])
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    heads = {id(head), id(getattr(head, "base_layer", None))} if head is not None else set()
+    found = list(_base_linears(model))
+    targets = [
+        (path, module)
+        for path, bare, module in found
+        if id(module) not in heads
+        and not _in_skip_set(bare, skip)
+        and (target_modules is None or _matches(bare, target_modules))
+    ]
+    if target_modules is not None and not targets:
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no nn.Linear layer outside the skipped heads; "
+            f"linear layers here: {sorted({bare.split('.')[-1] for _, bare, _ in found})}."
+        )
+    return targets
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -111,23 +139,7 @@ def quantize_model(
     Returns:
         ``model`` itself.
     """
-    skip = list(DEFAULT_SKIP_MODULES) + list(skip_modules or [])
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    heads = {id(head), id(getattr(head, "base_layer", None))} if head is not None else set()
-    found = list(_base_linears(model))
-    targets = [
-        (path, module)
-        for path, bare, module in found
-        if id(module) not in heads
-        and not _in_skip_set(bare, skip)
-        and (target_modules is None or _matches(bare, target_modules))
-    ]
-    if target_modules is not None and not targets:
-        raise ValueError(
-            f"target_modules={target_modules!r} matched no nn.Linear layer outside the skipped heads; "
-            f"linear layers here: {sorted({bare.split('.')[-1] for _, bare, _ in found})}."
-        )
+    targets = quantization_targets(model, target_modules, skip_modules)
     # Check every adapter layer before changing anything, so a refusal leaves the model as it was.
     for path, _ in targets:
         owner_path = path.removesuffix(".base_layer")
