@@ -234,15 +234,26 @@ class _Server:
     def run(self, spec: Path, workdir: Path, env: dict[str, str], timeout: float) -> int:
         assert self.proc.stdin is not None
         request = {"spec": str(spec), "cwd": str(workdir), "env": env}
-        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
-        self.proc.stdin.flush()
-        started = self._reply(60)
-        if started is None:
-            raise RuntimeError("the docs snippet server did not start a page within 60 s")
-        done = self._reply(timeout)
-        if done is None:  # the page's child is stuck: stop it; the server then reports its exit
-            os.kill(started["pid"], signal.SIGKILL)
-            self._reply(60)
+        started: dict[str, int] | None = None
+        try:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.flush()
+            started = self._reply(60)
+            if started is None:
+                raise RuntimeError("the docs snippet server did not start a page within 60 s")
+            done = self._reply(timeout)
+            if done is None:  # the page's child is stuck: stop it; the server then reports its exit
+                os.kill(started["pid"], signal.SIGKILL)
+                if self._reply(60) is None:
+                    raise RuntimeError("the docs snippet server did not reap a stopped page")
+        except BaseException:  # out of step with the server (e.g. Ctrl-C): the next page starts a new one
+            if started is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(started["pid"], signal.SIGKILL)
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        if done is None:
             raise subprocess.TimeoutExpired(f"docs page run in {workdir}", timeout)
         return done["exit"]
 
