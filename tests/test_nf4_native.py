@@ -154,3 +154,23 @@ def test_a_build_is_reused(tmp_path):
     stamp = first.stat().st_mtime_ns
     assert nf4_native.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+@needs_cc
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_a_weight_split_over_threads_gives_the_same_values(monkeypatch, double_quant):
+    monkeypatch.setattr(nf4_native, "PARALLEL_VALUES", 1000)  # split even this small weight
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        q = quantize_nf4(hard_weight(37, 320), block_size=64, double_quant=double_quant)  # 185 blocks
+        t = tables()
+        for dtype in (torch.float32, torch.bfloat16):
+            out = torch.full((q.numel(),), float("nan"), dtype=dtype)
+            assert nf4_native.dequantize_into(q, 0, out, t.levels, t.dynamic, t.group)
+            assert torch.equal(bits(out), bits(q.dequantize(dtype).view(-1)))
+            part = torch.full((100 * 64,), float("nan"), dtype=dtype)  # blocks 50..149, split in three
+            assert nf4_native.dequantize_into(q, 50, part, t.levels, t.dynamic, t.group)
+            assert torch.equal(bits(part), bits(q.dequantize(dtype).view(-1)[50 * 64 : 150 * 64]))
+    finally:
+        torch.set_num_threads(threads)
