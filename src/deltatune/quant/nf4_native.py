@@ -192,3 +192,8 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(
         max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="deltatune-nf4"
     )
+
+
+# A forked child has none of the parent's pool threads: it starts a pool of its own.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_pool.cache_clear)
