@@ -76,7 +76,7 @@ _OVERHEAD = {
         "merged 1.007x, unmerged 1.028x (docs/lora.md, benchmarks/bench_lora.py: Llama-shaped h512 x 4, fp32 CPU)"
     ),
     "dora": "merged: as the base (1.00x, same shapes); unmerged: LoRA's plus a row norm per layer (not benchmarked)",
-    "qlora": "4-bit base dequantised per layer; merged only into a dense copy (docs/qlora.md: step time 1.07-1.10x LoRA)",
+    "qlora": "4-bit base dequantised per layer; merged only into a dense copy (docs/qlora.md: training step 0.99-1.11x LoRA)",
     "ia3": "merged: as the base (1.00x, same shapes); unmerged: one element-wise scale per adapted layer",
     "bottleneck": (
         "cannot merge; 1.03x (houlsby) to 1.13x (parallel) the base (docs/bottleneck.md, "
