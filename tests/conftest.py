@@ -123,6 +123,26 @@ def smollm2(deltatune_home: str) -> dict[str, object]:
     return seen
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _docs_snippet_server() -> Iterator[None]:
+    """The docs snippet runner's helper process (tests/docs_snippets.py) ends with the session."""
+    yield
+    import sys
+
+    runner = sys.modules.get("docs_snippets")
+    if runner is not None:
+        runner.close_server()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist's default ``--dist load``, hand tests out one at a time from the order
+    below (``--maxschedchunk 1``) unless the command line says otherwise. Its default sends each
+    worker a first chunk of a quarter of its share: with the long tests first, one worker got all
+    of them and the other, done with short tests, waited (a third of the run's wall time)."""
+    if getattr(config.option, "maxschedchunk", "absent") is None:
+        config.option.maxschedchunk = 1
+
+
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Long tests (marked slow) first, in file order: pytest-xdist then hands them out before the

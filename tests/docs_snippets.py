@@ -11,18 +11,30 @@ Rules a page follows (the tests enforce them):
   printed lines must match, where a line ``...`` stands for any number of lines.
 - Any other language (``text``, ``yaml``, ``json``) is shown, not run.
 
-Run as a script, this module is the per-page driver: ``python docs_snippets.py steps.json``.
+How they run: one helper process per test process (``python docs_snippets.py --serve``) imports
+torch, transformers and deltatune once, then forks a fresh child per page, so no page pays for
+those imports. A page's child starts from that state only (its own working folder, environment,
+``sys.argv``), never from another page's. A bash line that is a plain ``deltatune ...`` command
+(no pipes, redirections or variables) runs as ``deltatune.cli.main(argv)`` in a fork of the page's
+child, with a fresh random seed and the default dtype and thread count of a fresh process, its own stdout and
+stderr, and its exit status taken from the return value or ``SystemExit``; any other line runs in
+``bash``.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
 import os
 import re
+import select
+import shlex
+import signal
 import subprocess
 import sys
+import tempfile
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,22 +160,17 @@ def plan(blocks: list[Block]) -> PageRun:
 
 
 def run_page(steps: list[dict[str, object]], workdir: Path, timeout: float = 600) -> list[str]:
-    """Run a page's steps in ``workdir`` in a fresh interpreter; return the failures (empty: all good)."""
+    """Run a page's steps in ``workdir`` in a fresh child process; return the failures (empty: all good)."""
     spec = workdir / ".snippet_steps.json"
     spec.write_text(json.dumps(steps))
     env = dict(os.environ)
     env.setdefault("MPLBACKEND", "Agg")
     env["TOKENIZERS_PARALLELISM"] = "false"
-    done = subprocess.run(
-        [sys.executable, __file__, str(spec)],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    if done.returncode != 0:
-        return [f"driver exited with {done.returncode}: {done.stderr[-3000:]}"]
+    code = _server().run(spec, workdir, env, timeout)
+    if code != 0:
+        log = workdir / ".snippet_driver.log"
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        return [f"driver exited with {code}: {tail}"]
     results = json.loads((workdir / ".snippet_results.json").read_text())
     failures = []
     for step, result in zip(steps, results, strict=False):
@@ -181,6 +188,204 @@ def run_page(steps: list[dict[str, object]], workdir: Path, timeout: float = 600
     return failures
 
 
+def printed(workdir: Path) -> list[str]:
+    """What each step of the last page run in ``workdir`` printed (stdout), in order."""
+    return [str(r["stdout"]) for r in json.loads((workdir / ".snippet_results.json").read_text())]
+
+
+# -- the client side: one server process per test process, started on first use ---------------------
+class _Server:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+        self.pending = b""
+        atexit.register(self.close)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        if self.alive():
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()  # the server exits at the end of its input
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def _reply(self, timeout: float) -> dict[str, int] | None:
+        """The server's next line, or None if none comes within ``timeout`` seconds."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.pending:
+            if not select.select([fd], [], [], timeout)[0]:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise RuntimeError(f"the docs snippet server exited (status {self.proc.wait()})")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return dict(json.loads(line))
+
+    def run(self, spec: Path, workdir: Path, env: dict[str, str], timeout: float) -> int:
+        assert self.proc.stdin is not None
+        request = {"spec": str(spec), "cwd": str(workdir), "env": env}
+        started: dict[str, int] | None = None
+        try:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.flush()
+            started = self._reply(60)
+            if started is None:
+                raise RuntimeError("the docs snippet server did not start a page within 60 s")
+            done = self._reply(timeout)
+            if done is None:  # the page's child is stuck: stop it; the server then reports its exit
+                os.kill(started["pid"], signal.SIGKILL)
+                if self._reply(60) is None:
+                    raise RuntimeError("the docs snippet server did not reap a stopped page")
+        except BaseException:  # out of step with the server (e.g. Ctrl-C): the next page starts a new one
+            if started is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(started["pid"], signal.SIGKILL)
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        if done is None:
+            raise subprocess.TimeoutExpired(f"docs page run in {workdir}", timeout)
+        return done["exit"]
+
+
+_SERVER: _Server | None = None
+
+
+def close_server() -> None:
+    """Stop this process's server (at the end of a test session, so its exit is measured too)."""
+    if _SERVER is not None:
+        _SERVER.close()
+
+
+def _server() -> _Server:
+    global _SERVER
+    if _SERVER is None or not _SERVER.alive():
+        _SERVER = _Server()
+    return _SERVER
+
+
+# -- the server side ---------------------------------------------------------------------------------
+# Imported once by the server, so a page's child starts with them loaded: import, not state.
+PRELOAD = (
+    "torch",
+    "transformers",
+    "transformers.models.bert.modeling_bert",
+    "transformers.models.llama.modeling_llama",
+    "deltatune",
+    "deltatune.cli",
+)
+_FRESH: dict[str, object] = {}  # the torch settings of a fresh process, recorded before any page runs
+
+
+def _serve() -> None:
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    import torch
+
+    _FRESH.update(dtype=torch.get_default_dtype(), threads=torch.get_num_threads())
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            _exit(_page_child(request))
+        print(json.dumps({"pid": pid}), flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"exit": os.waitstatus_to_exitcode(status)}), flush=True)
+
+
+def _exit(code: int) -> None:
+    """End a forked child as a process ends (exit handlers run: coverage saves its data), without
+    returning into the loop that forked it."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        atexit._run_exitfuncs()
+    finally:
+        os._exit(code)
+
+
+def _page_child(request: dict[str, object]) -> int:
+    workdir, spec = str(request["cwd"]), Path(str(request["spec"]))
+    log = os.open(os.path.join(workdir, ".snippet_driver.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - the child's stdin until it exits
+    os.dup2(sys.stdin.fileno(), 0)
+    os.chdir(workdir)
+    os.environ.clear()
+    os.environ.update(dict(request["env"]))  # type: ignore[call-overload]
+    sys.argv = [__file__, str(spec)]
+    import torch
+
+    torch.seed()  # a random seed, as a fresh process has (not the one every child would inherit)
+    try:
+        _drive(spec)
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def cli_argv(command: str) -> list[str] | None:
+    """The arguments of a plain ``deltatune ...`` line, or None if it needs a shell."""
+    if re.search(r"[|&;<>()$`*?~{}\[\]\\!]", command):
+        return None
+    words = shlex.split(command)
+    return words[1:] if words and words[0] == "deltatune" else None
+
+
+def _run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``deltatune <argv>`` in a fork of this process: (exit status, stdout, stderr)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            _exit(_cli_child(argv))
+        _, status = os.waitpid(pid, 0)
+        out.seek(0)
+        err.seek(0)
+        return os.waitstatus_to_exitcode(status), out.read(), err.read()
+
+
+def _cli_child(argv: list[str]) -> int:
+    import torch
+
+    from deltatune.cli import main
+
+    torch.seed()
+    if _FRESH:
+        torch.set_default_dtype(_FRESH["dtype"])  # type: ignore[arg-type]
+        torch.set_num_threads(int(_FRESH["threads"]))  # type: ignore[call-overload]
+    sys.argv = ["deltatune", *argv]
+    try:
+        return int(main(argv) or 0)
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or 0
+        print(stop.code, file=sys.stderr)
+        return 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
+
+
 def _drive(spec: Path) -> None:
     steps = json.loads(spec.read_text())
     namespace: dict[str, object] = {"__name__": "__main__"}
@@ -196,17 +401,22 @@ def _drive(spec: Path) -> None:
                 results.append({"ok": False, "stdout": out.getvalue(), "error": traceback.format_exc()})
                 break
         else:
-            done = subprocess.run(
-                step["code"], shell=True, capture_output=True, text=True, executable="/bin/bash"
-            )
-            ok = done.returncode == 0
-            results.append(
-                {"ok": ok, "stdout": done.stdout, "error": f"exit {done.returncode}\n{done.stderr}"}
-            )
-            if not ok:
+            argv = cli_argv(step["code"])
+            if argv is not None:
+                code, stdout, stderr = _run_cli(argv)
+            else:
+                done = subprocess.run(
+                    step["code"], shell=True, capture_output=True, text=True, executable="/bin/bash"
+                )
+                code, stdout, stderr = done.returncode, done.stdout, done.stderr
+            results.append({"ok": code == 0, "stdout": stdout, "error": f"exit {code}\n{stderr}"})
+            if code != 0:
                 break
     (spec.parent / ".snippet_results.json").write_text(json.dumps(results))
 
 
 if __name__ == "__main__":
-    _drive(Path(sys.argv[1]))
+    if sys.argv[1:] == ["--serve"]:
+        _serve()
+    else:
+        _drive(Path(sys.argv[1]))

@@ -309,8 +309,9 @@ def _reset_peak() -> None:
 
 
 def _worker(job: dict[str, Any]) -> dict[str, list[int]]:
-    """Per method, the peak resident memory above the pre-model baseline in 2 AdamW steps, per
-    sequence length.
+    """Per method, the peak resident memory above the pre-model baseline in one AdamW step, per
+    sequence length. A first step on a short sequence creates the optimizer's moments, so each
+    measured step is a steady-state one: moments, activations and gradients live together.
 
     Large allocations are mmapped (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the RSS and
     the peak is that of live memory plus allocator overhead.
@@ -348,11 +349,10 @@ def _worker(job: dict[str, Any]) -> dict[str, list[int]]:
         )
         return dt.get_peft_model(model, lora)
 
-    def steps(model: torch.nn.Module, opt: torch.optim.Optimizer, seq: int) -> None:
-        for _ in range(2):
-            model(**inputs(seq)).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def step(model: torch.nn.Module, opt: torch.optim.Optimizer, seq: int) -> None:
+        model(**inputs(seq)).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     libc = ctypes.CDLL("libc.so.6")
     small = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1})
@@ -360,7 +360,7 @@ def _worker(job: dict[str, Any]) -> dict[str, list[int]]:
     for method in job["methods"]:
         # warm up kernels and lazy imports on a 1-layer copy, then measure from a clean baseline
         warm = wrap(cls.from_config(small), method).train()
-        steps(warm, torch.optim.AdamW([p for p in warm.parameters() if p.requires_grad], lr=1e-4), 8)
+        step(warm, torch.optim.AdamW([p for p in warm.parameters() if p.requires_grad], lr=1e-4), 8)
         del warm
         gc.collect()
         libc.malloc_trim(0)
@@ -369,12 +369,13 @@ def _worker(job: dict[str, Any]) -> dict[str, list[int]]:
         gc.collect()
         libc.malloc_trim(0)  # streamed 4-bit loading never holds the dense weights: drop them
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        step(model, opt, 8)  # AdamW's moments exist from now on, as in every step after the first
         peaks = []
         for seq in job["seqs"]:
             gc.collect()
             libc.malloc_trim(0)
             _reset_peak()
-            steps(model, opt, seq)
+            step(model, opt, seq)
             peaks.append(_rss("VmHWM") - base)
         results[method] = peaks
         del model, opt
