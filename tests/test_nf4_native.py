@@ -5,9 +5,6 @@ gradients with and without it; a missing compiler or a failed build falls back c
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import time
 
 import pytest
 import torch
@@ -157,52 +154,3 @@ def test_a_build_is_reused(tmp_path):
     stamp = first.stat().st_mtime_ns
     assert nf4_native.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
-
-
-@needs_cc
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_a_weight_split_over_threads_gives_the_same_values(monkeypatch, double_quant):
-    monkeypatch.setattr(nf4_native, "PARALLEL_VALUES", 1000)  # split even this small weight
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        q = quantize_nf4(hard_weight(37, 320), block_size=64, double_quant=double_quant)  # 185 blocks
-        t = tables()
-        for dtype in (torch.float32, torch.bfloat16):
-            out = torch.full((q.numel(),), float("nan"), dtype=dtype)
-            assert nf4_native.dequantize_into(q, 0, out, t.levels, t.dynamic, t.group)
-            assert torch.equal(bits(out), bits(q.dequantize(dtype).view(-1)))
-            part = torch.full((100 * 64,), float("nan"), dtype=dtype)  # blocks 50..149, split in three
-            assert nf4_native.dequantize_into(q, 50, part, t.levels, t.dynamic, t.group)
-            assert torch.equal(bits(part), bits(q.dequantize(dtype).view(-1)[50 * 64 : 150 * 64]))
-    finally:
-        torch.set_num_threads(threads)
-
-
-@needs_cc
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this system")
-def test_a_forked_child_splits_with_a_pool_of_its_own(monkeypatch):
-    monkeypatch.setattr(nf4_native, "PARALLEL_VALUES", 1000)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        q = quantize_nf4(hard_weight(8, 512))
-        t = tables()
-        out = torch.empty(q.numel())
-        assert nf4_native.dequantize_into(q, 0, out, t.levels, t.dynamic, t.group)  # the parent's pool is up
-        pid = os.fork()
-        if pid == 0:  # the child: would wait forever on the parent's (absent) pool threads
-            ok = nf4_native.dequantize_into(q, 0, out, t.levels, t.dynamic, t.group)
-            os._exit(0 if ok and torch.equal(out, q.dequantize(torch.float32).view(-1)) else 1)
-        for _ in range(200):  # 20 s at most
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung in dequantize_into")
-        assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        torch.set_num_threads(threads)
