@@ -82,30 +82,24 @@ def test_every_method_page_says_when_to_choose_it() -> None:
         assert "## When to choose" in (ROOT / "docs" / name).read_text(), name
 
 
-def test_a_broken_link_fails_the_build(tmp_path: Path) -> None:
+# (what the edit is, page appended to, text appended or a new page's name, what the error names)
+SITE_ERRORS = [
+    ("broken link", "lora.md", "\nSee [the missing page](no-such-page.md).\n", "no-such-page.md"),
+    ("broken anchor", "index.md", "\nSee [a section](lora.md#no-such-section).\n", "no-such-section"),
+    ("page missing from the nav", "orphan.md", "# A page nobody can reach\n", "orphan.md"),
+]
+
+
+@pytest.mark.parametrize(
+    "page_name, added, named", [e[1:] for e in SITE_ERRORS], ids=[e[0] for e in SITE_ERRORS]
+)
+def test_a_site_error_fails_the_build(tmp_path: Path, page_name: str, added: str, named: str) -> None:
     root = copy_site(tmp_path)
-    page = root / "docs" / "lora.md"
-    page.write_text(page.read_text() + "\nSee [the missing page](no-such-page.md).\n")
+    page = root / "docs" / page_name
+    page.write_text((page.read_text() if page.exists() else "") + added)
     done = build(root, tmp_path / "site")
     assert done.returncode != 0
-    assert "no-such-page.md" in done.stdout + done.stderr
-
-
-def test_a_broken_anchor_fails_the_build(tmp_path: Path) -> None:
-    root = copy_site(tmp_path)
-    page = root / "docs" / "index.md"
-    page.write_text(page.read_text() + "\nSee [a section](lora.md#no-such-section).\n")
-    done = build(root, tmp_path / "site")
-    assert done.returncode != 0
-    assert "no-such-section" in done.stdout + done.stderr
-
-
-def test_a_page_missing_from_the_nav_fails_the_build(tmp_path: Path) -> None:
-    root = copy_site(tmp_path)
-    (root / "docs" / "orphan.md").write_text("# A page nobody can reach\n")
-    done = build(root, tmp_path / "site")
-    assert done.returncode != 0
-    assert "orphan.md" in done.stdout + done.stderr
+    assert named in done.stdout + done.stderr
 
 
 def test_a_snippet_that_no_longer_runs_fails(tmp_path: Path) -> None:
