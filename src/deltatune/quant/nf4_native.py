@@ -3,8 +3,8 @@
 Turning 4-bit codes into a dense weight is the part of a QLoRA step that is not a GEMM. As
 tensor operations it takes four passes over the weight (bytes to indices, an 8-byte gather of
 both levels, the block scaling, the cast to bf16); ``nf4_native.c`` does it in one, with the
-16 levels in a vector register (AVX-512 or AVX2, plain C elsewhere). On a 2048 x 5632 weight,
-one thread: 0.86 ms against 4.0 ms in bf16, 1.4 ms against 3.5 ms in fp32. The values are the
+16 levels in a vector register (AVX-512 or AVX2, plain C elsewhere): on a 2048 x 5632 weight,
+one thread, about 4x faster in bf16 and 2x in fp32 (timings in docs/qlora.md). The values are the
 same bit for bit (one fp32 multiply, then round-to-nearest-even into bf16, as torch casts).
 
 The C file is compiled once per machine with the system's C compiler (``$CC``, else ``cc``)
@@ -156,7 +156,11 @@ def dequantize_into(
         or (double and (first_block + n_blocks - 1) // group >= weight.absmax_scale.numel())
     ):
         return False
-    stats = (
+    fn(
+        weight.packed.data_ptr() + first_block * (block // 2),
+        n_blocks * (block // 2),
+        block,
+        first_block,
         None if double else weight.absmax.data_ptr(),
         weight.absmax.data_ptr() if double else None,
         weight.absmax_scale.data_ptr() if double else None,
@@ -165,13 +169,6 @@ def dequantize_into(
         group,
         levels.data_ptr(),
         int(out.dtype == torch.bfloat16),
-    )
-    fn(
-        weight.packed.data_ptr() + first_block * (block // 2),
-        n_blocks * (block // 2),
-        block,
-        first_block,
-        *stats,
         out.data_ptr(),
     )
     return True
